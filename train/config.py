@@ -1,0 +1,303 @@
+"""The run config: one typed dataclass per component, composed into RunConfig, loaded from YAML + overrides.
+
+Precedence: dataclass defaults < YAML files (in the order given) < `key=value` overrides on the command line.
+Unknown keys, wrong types and impossible values raise ConfigError naming the key and what was expected,
+before anything heavy is imported. This module must stay free of torch imports so that `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from budget.config import BudgetConfig
+from rollout.config import RolloutConfig, TaskConfig
+
+
+class ConfigError(Exception):
+    """A config problem the user can fix: the message names the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = field(
+        default="tiny",
+        metadata={"help": "`tiny` (built offline and warm-started on first use, then cached), a local transformers "
+                          "model directory, or a .gguf file / directory holding one"},
+    )
+    gguf_file: str = field(default="", metadata={"help": "GGUF file name inside `path` (when path is a directory)"})
+    cache_dir: str = field(default="~/.cache/marginal-rl", metadata={"help": "where the built tiny policy is cached"})
+    hidden_size: int = field(default=128, metadata={"help": "tiny policy: hidden size"})
+    num_layers: int = field(default=2, metadata={"help": "tiny policy: transformer layers"})
+    num_heads: int = field(default=4, metadata={"help": "tiny policy: attention heads"})
+    warm_start_steps: int = field(default=300, metadata={"help": "tiny policy: supervised warm-start steps"})
+    warm_start_lr: float = field(default=3e-3, metadata={"help": "tiny policy: warm-start learning rate"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (half precision on GPU only)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "modules LoRA adapts"}
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size: expected a multiple of num_heads ({self.num_heads}), got {self.hidden_size}")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps: expected an integer >= 0, got {self.warm_start_steps}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r: expected an integer >= 0, got {self.lora_r}")
+
+
+ALGOS = ("grpo", "ppo")
+
+
+@dataclass
+class AlgoConfig:
+    name: str = field(default="grpo", metadata={"help": f"RL algorithm: one of {', '.join(ALGOS)}"})
+    clip_low: float = field(default=0.2, metadata={"help": "lower clip of the importance ratio: 1 - clip_low"})
+    clip_high: float = field(default=0.2, metadata={"help": "upper clip: 1 + clip_high (> clip_low = DAPO clip-higher)"})
+    scale_rewards: bool = field(default=True, metadata={"help": "GRPO: divide group-centred rewards by the group std"})
+    kl_coef: float = field(default=0.0, metadata={"help": "coefficient of the KL penalty to the frozen reference (0 = off)"})
+    num_iterations: int = field(default=1, metadata={"help": "optimisation epochs over each step's batch"})
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount"})
+    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda"})
+    vf_coef: float = field(default=0.5, metadata={"help": "PPO: value loss coefficient"})
+    vf_clip: float = field(default=0.2, metadata={"help": "PPO: value clip range"})
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGOS:
+            raise ValueError(f"name: expected one of {list(ALGOS)}, got {self.name!r}")
+        for key in ("clip_low", "clip_high"):
+            if not 0 < getattr(self, key) < 10:
+                raise ValueError(f"{key}: expected a number in (0, 10), got {getattr(self, key)}")
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low: expected a number in (0, 1), got {self.clip_low}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef: expected a number >= 0, got {self.kl_coef}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations: expected an integer >= 1, got {self.num_iterations}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("gamma/lam: expected numbers in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=100, metadata={"help": "training steps (one rollout + one optimiser update each)"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per micro-batch; micro-batches accumulate into one update"})
+    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (0 = only at start and end)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
+    resume_from: str = field(default="", metadata={"help": "checkpoint directory, or `latest`, to resume from"})
+    max_nonfinite: int = field(default=3, metadata={"help": "stop after this many non-finite losses/gradients in a row"})
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "max_nonfinite", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: expected an integer >= 0, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a number > 0, got {self.lr}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm: expected a number >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class LogConfig:
+    report_to: str = field(default="wandb", metadata={"help": "wandb | none (W&B runs offline when no API key is set)"})
+    project: str = field(default="marginal-rl", metadata={"help": "W&B project"})
+    group: str = field(default="", metadata={"help": "W&B group (ablation grids set it)"})
+    run_name: str = field(default="", metadata={"help": "W&B run name (default: output_dir's name)"})
+    table_every: int = field(default=10, metadata={"help": "log a trajectory table every N steps (0 = never)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on the main process"})
+
+    def __post_init__(self) -> None:
+        if self.report_to not in ("wandb", "none"):
+            raise ValueError(f"report_to: expected 'wandb' or 'none', got {self.report_to!r}")
+        if self.table_every < 0:
+            raise ValueError(f"table_every: expected an integer >= 0, got {self.table_every}")
+
+
+@dataclass
+class RunConfig:
+    seed: int = field(default=0, metadata={"help": "seed of the run (sampling, init, shuffling)"})
+    output_dir: str = field(default="runs/default", metadata={"help": "run directory: config, stores, checkpoints, summary"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.algo.name == "grpo" and self.rollout.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size: expected >= 2 with algo.name=grpo (group-relative advantages need a group), "
+                f"got {self.rollout.group_size}"
+            )
+        if self.algo.name == "grpo" and self.rollout.min_group_size < 2:
+            raise ValueError(f"rollout.min_group_size: expected >= 2 with algo.name=grpo, got {self.rollout.min_group_size}")
+        if not self.output_dir:
+            raise ValueError("output_dir: expected a directory path, got nothing")
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type `tp`, converting only where YAML is ambiguous (1 -> 1.0, '1e-4' -> 1e-4)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != "":
+            value = [value]
+        if value in (None, ""):
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config field type at {key}")  # developer error: keep field types simple
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads `1e-4` as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(prefix + k for k in fields)}"
+            raise ConfigError(f"unknown key '{key}'{hint}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(prefix) or "." in msg.split(":")[0] else f"{prefix}{msg}") from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, the value parsed as YAML (so lists and numbers work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """defaults < each YAML file in order < each `key=value` override in order."""
+    data: dict = {}
+    for f in files:
+        data = _merge(data, read_yaml(f))
+    for item in overrides:
+        data = _merge(data, parse_override(item))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf key, in declaration order: what `--help` prints."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_keys(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _type_name(tp), repr(getattr(default, f.name)), f.metadata.get("help", "")))
+    return rows
