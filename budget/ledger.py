@@ -1,11 +1,18 @@
-"""The token ledger: every token counted by use and by fate. Pure accumulation, no I/O."""
+"""The token ledger: every token counted by use and by fate. Pure accumulation, no I/O.
+
+Uses: prefill (prompt tokens, once per sample), decode (policy tokens), observation (environment tokens that are not
+verification), verify (verification tokens), train (training tokens: prompt + completion per epoch of a trained
+trajectory). Fates (rollout tokens of each trajectory): trained, zero_signal, dropped_price, dropped_stale; prompts
+skipped before rollout cost no tokens and are counted as prompts.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from budget.policies import FATES, TrajectoryDecision
+from budget.policies import FATES, TrajectoryDecision, group_indices
 from rollout.types import Trajectory
 
 USES = ("prefill", "decode", "observation", "verify", "train")
@@ -32,18 +39,41 @@ class Ledger:
     by_fate: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))  # rollout tokens, by fate
     trajectories_by_fate: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))
     prompts_skipped: int = 0
+    steps: int = 0
+    groups: int = 0
+    zero_signal_groups: int = 0  # groups whose rewards were all equal, whatever their fate
+    reward_sum: float = 0.0  # sum of rollout rewards
+    hindsight_rollout: int = 0  # rollout tokens of groups that turned out to carry no signal
+    hindsight_train: int = 0  # training tokens spent on such groups (policies that train on them)
+    evals: list[list[float]] = field(default_factory=list)  # [step, eval reward, total tokens at that point]
 
     def record_step(self, trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision],
                     num_iterations: int, prompts_skipped: int = 0) -> None:
-        for t, d in zip(trajectories, decisions, strict=True):
+        rollout = [0] * len(trajectories)
+        trained = [0] * len(trajectories)
+        for i, (t, d) in enumerate(zip(trajectories, decisions, strict=True)):
             toks = trajectory_tokens(t)
             for use, n in toks.items():
                 self.by_use[use] += n
-            self.by_fate[d.fate] += sum(toks.values())
+            rollout[i] = sum(toks.values())
+            self.by_fate[d.fate] += rollout[i]
             self.trajectories_by_fate[d.fate] += 1
             if d.trained:
-                self.by_use["train"] += train_tokens(t, num_iterations)
+                trained[i] = train_tokens(t, num_iterations)
+                self.by_use["train"] += trained[i]
+            self.reward_sum += t.reward
+        for idx in group_indices(trajectories).values():
+            self.groups += 1
+            if len({trajectories[i].reward for i in idx}) == 1:
+                self.zero_signal_groups += 1
+                self.hindsight_rollout += sum(rollout[i] for i in idx)
+                self.hindsight_train += sum(trained[i] for i in idx)
         self.prompts_skipped += prompts_skipped
+        self.steps += 1
+
+    def record_eval(self, step: int, reward: float) -> None:
+        """Note an eval result together with the total tokens spent so far."""
+        self.evals.append([int(step), float(reward), int(self.total_tokens)])
 
     @property
     def rollout_tokens(self) -> int:
@@ -53,11 +83,85 @@ class Ledger:
     def total_tokens(self) -> int:
         return self.rollout_tokens + self.by_use["train"]
 
+    @property
+    def trajectories(self) -> int:
+        return sum(self.trajectories_by_fate.values())
+
+    @property
+    def wasted_tokens(self) -> int:
+        """Rollout tokens of trajectories not trained on."""
+        return self.rollout_tokens - self.by_fate["trained"]
+
+    @property
+    def hindsight_gap(self) -> int:
+        """Tokens (rollout + training) spent on groups that carried no signal: what hindsight would not have spent."""
+        return self.hindsight_rollout + self.hindsight_train
+
+    def tokens_to_target(self, target: float) -> int | None:
+        """Total tokens spent when an eval first reached `target`; None if none has."""
+        return next((int(tok) for _, r, tok in self.evals if r >= target), None)
+
+    def reward_per_mtok(self) -> float:
+        """Rollout reward earned per million tokens spent (rollout + training); NaN before any token."""
+        return self.reward_sum / self.total_tokens * 1e6 if self.total_tokens else float("nan")
+
+    def eval_gain_per_mtok(self) -> float:
+        """(last eval reward − first eval reward) per million tokens spent between them; NaN with < 2 evals."""
+        if len(self.evals) < 2 or self.evals[-1][2] == self.evals[0][2]:
+            return float("nan")
+        return (self.evals[-1][1] - self.evals[0][1]) / (self.evals[-1][2] - self.evals[0][2]) * 1e6
+
+    def metrics(self, target: float | None = None) -> dict[str, float]:
+        """Cumulative `ledger/...` scalars (tokens unless stated)."""
+        total, roll = self.total_tokens, self.rollout_tokens
+        out: dict[str, float] = {f"ledger/tokens_{use}": float(n) for use, n in self.by_use.items()}
+        out.update({"ledger/tokens_rollout": float(roll), "ledger/tokens_total": float(total)})
+        out.update({f"ledger/tokens_{fate}": float(n) for fate, n in self.by_fate.items()})
+        out.update({f"ledger/trajectories_{fate}": float(n) for fate, n in self.trajectories_by_fate.items()})
+        tt = self.tokens_to_target(target) if target is not None else None
+        out.update({
+            "ledger/prompts_skipped": float(self.prompts_skipped),
+            "ledger/tokens_wasted": float(self.wasted_tokens),
+            "ledger/wasted_fraction": self.wasted_tokens / roll if roll else float("nan"),
+            "ledger/hindsight_gap_tokens": float(self.hindsight_gap),
+            "ledger/hindsight_gap_fraction": self.hindsight_gap / total if total else float("nan"),
+            "ledger/zero_signal_group_fraction": self.zero_signal_groups / self.groups if self.groups else float("nan"),
+            "ledger/reward_per_mtok": self.reward_per_mtok(),
+            "ledger/eval_gain_per_mtok": self.eval_gain_per_mtok(),
+            "ledger/tokens_to_target": float("nan") if tt is None else float(tt),
+        })
+        return out
+
+    def summary(self, target: float | None = None) -> dict:
+        """Plain-data summary for summary.json (None where a number is undefined)."""
+
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {
+            "tokens_by_use": dict(self.by_use), "tokens_by_fate": dict(self.by_fate),
+            "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
+            "tokens_rollout": self.rollout_tokens, "tokens_total": self.total_tokens,
+            "tokens_wasted": self.wasted_tokens, "hindsight_gap_tokens": self.hindsight_gap,
+            "zero_signal_groups": self.zero_signal_groups, "groups": self.groups,
+            "reward_per_mtok": num(self.reward_per_mtok()), "eval_gain_per_mtok": num(self.eval_gain_per_mtok()),
+            "target_reward": target,
+            "tokens_to_target": self.tokens_to_target(target) if target is not None else None,
+            "eval_history": [{"step": int(s), "reward": r, "tokens": int(tok)} for s, r, tok in self.evals],
+        }
+
     def state_dict(self) -> dict:
         return {"by_use": dict(self.by_use), "by_fate": dict(self.by_fate),
-                "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped}
+                "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
+                "steps": self.steps, "groups": self.groups, "zero_signal_groups": self.zero_signal_groups,
+                "reward_sum": self.reward_sum, "hindsight_rollout": self.hindsight_rollout,
+                "hindsight_train": self.hindsight_train, "evals": [list(e) for e in self.evals]}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Ledger:
         return cls(by_use=dict(d["by_use"]), by_fate=dict(d["by_fate"]),
-                   trajectories_by_fate=dict(d["trajectories_by_fate"]), prompts_skipped=d["prompts_skipped"])
+                   trajectories_by_fate=dict(d["trajectories_by_fate"]), prompts_skipped=d["prompts_skipped"],
+                   steps=d.get("steps", 0), groups=d.get("groups", 0),
+                   zero_signal_groups=d.get("zero_signal_groups", 0),
+                   reward_sum=d.get("reward_sum", 0.0), hindsight_rollout=d.get("hindsight_rollout", 0),
+                   hindsight_train=d.get("hindsight_train", 0), evals=[list(e) for e in d.get("evals", [])])

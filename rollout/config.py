@@ -60,11 +60,14 @@ class RolloutConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (1.0 = off)"})
     batch_size: int = field(default=256, metadata={"help": "sequences per generate() call (memory bound, not a training knob)"})
-    eval_temperature: float = field(default=0.0, metadata={"help": "eval sampling temperature (0 = greedy)"})
+    eval_temperature: float = field(
+        default=1.0, metadata={"help": "eval sampling temperature (0 = greedy; greedy reward is always logged too)"}
+    )
+    eval_samples: int = field(default=4, metadata={"help": "samples per eval prompt at eval_temperature"})
 
     def __post_init__(self) -> None:
         for key in ("prompts_per_step", "group_size", "min_group_size", "max_group_size", "max_new_tokens", "max_turns",
-                    "max_episode_tokens", "batch_size"):
+                    "max_episode_tokens", "batch_size", "eval_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.min_group_size > self.max_group_size:

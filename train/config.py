@@ -37,7 +37,7 @@ class ModelConfig:
     hidden_size: int = field(default=128, metadata={"help": "tiny policy: hidden size"})
     num_layers: int = field(default=2, metadata={"help": "tiny policy: transformer layers"})
     num_heads: int = field(default=4, metadata={"help": "tiny policy: attention heads"})
-    warm_start_steps: int = field(default=300, metadata={"help": "tiny policy: supervised warm-start steps"})
+    warm_start_steps: int = field(default=1000, metadata={"help": "tiny policy: supervised warm-start steps"})
     warm_start_lr: float = field(default=3e-3, metadata={"help": "tiny policy: warm-start learning rate"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (half precision on GPU only)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
@@ -100,7 +100,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per micro-batch; micro-batches accumulate into one update"})
+    micro_batch_tokens: int = field(
+        default=4096, metadata={"help": "token budget of one micro-batch; a step's micro-batches accumulate into one update"}
+    )
     eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (0 = only at start and end)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -108,7 +110,7 @@ class TrainConfig:
     max_nonfinite: int = field(default=3, metadata={"help": "stop after this many non-finite losses/gradients in a row"})
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "max_nonfinite", "keep_last"):
+        for key in ("max_steps", "micro_batch_tokens", "max_nonfinite", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "save_every"):

@@ -1,0 +1,191 @@
+"""The price formulas, as pure vectorised numpy functions: arrays in, arrays out, no state, no objects.
+
+    price_i = V·ΔQ_i − ΔC_i − ρ·ΔR_i                                   (seed paper, arXiv 2605.01214)
+
+Before rollout, for a prompt with pass rate p and a group of n samples (0/1 rewards; graded rewards in [0, 1] use
+the mean reward as p, i.e. the Bernoulli with the same mean):
+    P_inf(n)   = 1 − pⁿ − (1 − p)ⁿ                  chance the group's rewards differ (it carries a signal)
+    E[4σ̂²|inf] = 4p(1 − p)(n − 1)/n / P_inf(n)     how much an informative group teaches (σ̂²: its reward variance)
+    G(n)       = V · P_inf(n) · E[4σ̂²|inf] · n/(n + n0) = V · 4p(1 − p)(n − 1)/(n + n0)
+    T(n)       = n·(L_rollout + L_verify) + P_inf(n)·n·L_update      expected tokens (only informative groups train)
+    C(n)       = n·(κ_r·L_rollout + κ_v·L_verify) + κ_u·P_inf(n)·n·L_update
+n/(n + n0) is the precision of the group's gradient estimate (signal n·g against noise: the optimal-step gain of a
+noisy gradient is |g|²·n/(n + n0)); it makes G concave in n for n ≥ 2, so one-sample increments are handed out in
+the order of their price, as the equimarginal rule asks.
+
+After rollout, group g with n members, rewards r, mean r̄, population variance σ̂², advantages A = (r − r̄)/σ̂:
+    G_g     = V · 4σ̂² · n/(n + n0)        realised group gain (its expectation over the rewards is G(n) above)
+    g⁰_i    = G_g · |A_i| / Σ_j |A_j|      the trajectory's share
+    D_i     = exp(−δ · Δv_i / s)           staleness depreciation: drift δ per version, Δv versions behind, s drift_scale
+    gain_i  = g⁰_i · D_i
+    cost_i  = κ_u · update tokens           (rollout tokens are sunk: they do not count)
+    risk_i  = ρ·k·(g⁰_i · min(1, 1/(√n·|A_i|)) + g⁰_i · (1 − D_i))
+the first risk term is the relative error of the advantage from the baseline's standard error σ̂/√n (small groups,
+members near the mean), the second the part of the gain lost to drift; k = 1 (std) or φ(Φ⁻¹(α))/α (CVaR_α shortfall
+of a normal with that std).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from statistics import NormalDist
+
+import numpy as np
+
+
+def informative_prob(p: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
+    """P(a group of n samples with pass rate p has rewards that differ) = 1 − pⁿ − (1 − p)ⁿ; 0 for n ≤ 1."""
+    p, n = np.asarray(p, dtype=float), np.asarray(n)
+    return np.where(n >= 2, 1.0 - p**n - (1.0 - p) ** n, 0.0)
+
+
+def expected_group_gain(p: np.ndarray | float, n: np.ndarray | int, value: float, n0: float) -> np.ndarray:
+    """G(n) = V·4p(1 − p)(n − 1)/(n + n0): the expected realised gain of a group of n (0 for n ≤ 1)."""
+    p, n = np.asarray(p, dtype=float), np.asarray(n, dtype=float)
+    return np.where(n >= 2, value * 4.0 * p * (1.0 - p) * (n - 1.0) / np.maximum(n + n0, 1e-12), 0.0)
+
+
+def expected_group_tokens(p, n, tok_rollout, tok_verify, tok_update) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expected (rollout, verify, update) tokens of a group of n: update tokens only when the group is informative."""
+    n = np.asarray(n, dtype=float)
+    return n * tok_rollout, n * tok_verify, informative_prob(p, n.astype(int)) * n * tok_update
+
+
+def risk_factor(measure: str, alpha: float) -> float:
+    """k: 1 for the std, or φ(Φ⁻¹(α))/α, the CVaR_α shortfall (mean minus lower-tail mean) of a unit normal."""
+    if measure == "std":
+        return 1.0
+    z = NormalDist().inv_cdf(alpha)
+    return float(np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi) / alpha)
+
+
+def depreciation(staleness: np.ndarray | float, drift: float, drift_scale: float) -> np.ndarray:
+    """D = exp(−δ·Δv/s): the weight left after Δv versions of drift δ (nats/token/version); s = drift_scale."""
+    return np.exp(-drift * np.maximum(np.asarray(staleness, dtype=float), 0.0) / drift_scale)
+
+
+def fade_posterior(alpha, beta, prior_alpha: float, prior_beta: float, factor):
+    """Shrink the evidence (pseudo-counts above the prior) by `factor`; the prior itself never fades."""
+    alpha, beta = np.asarray(alpha), np.asarray(beta)
+    return prior_alpha + (alpha - prior_alpha) * factor, prior_beta + (beta - prior_beta) * factor
+
+
+def group_stats(rewards: np.ndarray, group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: (count, mean, population variance) of the rewards. `group` holds dense ids 0..num_groups-1."""
+    count = np.bincount(group, minlength=num_groups).astype(float)
+    safe = np.maximum(count, 1.0)
+    mean = np.bincount(group, weights=rewards, minlength=num_groups) / safe
+    dev = rewards - mean[group]
+    var = np.bincount(group, weights=dev * dev, minlength=num_groups) / safe
+    return count, mean, var
+
+
+def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, staleness: np.ndarray, *,
+                 value: float, n0: float, kappa_update: float, drift: float, drift_scale: float,
+                 risk_aversion: float, risk_k: float, eps: float = 1e-6) -> dict[str, np.ndarray]:
+    """Price N trajectories at once (all arrays (N,)). Returns every component, each (N,): advantage, gain, cost,
+    risk, risk_variance, risk_staleness, depreciation, price, gain_fresh (g⁰), zero_var (bool)."""
+    rewards = np.asarray(rewards, dtype=float)
+    group = np.asarray(group, dtype=np.int64)
+    num_groups = int(group.max()) + 1 if group.size else 0
+    count, mean, var = group_stats(rewards, group, num_groups)
+    std = np.sqrt(var)
+    zero_var_group = std <= eps
+    dev = rewards - mean[group]
+    adv = np.where(zero_var_group[group], 0.0, dev / np.maximum(std, eps)[group])
+    abs_adv = np.abs(adv)
+    adv_mass = np.bincount(group, weights=abs_adv, minlength=num_groups)  # Σ_j |A_j| per group
+    group_gain = value * 4.0 * var * count / (count + n0)
+    share = abs_adv / np.maximum(adv_mass, eps)[group]
+    gain0 = np.where(zero_var_group[group], 0.0, group_gain[group] * share)
+    n = count[group]
+    rel_err = np.minimum(1.0, 1.0 / np.maximum(np.sqrt(n) * abs_adv, eps))
+    dep = depreciation(staleness, drift, drift_scale)
+    risk_variance = risk_aversion * risk_k * gain0 * rel_err
+    risk_staleness = risk_aversion * risk_k * gain0 * (1.0 - dep)
+    gain = gain0 * dep
+    cost = kappa_update * np.asarray(tokens_update, dtype=float)
+    risk = risk_variance + risk_staleness
+    return {"advantage": adv, "gain": gain, "cost": cost, "risk": risk, "risk_variance": risk_variance,
+            "risk_staleness": risk_staleness, "depreciation": dep, "price": gain - cost - risk, "gain_fresh": gain0,
+            "zero_var": zero_var_group[group]}
+
+
+def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Drop the admitted members of any group whose admitted subset has fewer than 2 members or equal rewards: the
+    trainer recomputes advantages over admitted members, so such a subset would carry no signal."""
+    if not admit.any():
+        return admit
+    num_groups = int(group.max()) + 1
+    sel = group[admit]
+    count, _, var = group_stats(rewards[admit], sel, num_groups)
+    ok = (count >= 2) & (var > eps * eps)
+    return admit & ok[group]
+
+
+def max_variance_subset(rewards: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the size-m subset with the largest reward variance (PODS, arXiv 2504.13818: it is always the top k
+    and bottom m − k rewards for some k, so m + 1 candidates are checked). Ties keep the most balanced split."""
+    n = len(rewards)
+    if m >= n:
+        return np.arange(n)
+    order = np.argsort(rewards, kind="stable")
+    best_k, best_var = 0, -1.0
+    for k in sorted(range(m + 1), key=lambda k: abs(2 * k - m)):
+        pick = np.concatenate([order[n - k:], order[: m - k]])
+        v = float(np.var(rewards[pick]))
+        if v > best_var + 1e-12:
+            best_k, best_var = k, v
+    return np.sort(np.concatenate([order[n - best_k:], order[: m - best_k]]))
+
+
+def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_n: int, max_n: int,
+                    budget: float, by_tokens: bool) -> np.ndarray:
+    """Greedy allocation of samples to P prompts, next sample to the highest price per token.
+
+    gain, cost, tokens: (P, max_n + 1) totals G(n), C(n), T(n) for n = 0..max_n. A prompt enters with a block of
+    n ∈ [min_n, max_n] samples, the size with the best price per token (G(n)/n rises before it falls, and a group
+    smaller than min_n cannot be trained on), then grows one sample at a time. Stops when the best price is not
+    positive or nothing fits the budget: `budget` samples (by_tokens=False) or expected tokens (by_tokens=True).
+    An entry block that does not fit is replaced by the best block that does, and an increment that does not fit is
+    dropped, so the budget is spent exactly wherever the prices allow it."""
+    num = gain.shape[0]
+    alloc = np.zeros(num, dtype=np.int64)
+    if num == 0 or max_n < min_n or min_n < 1:
+        return alloc
+    sizes = np.arange(min_n, max_n + 1)
+    block_ppt = (gain[:, sizes] - cost[:, sizes]) / np.maximum(tokens[:, sizes], 1e-12)  # (P, K) entry prices per token
+    need_block = tokens[:, sizes] if by_tokens else np.broadcast_to(sizes.astype(float), block_ppt.shape)
+    heap: list[tuple[float, int, int]] = []
+    for c in range(num):
+        k = int(np.argmax(block_ppt[c]))
+        heap.append((-float(block_ppt[c, k]), c, int(sizes[k])))
+    heapq.heapify(heap)
+    left = float(budget)
+    while heap:
+        neg_ppt, c, to = heapq.heappop(heap)
+        if -neg_ppt <= 0:
+            break
+        frm = int(alloc[c])
+        need = (tokens[c, to] - tokens[c, frm]) if by_tokens else float(to - frm)
+        if need > left + 1e-9:
+            if frm == 0:  # re-enter with the best block that still fits
+                fits = need_block[c] <= left + 1e-9
+                if fits.any():
+                    k = int(np.argmax(np.where(fits, block_ppt[c], -np.inf)))
+                    heapq.heappush(heap, (-float(block_ppt[c, k]), c, int(sizes[k])))
+            continue
+        left -= need
+        alloc[c] = to
+        if to < max_n:
+            d_tok = max(float(tokens[c, to + 1] - tokens[c, to]), 1e-12)
+            ppt = (gain[c, to + 1] - gain[c, to] - cost[c, to + 1] + cost[c, to]) / d_tok
+            heapq.heappush(heap, (-float(ppt), c, to + 1))
+    return alloc
+
+
+def controller_step(scale: float, spend: float, budget: float, rate: float, lo: float, hi: float) -> float:
+    """Multiplicative dual ascent on the κ multiplier: κ ← κ·exp(rate·(spend/budget − 1)), clipped to [lo, hi].
+    Over budget raises every price, under budget lowers it; the fixed point spends the budget exactly."""
+    return float(np.clip(scale * math.exp(min(rate * (spend / budget - 1.0), 50.0)), lo, hi))

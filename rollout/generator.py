@@ -1,0 +1,88 @@
+"""Sampling with transformers `generate` (KV cache, batched, left-padded): groups of completions per prompt,
+with the behaviour log-probability of every generated token recorded for off-policy corrections."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from rollout.types import Prompt, Trajectory
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # up to and including EOS when one was produced
+    logprobs: list[float]  # behaviour log-probability of each completion token
+    finish_reason: str  # "eos" | "length"
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int, temperature: float,
+           top_p: float = 1.0, batch_size: int = 256) -> list[Sample]:
+    """Sample one completion per entry of `prompt_ids` (temperature 0 = greedy).
+
+    The recorded log-probabilities are those of the sampling distribution, log softmax(logits / temperature), the
+    same scaling the trainer uses, so the ratio is exactly 1 for an unchanged policy (top_p truncation excepted)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = temperature == 0
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+        top_p=None if greedy or top_p >= 1 else top_p, top_k=None, eos_token_id=eos, pad_token_id=pad,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    out: list[Sample] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding: every prompt ends at the same column
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
+        new = res.sequences[:, width:].cpu()  # (B, T_new)
+        logits = torch.stack(res.logits, dim=1).float().cpu()  # (B, T_new, V)
+        logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+        token_lp = logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, T_new)
+        for i, p in enumerate(chunk):
+            row = new[i].tolist()
+            n = row.index(eos) + 1 if eos in row else len(row)
+            out.append(Sample(list(p), row[:n], token_lp[i, :n].tolist(), "eos" if eos in row[:n] else "length"))
+    if was_training:
+        model.train()
+    return out
+
+
+def decode_completion(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def rollout_groups(model, tokenizer, allocation: Sequence[tuple[Prompt, int]],
+                   reward_fn: Callable[[Sequence[Prompt], Sequence[str]], list[float]], *, step: int, version: int,
+                   max_new_tokens: int, temperature: float, top_p: float = 1.0, batch_size: int = 256,
+                   id_prefix: str = "") -> list[Trajectory]:
+    """Single-turn rollouts: `n` completions for each (prompt, n) in `allocation`, scored by `reward_fn`."""
+    flat: list[tuple[int, Prompt]] = [(g, p) for g, (p, n) in enumerate(allocation) for _ in range(n)]
+    if not flat:
+        return []
+    encoded = {p.prompt_id: tokenizer(p.text, add_special_tokens=False)["input_ids"] for p, _ in allocation}
+    samples = sample(model, tokenizer, [encoded[p.prompt_id] for _, p in flat], max_new_tokens, temperature, top_p,
+                     batch_size)
+    texts = [decode_completion(tokenizer, s.completion_ids) for s in samples]
+    rewards = reward_fn([p for _, p in flat], texts)
+    trajectories = []
+    for k, ((g, p), s, text, r) in enumerate(zip(flat, samples, texts, rewards, strict=True)):
+        trajectories.append(Trajectory(
+            traj_id=f"{id_prefix}s{step}-{k}", prompt_id=p.prompt_id, group_id=f"{id_prefix}s{step}-g{g}", step=step,
+            behavior_version=version, prompt_ids=s.prompt_ids, completion_ids=s.completion_ids,
+            completion_mask=[1] * len(s.completion_ids), behavior_logprobs=s.logprobs, reward=float(r),
+            finish_reason=s.finish_reason, prompt_text=p.text, completion_text=text, family=p.family,
+        ))
+    return trajectories

@@ -1,0 +1,88 @@
+"""Benchmark the budget's pricing: trajectories priced per second (vectorised core, and with per-object overhead).
+
+    python scripts/bench_budget.py --trajectories 1000000 --group-size 8 --repeats 5
+
+Synthetic groups (0/1 rewards at a per-group pass rate, 10-40 update tokens, 0-2 versions stale) are priced by the
+`marginal` policy. The core is the numpy path price_trajectories runs after reading the records; the end-to-end figure
+adds reading Trajectory objects and building one TrajectoryDecision per trajectory. Medians of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trajectories", type=int, default=1_000_000, help="trajectories priced by the vectorised core")
+    p.add_argument("--objects", type=int, default=100_000, help="trajectories priced end to end, as Trajectory objects")
+    p.add_argument("--group-size", type=int, default=8, help="samples per group")
+    p.add_argument("--candidates", type=int, default=64, help="candidate prompts per plan_prompts call")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import numpy as np
+
+    from budget.config import BudgetConfig
+    from budget.policies import (
+        BudgetState,
+        SampleLimits,
+        fates_marginal,
+        plan_prompts,
+        price_components_arrays,
+        price_trajectories,
+        update_state,
+    )
+    from rollout.types import Trajectory
+
+    cfg, state = BudgetConfig(policy="marginal"), BudgetState(drift=0.01)
+    rng = np.random.default_rng(args.seed)
+
+    def synthetic(n: int) -> dict[str, np.ndarray]:
+        group = np.arange(n) // args.group_size
+        p = rng.random(group[-1] + 1)
+        return {"reward": (rng.random(n) < p[group]).astype(float), "group": group,
+                "tokens_update": rng.integers(10, 41, n).astype(float), "staleness": rng.integers(0, 3, n).astype(float)}
+
+    def median_time(fn) -> float:
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    arrays = synthetic(args.trajectories)
+    core = median_time(lambda: fates_marginal(cfg, arrays, price_components_arrays(cfg, state, arrays)))
+    print(f"core (numpy):      {args.trajectories:>9,} trajectories in {core * 1e3:8.1f} ms = "
+          f"{args.trajectories / core / 1e6:6.2f} M trajectories/s")
+
+    small = synthetic(args.objects)
+    trajs = [Trajectory(traj_id=str(i), prompt_id=f"p{g}", group_id=f"g{g}", step=0,
+                        behavior_version=2 - int(s), prompt_ids=[0] * 10, completion_ids=[0] * (int(t) - 10),
+                        completion_mask=[1] * (int(t) - 10), behavior_logprobs=[], reward=float(r), finish_reason="eos")
+             for i, (g, r, t, s) in enumerate(zip(small["group"], small["reward"], small["tokens_update"],
+                                                   small["staleness"], strict=True))]
+    e2e = median_time(lambda: price_trajectories(cfg, state, trajs, 2))
+    print(f"end to end:        {args.objects:>9,} trajectories in {e2e * 1e3:8.1f} ms = "
+          f"{args.objects / e2e / 1e6:6.2f} M trajectories/s  (objects in, TrajectoryDecision out)")
+
+    step = trajs[: 16 * args.group_size]
+    upd = median_time(lambda: update_state(cfg, BudgetState(), step, 0, 1, drift_kl=0.01))
+    print(f"update_state:      {len(step):>9,} trajectories in {upd * 1e3:8.2f} ms (one training step's worth)")
+
+    limits = SampleLimits(args.candidates // 4, args.group_size, 2, 2 * args.group_size)
+    cands = [f"p{i}" for i in range(args.candidates)]
+    plan_state = BudgetState()
+    update_state(cfg, plan_state, trajs[: 4096], 0, 0)
+    plan = median_time(lambda: plan_prompts(cfg, plan_state, cands, 1, rng, limits))
+    print(f"plan_prompts:      {args.candidates:>9,} candidates   in {plan * 1e3:8.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Policies, state and controller: hand-computed updates, invariants (hypothesis) and edge cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from budget.config import POLICIES, BudgetConfig
+from budget.metrics import price_components, step_metrics
+from budget.policies import (
+    BudgetState,
+    PromptStats,
+    SampleLimits,
+    plan_prompts,
+    price_trajectories,
+    update_state,
+)
+from rollout.types import Trajectory
+
+LIMITS = SampleLimits(prompts_per_step=4, group_size=8, min_group_size=2, max_group_size=16)
+
+
+def traj(group: str, reward: float, *, prompt: str | None = None, version: int = 0, n_prompt: int = 10,
+         n_completion: int = 7, n_obs: int = 0, n_verify: int = 0, k: int = 0) -> Trajectory:
+    mask = [1] * n_completion + [0] * n_obs
+    return Trajectory(traj_id=f"{group}-{k}", prompt_id=prompt or group, group_id=group, step=0,
+                      behavior_version=version, prompt_ids=[1] * n_prompt, completion_ids=[2] * (n_completion + n_obs),
+                      completion_mask=mask, behavior_logprobs=[0.0] * (n_completion + n_obs), reward=float(reward),
+                      finish_reason="eos", tokens_verify=n_verify)
+
+
+def group(name: str, rewards, **kw) -> list[Trajectory]:
+    return [traj(name, r, k=i, **kw) for i, r in enumerate(rewards)]
+
+
+# ------------------------------------------------------------------------------------------------ state updates
+
+
+def test_posterior_update_binary_and_graded():
+    cfg = BudgetConfig(policy="marginal")
+    state = BudgetState()
+    update_state(cfg, state, group("a", [1, 0, 1, 1]) + group("b", [0.25, 0.75]), step=0, current_version=0)
+    # Beta(1, 1) + 3 successes, 1 failure = Beta(4, 2); graded: Σr = 1, Σ(1 − r) = 1 → Beta(2, 2)
+    assert (state.prompts["a"].alpha, state.prompts["a"].beta) == (4.0, 2.0)
+    assert (state.prompts["b"].alpha, state.prompts["b"].beta) == (2.0, 2.0)
+    assert state.step == 1
+
+
+def test_posterior_fades_with_drift():
+    cfg = BudgetConfig(policy="marginal", drift_scale=0.1, ema=0.0)
+    state = BudgetState()
+    update_state(cfg, state, group("a", [1, 0, 1, 1]), step=0, current_version=0, drift_kl=0.05)
+    # two versions later, δ = 0.05: factor e^(−0.05·2/0.1) = e^-1; α = 1 + 3e^-1 = 2.10364, β = 1 + 1e^-1 + 2 = 3.36788
+    update_state(cfg, state, group("a", [0, 0], version=2), step=1, current_version=2, drift_kl=0.05)
+    s = state.prompts["a"]
+    assert (s.alpha, s.beta) == pytest.approx((1 + 3 * math.exp(-1), 1 + math.exp(-1) + 2))
+    assert s.version == 2
+
+
+def test_plan_sees_faded_posterior():
+    cfg = BudgetConfig(policy="none", drift_prior=0.05, drift_scale=0.1)
+    state = BudgetState(version=2, prompts={"a": PromptStats(alpha=4.0, beta=2.0, version=0)})
+    (d,) = plan_prompts(cfg, state, ["a"], 0, np.random.default_rng(0), LIMITS)
+    # faded Beta(1 + 3e^-1, 1 + e^-1) = Beta(2.10364, 1.36788), mean 2.10364/3.47152 = 0.60597
+    assert d.pass_rate == pytest.approx(0.60597, abs=1e-5)
+
+
+def test_drift_ema_and_staleness_in_prices():
+    cfg = BudgetConfig(policy="marginal", ema=0.9)
+    state = BudgetState()
+    update_state(cfg, state, [], step=0, current_version=0, drift_kl=0.02)
+    update_state(cfg, state, [], step=1, current_version=0, drift_kl=0.04)
+    assert state.drift == pytest.approx(0.9 * 0.02 + 0.1 * 0.04)  # 0.022
+    dec = price_trajectories(cfg, state, group("g", [1, 0, 1, 0], version=3), current_version=5)
+    # 2 versions stale at δ = 0.022, s = 0.1: D = exp(−0.44) = 0.644036
+    assert all(d.staleness == 2 and d.depreciation == pytest.approx(math.exp(-0.44)) for d in dec)
+
+
+def test_state_round_trip_json():
+    cfg = BudgetConfig(policy="marginal", token_budget=500)
+    state = BudgetState()
+    update_state(cfg, state, group("a", [1, 0, 1]) + group("b", [0, 0]), step=3, current_version=2, drift_kl=0.01)
+    restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert restored == state
+    assert BudgetState.from_state_dict(BudgetState().state_dict()) == BudgetState()
+
+
+# --------------------------------------------------------------------------------------------------- planning
+
+
+def test_uniform_plan_is_unchanged():
+    cands = [f"p{i}" for i in range(16)]
+    for policy in ("none", "zero_var", "max_var"):
+        plan = plan_prompts(BudgetConfig(policy=policy), BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
+        assert [d.samples for d in plan] == [8] * 4 + [0] * 12
+
+
+def test_default_prices_on_the_arithmetic_task():
+    # tiny arithmetic task: 10 prompt + 7 completion tokens, 0/1 rewards, groups of 8 — with default prices a prompt
+    # whose posterior is near 0.5 has a positive price and one near 0 or 1 a negative one
+    cfg = BudgetConfig(policy="marginal", thompson=False)
+    stats = dict(version=0, tok_rollout=17.0, tok_verify=0.0, tok_update=17.0)
+    state = BudgetState(prompts={"mid": PromptStats(alpha=5.0, beta=5.0, **stats),
+                                 "easy": PromptStats(alpha=30.0, beta=1.0, **stats),
+                                 "hard": PromptStats(alpha=1.0, beta=30.0, **stats)})
+    limits = SampleLimits(16, 8, 2, 16)
+    plan = {d.prompt_id: d for d in plan_prompts(cfg, state, ["easy", "mid", "hard"], 0, np.random.default_rng(0), limits)}
+    assert plan["mid"].samples >= 2 and plan["mid"].price > 0
+    assert plan["easy"].samples == 0 and plan["easy"].price < 0
+    assert plan["hard"].samples == 0 and plan["hard"].price < 0
+    # an unseen prompt (Beta(1, 1), mean 0.5) is worth exploring at the default prices too
+    (d,) = plan_prompts(cfg, BudgetState(), ["new"], 0, np.random.default_rng(0), limits)
+    assert d.samples >= 2 and d.price > 0 and d.pass_rate == 0.5
+
+
+def test_marginal_plan_spends_the_sample_budget():
+    cfg = BudgetConfig(policy="marginal")
+    cands = [f"p{i}" for i in range(16)]
+    plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
+    assert sum(d.samples for d in plan) == LIMITS.samples_per_step  # 32: all unseen prompts are worth sampling
+    assert all(d.samples == 0 or 2 <= d.samples <= 16 for d in plan)
+    assert all(d.price > 0 for d in plan if d.samples)
+
+
+def test_prior_plan_skips_zero_variance_history():
+    cfg = BudgetConfig(policy="prior", explore_prob=0.0)
+    state = BudgetState(prompts={f"p{i}": PromptStats(1.0, 9.0, zero_var_streak=1) for i in (0, 2, 3)})
+    plan = plan_prompts(cfg, state, [f"p{i}" for i in range(8)], 0, np.random.default_rng(0), LIMITS)
+    # explore_prob**1 = 0: p0, p2, p3 never rolled out; the first 4 others are taken
+    assert [d.samples for d in plan] == [0, 8, 0, 0, 8, 8, 8, 0]
+
+
+def test_prior_plan_explores_with_probability():
+    cfg = BudgetConfig(policy="prior", explore_prob=0.5)
+    state = BudgetState(prompts={"z": PromptStats(1.0, 9.0, zero_var_streak=2)})
+    limits = SampleLimits(1, 8, 2, 16)
+    rng = np.random.default_rng(0)
+    hits = sum(plan_prompts(cfg, state, ["z"], s, rng, limits)[0].samples > 0 for s in range(4000))
+    assert hits / 4000 == pytest.approx(0.25, abs=0.03)  # 0.5² = 0.25
+
+
+# --------------------------------------------------------------------------------------------------- pricing
+
+
+def test_fates_by_policy():
+    trajs = group("mixed", [1, 0, 0, 1]) + group("flat", [1, 1, 1, 1])
+    by = {p: [d.fate for d in price_trajectories(BudgetConfig(policy=p), BudgetState(), trajs, 0)] for p in POLICIES}
+    assert by["none"] == ["trained"] * 8
+    assert by["zero_var"] == by["prior"] == ["trained"] * 4 + ["zero_signal"] * 4
+    assert by["max_var"].count("trained") == 4  # m = round(0.5·4) = 2 per group
+    assert by["max_var"][:4].count("trained") == 2 and sorted(trajs[i].reward for i in range(4) if by["max_var"][i] == "trained") == [0, 1]
+    assert by["marginal"] == ["trained"] * 4 + ["zero_signal"] * 4
+
+
+def test_marginal_drops_a_group_whose_admitted_subset_has_no_signal():
+    # the hand-computed group of test_trajectory_price_by_hand: failures priced at −0.0016 with ρ = 1, n0 = 4,
+    # κ_u·tokens = 0.01 → only the success would be admitted, which alone carries no signal → all dropped_price
+    cfg = BudgetConfig(policy="marginal", risk_aversion=1.0, gain_half_samples=4.0, kappa_update=1e-3)
+    dec = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 0, 0], n_prompt=4, n_completion=6), 0)
+    assert [d.price > 0 for d in dec] == [True, False, False, False]
+    assert [d.fate for d in dec] == ["dropped_price"] * 4
+    # at ρ = 0.5 the failures are worth 0.0625 − 0.01 − 0.0271 = 0.0254 > 0: all trained
+    cfg = BudgetConfig(policy="marginal", risk_aversion=0.5, gain_half_samples=4.0, kappa_update=1e-3)
+    dec = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 0, 0], n_prompt=4, n_completion=6), 0)
+    assert [d.fate for d in dec] == ["trained"] * 4
+
+
+def test_marginal_drops_stale():
+    cfg = BudgetConfig(policy="marginal", drift_prior=0.1, drift_scale=0.1)
+    fresh = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 1, 0]), current_version=0)
+    stale = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 1, 0]), current_version=5)
+    assert [d.fate for d in fresh] == ["trained"] * 4
+    assert [d.fate for d in stale] == ["dropped_stale"] * 4  # D = e^-5: the gain is gone, the risk is not
+    assert all(d.risk_staleness > 0 and d.risk == pytest.approx(d.risk_variance + d.risk_staleness) for d in stale)
+
+
+def test_cvar_prices_more_risk_than_std():
+    trajs = group("g", [1, 0, 0, 1, 0])
+    std = price_trajectories(BudgetConfig(policy="marginal"), BudgetState(), trajs, 0)
+    cvar = price_trajectories(BudgetConfig(policy="marginal", risk_measure="cvar", cvar_alpha=0.1), BudgetState(), trajs, 0)
+    for a, b in zip(std, cvar, strict=True):
+        assert b.risk == pytest.approx(a.risk * 1.75498, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_empty_step(policy):
+    cfg, state = BudgetConfig(policy=policy), BudgetState()
+    assert price_trajectories(cfg, state, [], 0) == []
+    update_state(cfg, state, [], step=0, current_version=0, decisions=[])
+    assert plan_prompts(cfg, state, [], 0, np.random.default_rng(0), LIMITS) == []
+    metrics = step_metrics([], [], [], state, cfg=cfg)
+    assert metrics["budget/prompts_sampled"] == 0 and math.isnan(metrics["budget/admitted_fraction"])
+    assert price_components([]) == {k: [] for k in price_components([])}
+
+
+def test_all_groups_zero_variance():
+    trajs = group("a", [0, 0, 0]) + group("b", [1, 1]) + group("c", [0.5, 0.5])
+    for policy in ("zero_var", "prior", "marginal"):
+        dec = price_trajectories(BudgetConfig(policy=policy), BudgetState(), trajs, 0)
+        assert all(d.fate == "zero_signal" and d.gain == 0 for d in dec)
+
+
+# --------------------------------------------------------------------------------------------------- controller
+
+
+def _simulated_step(cfg, state, step, rng, prompts):
+    """Plan, roll out synthetic 0/1 rewards (pass rate fixed per prompt), price, update: returns the spend."""
+    cands = [str(p) for p in rng.choice(list(prompts), 32, replace=False)]
+    plan = plan_prompts(cfg, state, cands, step, rng, LIMITS)
+    trajs = [traj(f"{step}-{d.prompt_id}", float(rng.random() < prompts[d.prompt_id]), prompt=d.prompt_id, k=k)
+             for d in plan for k in range(d.samples)]
+    dec = price_trajectories(cfg, state, trajs, 0)
+    update_state(cfg, state, trajs, step, 0, decisions=dec)
+    return state.last_spend
+
+
+def test_controller_converges_to_the_token_budget():
+    # budget 1500 tokens/step (rollout + training); at the default κ the planner would spend the slack cap (2250),
+    # so κ must rise until the marginal sample's price is zero at the budget (the dual variable)
+    cfg = BudgetConfig(policy="marginal", token_budget=1500, controller_rate=0.2)
+    rng = np.random.default_rng(0)
+    prompts = {f"p{i}": float(p) for i, p in enumerate(rng.uniform(0.05, 0.95, 200))}
+    state = BudgetState()
+    spends, scales = [], []
+    for step in range(150):
+        spends.append(_simulated_step(cfg, state, step, rng, prompts))
+        scales.append(state.kappa_scale)
+    assert np.mean(spends[1:11]) > 1.25 * 1500  # starts over budget (≈ 2000 tokens/step at κ-scale ≈ 1)
+    assert np.mean(spends[-50:]) == pytest.approx(1500, rel=0.1)  # spend tracks the budget
+    assert scales[-1] > 1.5  # the price rose
+    assert np.std(np.log(scales[-50:])) < 0.3  # and settled
+
+
+def test_controller_lowers_price_when_under_budget():
+    cfg = BudgetConfig(policy="marginal", token_budget=100_000, controller_rate=0.5)
+    state = BudgetState(kappa_scale=10.0)
+    update_state(cfg, state, group("g", [1, 0]), step=0, current_version=0)
+    # spend = 2·(17 rollout + 17 train) = 68 ≪ 100000: scale·exp(0.5·(68/1e5 − 1)) = 10·e^-0.49966 = 6.0674
+    assert state.last_spend == 68
+    assert state.kappa_scale == pytest.approx(10 * math.exp(0.5 * (68 / 1e5 - 1)))
+
+
+def test_fixed_prices_do_not_move():
+    state = BudgetState()
+    update_state(BudgetConfig(policy="marginal"), state, group("g", [1, 0]), step=0, current_version=0)
+    assert state.kappa_scale == 1.0
+
+
+# --------------------------------------------------------------------------------------------------- properties
+
+rewards_st = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1, allow_nan=False))
+
+
+@st.composite
+def steps(draw):
+    trajs = []
+    for g in range(draw(st.integers(0, 6))):
+        n = draw(st.integers(1, 9))
+        binary = draw(st.booleans())
+        version = draw(st.integers(0, 3))
+        for k in range(n):
+            r = draw(st.sampled_from([0.0, 1.0])) if binary else draw(rewards_st)
+            trajs.append(traj(f"g{g}", r, version=version, k=k, n_prompt=draw(st.integers(1, 30)),
+                              n_completion=draw(st.integers(0, 30)), n_obs=draw(st.integers(0, 5))))
+    return trajs
+
+
+@settings(max_examples=150, deadline=None)
+@given(trajs=steps(), policy=st.sampled_from(POLICIES), risk=st.floats(0, 2), drift=st.floats(0, 0.2),
+       current=st.integers(0, 5))
+def test_fate_invariants(trajs, policy, risk, drift, current):
+    cfg = BudgetConfig(policy=policy, risk_aversion=risk, drift_prior=drift)
+    dec = price_trajectories(cfg, BudgetState(), trajs, current)
+    assert len(dec) == len(trajs)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(trajs):
+        groups.setdefault(t.group_id, []).append(i)
+    for idx in groups.values():
+        flat = len({trajs[i].reward for i in idx}) == 1
+        trained = [i for i in idx if dec[i].trained]
+        if policy in ("zero_var", "prior", "marginal"):
+            assert not (flat and trained)  # no trained trajectory in a zero-variance group
+        if policy == "marginal" and trained:
+            assert len(trained) >= 2 and len({trajs[i].reward for i in trained}) > 1
+    if policy == "marginal":
+        assert all(d.price > 0 for d in dec if d.trained)  # no trained trajectory with a non-positive price
+    for d in dec:
+        assert d.price == pytest.approx(d.gain - d.cost - d.risk)
+        assert d.risk == pytest.approx(d.risk_variance + d.risk_staleness)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_cands=st.integers(0, 40), per_step=st.integers(1, 8), size=st.integers(2, 8), seed=st.integers(0, 99),
+       policy=st.sampled_from(POLICIES), budget=st.sampled_from([0, 50, 400]))
+def test_plan_invariants(n_cands, per_step, size, seed, policy, budget):
+    limits = SampleLimits(per_step, size, 2, size + 4)
+    cfg = BudgetConfig(policy=policy, token_budget=budget)
+    cands = [f"p{i}" for i in range(n_cands)]
+    plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(seed), limits)
+    assert [d.prompt_id for d in plan] == cands
+    assert all(d.samples == 0 or limits.min_group_size <= d.samples <= limits.max_group_size for d in plan)
+    if budget == 0:
+        assert sum(d.samples for d in plan) <= limits.samples_per_step
+    elif policy == "marginal":
+        assert sum(d.tokens for d in plan if d.samples) <= budget * cfg.budget_slack + 1e-6
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="risk_measure: expected"):
+        BudgetConfig(risk_measure="var")
+    with pytest.raises(ValueError, match="token_budget: expected"):
+        BudgetConfig(token_budget=-1)
+    with pytest.raises(ValueError, match="cvar_alpha: expected"):
+        BudgetConfig(cvar_alpha=0.0)
+    with pytest.raises(ValueError, match="kappa_scale_max: expected"):
+        BudgetConfig(kappa_scale_min=2.0, kappa_scale_max=1.0)
+    with pytest.raises(ValueError, match="explore_prob: expected"):
+        BudgetConfig(explore_prob=1.5)

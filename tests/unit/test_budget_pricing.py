@@ -1,0 +1,174 @@
+"""The price formulas of budget/pricing.py, each against numbers computed by hand (arithmetic in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from budget.pricing import (
+    allocate_greedy,
+    consistent_admission,
+    controller_step,
+    depreciation,
+    expected_group_gain,
+    expected_group_tokens,
+    fade_posterior,
+    informative_prob,
+    max_variance_subset,
+    price_arrays,
+    risk_factor,
+)
+
+
+def test_informative_prob():
+    # 1 − 0.5² − 0.5² = 0.5;  1 − 0.2³ − 0.8³ = 1 − 0.008 − 0.512 = 0.48;  a group of one never differs
+    assert informative_prob(0.5, 2) == pytest.approx(0.5)
+    assert informative_prob(0.2, 3) == pytest.approx(0.48)
+    assert informative_prob(0.3, 1) == 0.0
+    assert informative_prob(0.0, 8) == 0.0 and informative_prob(1.0, 8) == 0.0
+
+
+def test_expected_group_gain():
+    # V·4p(1−p)(n−1)/(n+n0): 1·4·0.25·7/16 = 0.4375;  2·4·0.16·2/11 = 2.56/11 = 0.232727...
+    assert expected_group_gain(0.5, 8, 1.0, 8.0) == pytest.approx(0.4375)
+    assert expected_group_gain(0.2, 3, 2.0, 8.0) == pytest.approx(2.56 / 11)
+    assert expected_group_gain(0.5, 1, 1.0, 8.0) == 0.0
+
+
+@pytest.mark.parametrize("p,n,n0", [(0.2, 3, 8.0), (0.5, 8, 8.0), (0.9, 5, 2.0)])
+def test_expected_gain_is_the_mean_of_the_realised_gain(p, n, n0):
+    # E over k ~ Binomial(n, p) of the realised group gain V·4σ̂²·n/(n+n0), σ̂² = (k/n)(1 − k/n).
+    # n=3, p=0.2 by hand: P(k=1)=3·0.2·0.64=0.384, P(k=2)=3·0.04·0.8=0.096, σ̂²=2/9 for both,
+    # E[4σ̂²] = 4·(2/9)·0.48 = 0.42667, ×3/11 = 0.116364 = 4·0.16·2/11 ✓
+    expect = sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) * 4 * (k / n) * (1 - k / n) * n / (n + n0)
+                 for k in range(n + 1))
+    assert expected_group_gain(p, n, 1.0, n0) == pytest.approx(expect)
+    # and it splits as P_inf(n) · E[4σ̂² | informative] · n/(n + n0)
+    teach = 4 * p * (1 - p) * (n - 1) / n / float(informative_prob(p, n))
+    assert float(informative_prob(p, n)) * teach * n / (n + n0) == pytest.approx(expect)
+
+
+def test_expected_group_tokens():
+    # n=4, p=0.5: rollout 4·17 = 68, verify 4·3 = 12, update P_inf·4·20 = (1 − 2/16)·80 = 70
+    r, v, u = expected_group_tokens(0.5, 4, 17.0, 3.0, 20.0)
+    assert (float(r), float(v), float(u)) == pytest.approx((68.0, 12.0, 70.0))
+
+
+def test_posterior_fading():
+    # evidence above the prior shrinks by e^-1: α = 1 + (4 − 1)·0.3679 = 2.1036, β = 1 + (2 − 1)·0.3679 = 1.3679
+    a, b = fade_posterior(4.0, 2.0, 1.0, 1.0, math.exp(-1))
+    assert (float(a), float(b)) == pytest.approx((2.1036, 1.3679), abs=1e-4)
+
+
+def test_staleness_depreciation():
+    # exp(−δ·Δv/s) = exp(−0.05·2/0.1) = e^-1 = 0.36788;  on-policy (Δv = 0) keeps everything
+    assert float(depreciation(2, 0.05, 0.1)) == pytest.approx(math.exp(-1))
+    assert float(depreciation(0, 0.05, 0.1)) == 1.0
+
+
+def test_risk_factor():
+    # std: 1; CVaR_0.1 of a unit normal: z = Φ⁻¹(0.1) = −1.28155, φ(z) = 0.175498, /0.1 = 1.75498
+    assert risk_factor("std", 0.1) == 1.0
+    assert risk_factor("cvar", 0.1) == pytest.approx(1.75498, abs=1e-4)
+
+
+def _price(rewards, staleness=None, **kw):
+    args = dict(value=1.0, n0=4.0, kappa_update=1e-3, drift=0.05, drift_scale=0.1, risk_aversion=1.0, risk_k=1.0)
+    args.update(kw)
+    n = len(rewards)
+    return price_arrays(np.array(rewards, float), np.zeros(n, np.int64), np.full(n, 10.0),
+                        np.zeros(n) if staleness is None else np.array(staleness, float), **args)
+
+
+def test_trajectory_price_by_hand():
+    # group [1, 0, 0, 0], n = 4, n0 = 4: r̄ = 0.25, σ̂² = 0.1875, G = 4·0.1875·4/8 = 0.375
+    # A = [0.75, −0.25×3]/0.43301 = [1.7321, −0.5774×3], Σ|A| = 3.4641 → shares [0.5, 1/6×3]
+    # g⁰ = [0.1875, 0.0625×3];  relative error min(1, 1/(√4·|A|)) = [0.28868, 0.86603]
+    # risk_variance (ρ = 1) = [0.1875·0.28868, 0.0625·0.86603] = [0.054127, 0.054127]
+    # cost = 1e-3 · 10 = 0.01;  price = [0.1875 − 0.01 − 0.054127, 0.0625 − 0.01 − 0.054127] = [0.123373, −0.001627]
+    out = _price([1, 0, 0, 0])
+    assert out["advantage"] == pytest.approx([1.7320508, -0.5773503, -0.5773503, -0.5773503], rel=1e-5)
+    assert out["gain"] == pytest.approx([0.1875, 0.0625, 0.0625, 0.0625])
+    assert out["risk_variance"] == pytest.approx([0.0541266] * 4, rel=1e-5)
+    assert out["cost"] == pytest.approx([0.01] * 4)
+    assert out["price"] == pytest.approx([0.1233734, -0.0016266, -0.0016266, -0.0016266], rel=1e-4)
+    assert not out["zero_var"].any()
+
+
+def test_trajectory_price_stale():
+    # same group, the success 2 versions stale: D = e^-1 = 0.367879
+    # gain = 0.1875·0.367879 = 0.068977;  risk_staleness = 0.1875·(1 − 0.367879) = 0.118523
+    # price = 0.0689774 − 0.01 − 0.0541266 − 0.1185226 = −0.1136718
+    out = _price([1, 0, 0, 0], staleness=[2, 0, 0, 0])
+    assert out["depreciation"][0] == pytest.approx(math.exp(-1))
+    assert out["gain"][0] == pytest.approx(0.068977, abs=1e-6)
+    assert out["risk_staleness"][0] == pytest.approx(0.118523, abs=1e-6)
+    assert out["price"][0] == pytest.approx(-0.1136718, abs=1e-6)
+    assert out["risk_staleness"][1] == 0.0
+
+
+def test_zero_variance_group_has_no_gain():
+    out = _price([1, 1, 1])
+    assert out["zero_var"].all()
+    assert out["gain"] == pytest.approx([0, 0, 0]) and out["risk"] == pytest.approx([0, 0, 0])
+    assert out["price"] == pytest.approx([-0.01] * 3)  # only the update cost is left
+
+
+def test_consistent_admission_drops_subsets_without_signal():
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    group = np.array([0, 0, 0, 1, 1, 2, 2])
+    admit = np.array([True, False, False, True, True, True, True])
+    # group 0: only the success admitted (1 member) → dropped; group 1: [1, 0] kept; group 2: [1, 1] equal → dropped
+    assert consistent_admission(admit, rewards, group).tolist() == [False, False, False, True, True, False, False]
+
+
+def test_max_variance_subset():
+    # [0, 0, 1, 0.5], m = 2: best is one top and one bottom reward, {1, 0}, variance 0.25
+    assert max_variance_subset(np.array([0.0, 0.0, 1.0, 0.5]), 2).tolist() == [0, 2]
+    # m = 3 of [0.1, 0.9, 0.5, 0.3]: k=1 {0.9, 0.1, 0.3} var 0.1156; k=2 {0.9, 0.5, 0.1} var 0.1067 → k=1
+    assert max_variance_subset(np.array([0.1, 0.9, 0.5, 0.3]), 3).tolist() == [0, 1, 3]
+    assert max_variance_subset(np.array([0.2, 0.4]), 3).tolist() == [0, 1]
+
+
+def _tables():
+    # two prompts, T(n) = 10n tokens, no cost; gains G(n), n = 0..4
+    gain = np.array([[0, 0, 1.0, 1.3, 1.45], [0, 0, 0.8, 1.0, 1.1]])
+    return gain, np.zeros_like(gain), np.tile(10.0 * np.arange(5), (2, 1))
+
+
+def test_greedy_spends_sample_budget_exactly():
+    # entry blocks (price per token): A: 1/20 = .05, 1.3/30 = .043, 1.45/40 = .036 → n=2; B: .8/20 = .04 → n=2
+    # pops: A→2 (.05, left 5), B→2 (.04, left 3), A→3 (.3/10 = .03, left 2), B→3 (.02, left 1), A→4 (.015, left 0),
+    # B→4 (.01) does not fit. 4 + 3 = 7 samples = the budget.
+    gain, cost, tokens = _tables()
+    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=7, by_tokens=False).tolist() == [4, 3]
+    # budget 5: A→2, B→2, A→3 → 3 + 2 = 5
+    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=5, by_tokens=False).tolist() == [3, 2]
+    # budget 3: A→2 (left 1); B's block of 2 does not fit (no smaller block exists), A→3 does → [3, 0], 3 spent
+    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=3, by_tokens=False).tolist() == [3, 0]
+
+
+def test_greedy_token_budget_and_refit():
+    gain, cost, tokens = _tables()
+    # 45 tokens: A→2 (20, left 25), B→2 (20, left 5), nothing else fits (10 each) → 40 tokens
+    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=45, by_tokens=True).tolist() == [2, 2]
+    # entries .2/20 = .01, 1.5/30 = .05, 1.6/40 = .04 → best block 3 (30 tokens) does not fit 25; re-enter with 2
+    gain2 = np.array([[0, 0, 0.2, 1.5, 1.6]])
+    assert allocate_greedy(gain2, np.zeros_like(gain2), tokens[:1], 2, 4, budget=25, by_tokens=True).tolist() == [2]
+
+
+def test_greedy_stops_when_no_price_is_positive():
+    gain, _, tokens = _tables()
+    cost = 0.045 * tokens  # κ = .045/token: A's entry .05 − .045 > 0, A→3 .03 − .045 < 0, B .04 − .045 < 0
+    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=100, by_tokens=False).tolist() == [2, 0]
+    assert allocate_greedy(gain, 1.0 * tokens, tokens, 2, 4, budget=100, by_tokens=False).tolist() == [0, 0]
+
+
+def test_controller_step():
+    # 1.0·exp(0.5·(1500/1000 − 1)) = e^0.25 = 1.284025; under budget: 2·exp(0.5·(500/1000 − 1)) = 2·e^-0.25 = 1.557602
+    assert controller_step(1.0, 1500, 1000, 0.5, 1e-3, 1e3) == pytest.approx(1.284025)
+    assert controller_step(2.0, 500, 1000, 0.5, 1e-3, 1e3) == pytest.approx(1.557602)
+    assert controller_step(1.0, 1000, 1000, 0.5, 1e-3, 1e3) == 1.0  # on budget: fixed point
+    assert controller_step(1.0, 1e9, 1000, 0.5, 1e-3, 10.0) == 10.0  # clipped

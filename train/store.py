@@ -1,0 +1,72 @@
+"""The run directory's record stores: one parquet file per step under `trajectories/` and `prompts/`.
+
+Each step's file is written to a temporary name and renamed into place, so a run killed at any moment leaves
+only complete files; `pandas.read_parquet(dir)` and `datasets.load_dataset("parquet", data_dir=dir)` load them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from budget.ledger import train_tokens, trajectory_tokens
+from budget.policies import PromptDecision, TrajectoryDecision
+from rollout.types import Trajectory
+
+
+def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision],
+                    advantages: Sequence[float], num_iterations: int) -> list[dict]:
+    rows = []
+    for t, d, a in zip(trajectories, decisions, advantages, strict=True):
+        toks = trajectory_tokens(t)
+        rows.append({
+            "traj_id": t.traj_id, "prompt_id": t.prompt_id, "group_id": t.group_id, "step": t.step,
+            "behavior_version": t.behavior_version, "family": t.family, "reward": t.reward, "advantage": float(a),
+            "finish_reason": t.finish_reason,
+            "tokens_prompt": t.tokens_prompt, "tokens_completion": t.tokens_completion,
+            "tokens_policy": t.tokens_policy, "tokens_observation": toks["observation"], "tokens_verify": toks["verify"],
+            "tokens_rollout": sum(toks.values()),
+            "tokens_train": train_tokens(t, num_iterations) if d.trained else 0,
+            "gain": d.gain, "cost": d.cost, "risk": d.risk, "price": d.price, "fate": d.fate,
+            "prompt": t.prompt_text, "completion": t.completion_text, "actions": list(t.actions),
+            "completion_ids": list(t.completion_ids), "completion_mask": list(t.completion_mask),
+            "behavior_logprobs": list(t.behavior_logprobs),
+        })
+    return rows
+
+
+def prompt_rows(step: int, plan: Sequence[PromptDecision]) -> list[dict]:
+    return [{"step": step, "prompt_id": d.prompt_id, "samples": d.samples, "pass_rate": d.pass_rate, "gain": d.gain,
+             "cost": d.cost, "price": d.price, "fate": "sampled" if d.samples > 0 else "skipped"} for d in plan]
+
+
+class StepStore:
+    """Append-only per-step parquet files in one directory."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step-{step:06d}.parquet"
+
+    def write(self, step: int, rows: list[dict]) -> None:
+        if not rows:
+            return
+        tmp = self.dir / f".tmp-step-{step:06d}.parquet"
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        os.replace(tmp, self.path(step))
+
+    def truncate(self, from_step: int) -> None:
+        """Remove the files of steps >= from_step (a resumed run rewrites them) and any partial temporaries."""
+        for f in self.dir.glob(".tmp-*"):
+            f.unlink()
+        for f in self.dir.glob("step-*.parquet"):
+            if int(f.stem.split("-")[1]) >= from_step:
+                f.unlink()
+
+    def read(self) -> pd.DataFrame:
+        files = sorted(self.dir.glob("step-*.parquet"))
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
