@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rollout.config import TaskConfig
+from rollout.config import RolloutConfig, TaskConfig
 from rollout.tasks import TaskSet, build_arith
 
 
@@ -12,10 +12,10 @@ class TaskError(ValueError):
     """A task the config asks for cannot be built (missing file, bad reward function path, ...)."""
 
 
-BUILDERS: dict[str, Callable[[TaskConfig], TaskSet]] = {"arith": build_arith}
+BUILDERS: dict[str, Callable[[TaskConfig, RolloutConfig], TaskSet]] = {"arith": build_arith}
 
 
-def build_task(cfg: TaskConfig) -> TaskSet:
+def build_task(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:
     if cfg.name not in BUILDERS:
         raise TaskError(f"task.name: {cfg.name!r} is not available yet (available: {', '.join(BUILDERS)})")
-    return BUILDERS[cfg.name](cfg)
+    return BUILDERS[cfg.name](cfg, rollout_cfg)

@@ -18,8 +18,9 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rollout.config import TaskConfig
-from rollout.types import Prompt
+from rollout.config import RolloutConfig, TaskConfig
+from rollout.generator import rollout_groups
+from rollout.types import Prompt, Trajectory
 
 FAMILIES: dict[str, tuple[float, Callable[[random.Random], tuple[str, str]]]] = {
     "copy": (0.15, lambda r: (lambda n: (f"copy {n}=", n))(f"{r.randrange(1000):03d}")),
@@ -68,7 +69,10 @@ def exact_match(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[f
 
 @dataclass
 class TaskSet:
-    """Prompts and the reward that scores completions of them, for single-turn tasks."""
+    """Prompts, the reward that scores completions of them, and how an episode is rolled out.
+
+    Single-turn tasks use `rollout_groups`; an agent task overrides `rollout` with its multi-turn episode loop.
+    The trainer only ever calls `rollout`, for training and for eval."""
 
     train: list[Prompt]
     eval: list[Prompt]
@@ -76,11 +80,18 @@ class TaskSet:
     demonstrations: Callable[[], list[tuple[str, str]]]  # (prompt, ideal completion) pairs for a warm start
     key: dict  # what identifies the task, for caching a policy warm-started on it
 
+    def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
+                version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:
+        """`n` episodes for each (prompt, n) in `allocation` at `temperature` (0 = greedy)."""
+        return rollout_groups(model, tokenizer, allocation, self.reward, step=step, version=version,
+                              max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
+                              batch_size=cfg.batch_size, id_prefix=id_prefix)
+
 
 WARM_START_EXAMPLES = 50_000
 
 
-def build_arith(cfg: TaskConfig) -> TaskSet:
+def build_arith(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:
     train, eval_ = generate_arith(cfg.num_train, cfg.num_eval, cfg.seed)
     return TaskSet(train, eval_, exact_match, lambda: sample_arith(WARM_START_EXAMPLES, cfg.seed + 1),
                    {"name": "arith", "seed": cfg.seed, "families": {k: v[0] for k, v in FAMILIES.items()}})

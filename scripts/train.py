@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.loop import train
 
     try:
-        task = build_task(cfg.task)
+        task = build_task(cfg.task, cfg.rollout)
     except (ConfigError, TaskError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

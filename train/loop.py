@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -26,15 +25,13 @@ from accelerate.utils import gather_object
 
 from budget.ledger import Ledger
 from budget.policies import BudgetState, SampleLimits, plan_prompts, price_trajectories, update_state
-from rollout.generator import rollout_groups, sample
 from rollout.tasks import TaskSet
-from rollout.types import Prompt, Trajectory
+from rollout.types import Trajectory
 from train.algorithms import clipped_policy_loss, grpo_advantages, kl_penalty
 from train.config import RunConfig, config_to_dict
 from train.logger import NoOpLogger, WandbLogger
 from train.packing import pack_microbatches, pad_batch
 from train.store import StepStore, prompt_rows, trajectory_rows
-
 
 # ------------------------------------------------------------------------------------------------ build_*
 
@@ -121,19 +118,16 @@ def group_advantages(trajectories: Sequence[Trajectory], admitted: Sequence[bool
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, prompts: Sequence[Prompt], task: TaskSet, cfg: RunConfig,
-             accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model, tokenizer, task: TaskSet, cfg: RunConfig, accelerator: Accelerator) -> dict[str, float]:
     """Mean reward on the eval split at the eval temperature (k samples each) and greedy; sharded over ranks."""
-    mine = list(prompts)[accelerator.process_index :: accelerator.num_processes]
+    mine = task.eval[accelerator.process_index :: accelerator.num_processes]
     out = {}
     for key, temp, k in (("eval/reward", cfg.rollout.eval_temperature, cfg.rollout.eval_samples),
                          ("eval/reward_greedy", 0.0, 1)):
-        flat = [p for p in mine for _ in range(k if temp > 0 else 1)]
-        ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in flat]
-        samples = sample(model, tokenizer, ids, cfg.rollout.max_new_tokens, temp, cfg.rollout.top_p, cfg.rollout.batch_size)
-        rewards = task.reward(flat, [tokenizer.decode(s.completion_ids, skip_special_tokens=True) for s in samples])
-        allr = [r for part in gather_object([rewards]) for r in part]
-        out[key] = float(np.mean(allr)) if allr else float("nan")
+        episodes = task.rollout(model, tokenizer, [(p, k if temp > 0 else 1) for p in mine], cfg.rollout, step=-1,
+                                version=-1, temperature=temp)
+        rewards = [r for part in gather_object([[t.reward for t in episodes]]) for r in part]
+        out[key] = float(np.mean(rewards)) if rewards else float("nan")
     return out
 
 
@@ -172,7 +166,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     version, nonfinite_in_row = 0, 0
 
-    evals = [(0, evaluate(policy, tokenizer, task.eval, task, cfg, accelerator))]
+    evals = [(0, evaluate(policy, tokenizer, task, cfg, accelerator))]
     if main:
         print(f"eval at start: reward {evals[0][1]['eval/reward']:.3f} (greedy {evals[0][1]['eval/reward_greedy']:.3f})")
         logger.log(evals[0][1], step=0)
@@ -198,9 +192,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         # 2. Rollout: each rank generates its share of the groups; then every rank sees every trajectory.
         tr = time.time()
-        mine = rollout_groups(policy, tokenizer, allocation[rank::world], task.reward, step=step, version=version,
-                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=temperature,
-                              top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size, id_prefix=f"r{rank}-")
+        mine = task.rollout(policy, tokenizer, allocation[rank::world], cfg.rollout, step=step, version=version,
+                            temperature=temperature, id_prefix=f"r{rank}-")
         trajectories = [t for part in gather_object([mine]) for t in part]
         rollout_s = time.time() - tr
 
@@ -262,7 +255,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             prompt_store.write(step, prompt_rows(step, plan))
 
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            evals.append((step + 1, evaluate(policy, tokenizer, task.eval, task, cfg, accelerator)))
+            evals.append((step + 1, evaluate(policy, tokenizer, task, cfg, accelerator)))
             metrics.update(evals[-1][1])
 
         rewards = np.array([t.reward for t in trajectories]) if trajectories else np.zeros(1)

@@ -21,7 +21,7 @@ from train.loop import train
 def _run(tmp_path: Path, cache: str, extra: list[str]) -> tuple[dict, Path]:
     out = tmp_path / "run"
     cfg = load_config([], tiny_overrides(cache, str(out)) + extra)
-    return train(cfg, build_task(cfg.task)), out
+    return train(cfg, build_task(cfg.task, cfg.rollout)), out
 
 
 @pytest.mark.parametrize("policy", ["none", "zero_var"])
@@ -63,7 +63,7 @@ def test_step_with_nothing_to_train_is_skipped(tmp_path, policy_cache):
     # A reward that is always 0: every group has zero variance, zero_var filters all of them, no step has data.
     out = tmp_path / "run"
     cfg = load_config([], tiny_overrides(policy_cache, str(out)) + ["budget.policy=zero_var", "train.max_steps=2"])
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, cfg.rollout)
     task.reward = lambda prompts, completions: [0.0] * len(completions)
     summary = train(cfg, task)
     df = pd.read_parquet(out / "trajectories")
