@@ -98,8 +98,13 @@ class BudgetConfig:
     target_reward: float = field(
         default=0.5, metadata={"help": "eval reward whose first attainment ledger/tokens_to_target reports"}
     )
+    drift_probe: int = field(
+        default=16, metadata={"help": "trained sequences re-scored after each update to measure the policy's drift (KL)"}
+    )
 
     def __post_init__(self) -> None:
+        if self.drift_probe < 0:
+            raise ValueError(f"drift_probe: expected an integer >= 0, got {self.drift_probe}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: expected one of {list(POLICIES)}, got {self.policy!r}")
         if self.risk_measure not in RISK_MEASURES:

@@ -22,13 +22,39 @@ from rollout.config import RolloutConfig, TaskConfig
 from rollout.generator import rollout_groups
 from rollout.types import Prompt, Trajectory
 
-FAMILIES: dict[str, tuple[float, Callable[[random.Random], tuple[str, str]]]] = {
-    "copy": (0.15, lambda r: (lambda n: (f"copy {n}=", n))(f"{r.randrange(1000):03d}")),
-    "add1": (0.15, lambda r: (lambda a, b: (f"{a}+{b}=", str(a + b)))(r.randrange(10), r.randrange(10))),
-    "add21": (0.25, lambda r: (lambda a, b: (f"{a}+{b}=", str(a + b)))(r.randrange(10, 100), r.randrange(10))),
-    "add2": (0.25, lambda r: (lambda a, b: (f"{a}+{b}=", str(a + b)))(r.randrange(10, 100), r.randrange(10, 100))),
-    "add3": (0.10, lambda r: (lambda a, b: (f"{a}+{b}=", str(a + b)))(r.randrange(100, 1000), r.randrange(100, 1000))),
-    "mul2": (0.10, lambda r: (lambda a, b: (f"{a}*{b}=", str(a * b)))(r.randrange(10, 100), r.randrange(10, 100))),
+
+@dataclass(frozen=True)
+class Family:
+    share: float  # fraction of prompts drawn from this family
+    hedge: float  # fraction of warm-start demonstrations that end with a stray "." the verifier rejects
+    make: Callable[[random.Random], tuple[str, str]]  # rng -> (prompt, answer)
+
+
+def _sum(lo_a: int, hi_a: int, lo_b: int, hi_b: int) -> Callable[[random.Random], tuple[str, str]]:
+    def make(r: random.Random) -> tuple[str, str]:
+        a, b = r.randrange(lo_a, hi_a), r.randrange(lo_b, hi_b)
+        return f"{a}+{b}=", str(a + b)
+
+    return make
+
+
+def _copy(r: random.Random) -> tuple[str, str]:
+    n = f"{r.randrange(1000):03d}"
+    return f"copy {n}=", n
+
+
+def _product(r: random.Random) -> tuple[str, str]:
+    a, b = r.randrange(10, 100), r.randrange(10, 100)
+    return f"{a}*{b}=", str(a * b)
+
+
+FAMILIES: dict[str, Family] = {
+    "copy": Family(0.15, 0.0, _copy),
+    "add1": Family(0.15, 0.1, _sum(0, 10, 0, 10)),
+    "add21": Family(0.25, 0.4, _sum(10, 100, 0, 10)),
+    "add2": Family(0.25, 0.4, _sum(10, 100, 10, 100)),
+    "add3": Family(0.10, 0.4, _sum(100, 1000, 100, 1000)),
+    "mul2": Family(0.10, 0.4, _product),
 }
 
 
@@ -36,14 +62,14 @@ def generate_arith(num_train: int, num_eval: int, seed: int) -> tuple[list[Promp
     """Deterministic train/eval prompts drawn from the family mix; a prompt text appears in one split only."""
     rng = random.Random(seed)
     names = list(FAMILIES)
-    weights = [FAMILIES[n][0] for n in names]
+    weights = [FAMILIES[n].share for n in names]
     seen: set[str] = set()
     out: list[Prompt] = []
     for _ in range(50 * (num_train + num_eval)):
         if len(out) == num_train + num_eval:
             break
         family = rng.choices(names, weights)[0]
-        text, answer = FAMILIES[family][1](rng)
+        text, answer = FAMILIES[family].make(rng)
         if text in seen:  # small families (add1 has 100 prompts) run out: keep the splits disjoint
             continue
         seen.add(text)
@@ -53,13 +79,21 @@ def generate_arith(num_train: int, num_eval: int, seed: int) -> tuple[list[Promp
     return out[:num_train], out[num_train:]
 
 
-def sample_arith(n: int, seed: int) -> list[tuple[str, str]]:
-    """n fresh (prompt, answer) pairs from the family mix, repeats allowed: a warm-start corpus that teaches the
-    skill rather than the RL prompts (a tiny model would memorise those and learn nothing that transfers)."""
+def sample_demonstrations(n: int, seed: int) -> list[tuple[str, str]]:
+    """n fresh (prompt, completion) pairs from the family mix, repeats allowed: a warm-start corpus that teaches the
+    skill rather than the RL prompts (a tiny model would memorise those and learn nothing that transfers).
+
+    Like real SFT data it is imperfect: per family, a share of completions end with a stray "." (an unsure
+    teacher), which the strict verifier rejects. The policy inherits the habit; RL can remove it everywhere."""
     rng = random.Random(seed)
     names = list(FAMILIES)
-    weights = [FAMILIES[n][0] for n in names]
-    return [FAMILIES[rng.choices(names, weights)[0]][1](rng) for _ in range(n)]
+    weights = [FAMILIES[n].share for n in names]
+    out = []
+    for _ in range(n):
+        family = FAMILIES[rng.choices(names, weights)[0]]
+        prompt, answer = family.make(rng)
+        out.append((prompt, answer + "." if rng.random() < family.hedge else answer))
+    return out
 
 
 def exact_match(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
@@ -93,5 +127,6 @@ WARM_START_EXAMPLES = 50_000
 
 def build_arith(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:
     train, eval_ = generate_arith(cfg.num_train, cfg.num_eval, cfg.seed)
-    return TaskSet(train, eval_, exact_match, lambda: sample_arith(WARM_START_EXAMPLES, cfg.seed + 1),
-                   {"name": "arith", "seed": cfg.seed, "families": {k: v[0] for k, v in FAMILIES.items()}})
+    return TaskSet(train, eval_, exact_match, lambda: sample_demonstrations(WARM_START_EXAMPLES, cfg.seed + 1),
+                   {"name": "arith", "seed": cfg.seed,
+                    "families": {k: (f.share, f.hedge) for k, f in FAMILIES.items()}})

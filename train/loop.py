@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from budget.ledger import Ledger
+from budget.metrics import price_components, step_metrics
 from budget.policies import BudgetState, SampleLimits, plan_prompts, price_trajectories, update_state
 from rollout.tasks import TaskSet
 from rollout.types import Trajectory
@@ -77,6 +78,8 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+TABLE_COLUMNS = ["prompt", "completion", "reward", "advantage", "gain", "cost", "risk", "price", "fate"]
+
 
 @dataclass
 class Batch:
@@ -126,8 +129,10 @@ def evaluate(model, tokenizer, task: TaskSet, cfg: RunConfig, accelerator: Accel
                          ("eval/reward_greedy", 0.0, 1)):
         episodes = task.rollout(model, tokenizer, [(p, k if temp > 0 else 1) for p in mine], cfg.rollout, step=-1,
                                 version=-1, temperature=temp)
-        rewards = [r for part in gather_object([[t.reward for t in episodes]]) for r in part]
-        out[key] = float(np.mean(rewards)) if rewards else float("nan")
+        scored = [x for part in gather_object([[(t.family, t.reward) for t in episodes]]) for x in part]
+        out[key] = float(np.mean([r for _, r in scored])) if scored else float("nan")
+        for family in sorted({f for f, _ in scored} - {""}):
+            out[f"{key}/{family}"] = float(np.mean([r for f, r in scored if f == family]))
     return out
 
 
@@ -167,6 +172,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     version, nonfinite_in_row = 0, 0
 
     evals = [(0, evaluate(policy, tokenizer, task, cfg, accelerator))]
+    ledger.record_eval(0, evals[0][1]["eval/reward"])
     if main:
         print(f"eval at start: reward {evals[0][1]['eval/reward']:.3f} (greedy {evals[0][1]['eval/reward_greedy']:.3f})")
         logger.log(evals[0][1], step=0)
@@ -199,7 +205,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         # 3. Price: every trajectory gets a fate; only admitted ones are trained on.
         tb = time.time()
-        decisions = price_trajectories(cfg.budget, state, trajectories, version)
+        decisions = price_trajectories(cfg.budget, state, trajectories, version, num_iterations=cfg.algo.num_iterations)
         budget_s += time.time() - tb
         admitted = [d.trained for d in decisions]
 
@@ -245,8 +251,11 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         train_s = time.time() - tu
 
         # 6. Budget state, ledger, stores, logs.
+        drift_kl = measure_drift(policy, [trajectories[i] for i in train_idx], version, cfg, tokenizer.pad_token_id,
+                                 accelerator) if global_tokens else None
         tb = time.time()
-        update_state(cfg.budget, state, trajectories, step, version)
+        update_state(cfg.budget, state, trajectories, step, version, drift_kl, decisions=decisions,
+                     num_iterations=cfg.algo.num_iterations)
         ledger.record_step(trajectories, decisions, cfg.algo.num_iterations,
                            prompts_skipped=sum(d.samples == 0 for d in plan))
         budget_s += time.time() - tb
@@ -256,6 +265,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
             evals.append((step + 1, evaluate(policy, tokenizer, task, cfg, accelerator)))
+            ledger.record_eval(step + 1, evals[-1][1]["eval/reward"])
             metrics.update(evals[-1][1])
 
         rewards = np.array([t.reward for t in trajectories]) if trajectories else np.zeros(1)
@@ -265,17 +275,22 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             "rollout/samples": len(trajectories), "rollout/groups": len(allocation),
             "rollout/completion_tokens_mean": float(np.mean([t.tokens_completion for t in trajectories] or [0])),
             "rollout/eos_fraction": float(np.mean([t.finish_reason == "eos" for t in trajectories] or [0])),
-            "budget/admitted_fraction": float(np.mean(admitted)) if admitted else 0.0,
-            "ledger/tokens_rollout": ledger.rollout_tokens, "ledger/tokens_train": ledger.by_use["train"],
-            "ledger/tokens_total": ledger.total_tokens,
-            **loss_stats, "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+            **step_metrics(plan, decisions, trajectories, state, cfg=cfg.budget),
+            **ledger.metrics(cfg.budget.target_reward), **loss_stats, "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
             "optim/policy_version": version,
             "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s, "perf/train_seconds": train_s,
             "perf/budget_seconds": budget_s, "perf/budget_fraction": budget_s / step_s,
             "perf/tokens_per_second": sum(t.tokens_prompt + t.tokens_completion for t in trajectories) / step_s,
         })
+        if drift_kl is not None:
+            metrics["loss/drift_kl"] = drift_kl
         if main:
             logger.log(metrics, step=step + 1)
+            logger.log_histograms({f"budget/hist_{k}": v for k, v in price_components(decisions).items()}, step=step + 1)
+            if cfg.log.table_every and step % cfg.log.table_every == 0:
+                logger.log_table("trajectories", TABLE_COLUMNS, [
+                    [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]
+                    for t, a, d in zip(trajectories, advantages, decisions, strict=True)], step=step + 1)
             if bar is not None:
                 bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", tokens=f"{ledger.total_tokens / 1e3:.0f}k",
                                 eval=f"{evals[-1][1]['eval/reward']:.3f}")
@@ -289,7 +304,10 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         "final_eval_reward_greedy": evals[-1][1]["eval/reward_greedy"],
         "eval_history": [{"step": s, **e} for s, e in evals],
         "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
-        "ledger": ledger.state_dict(),
+        "target_reward": cfg.budget.target_reward,
+        "tokens_to_target": ledger.tokens_to_target(cfg.budget.target_reward),
+        "best_eval_reward": max(e["eval/reward"] for _, e in evals),
+        "ledger": ledger.summary(cfg.budget.target_reward),
         "wall_seconds": round(time.time() - t_start, 2),
     }
     if main:
@@ -326,6 +344,24 @@ def _microbatch_backward(model, reference, trajectories: Sequence[Trajectory], a
     accelerator.backward(loss)
     return {"loss/policy": loss_sum.item() / global_tokens, "loss/kl": kl_sum.item() / global_tokens,
             "loss/clip_fraction": float(stats["clipped_tokens"]) / global_tokens}
+
+
+@torch.no_grad()
+def measure_drift(model, trajectories: Sequence[Trajectory], version: int, cfg: RunConfig, pad_id: int,
+                  accelerator: Accelerator) -> float:
+    """Mean per-token KL(behaviour || current) on up to `budget.drift_probe` of the step's trained trajectories,
+    per policy version between them: the drift rate at which the budget depreciates stale evidence. A forward pass
+    of the new policy over a few sequences (not counted in the ledger; its share is logged as perf/)."""
+    probe = list(trajectories[: cfg.budget.drift_probe])
+    if not probe:
+        return 0.0
+    b = make_batch(probe, [0.0] * len(probe), pad_id)
+    dev = accelerator.device
+    lp = token_logprobs(model, b.ids.to(dev), b.attn.to(dev), cfg.rollout.temperature)
+    mask, old = b.mask.to(dev), b.old_logprobs.to(dev)
+    # k3 with r = π_current / π_behaviour on samples from the behaviour policy: KL(behaviour || current)
+    kl = kl_penalty(old, lp, mask).item() / max(mask.sum().item(), 1.0)
+    return kl / max(float(np.mean([version - t.behavior_version for t in probe])), 1.0)
 
 
 def _reduce(stats: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
