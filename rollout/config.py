@@ -64,6 +64,9 @@ class RolloutConfig:
         default=1.0, metadata={"help": "eval sampling temperature (0 = greedy; greedy reward is always logged too)"}
     )
     eval_samples: int = field(default=4, metadata={"help": "samples per eval prompt at eval_temperature"})
+    max_staleness: int = field(
+        default=0, metadata={"help": "rollouts may run ahead of training by up to this many policy versions (0 = on-policy)"}
+    )
 
     def __post_init__(self) -> None:
         for key in ("prompts_per_step", "group_size", "min_group_size", "max_group_size", "max_new_tokens", "max_turns",
@@ -76,5 +79,7 @@ class RolloutConfig:
             raise ValueError(f"temperature: expected a number > 0 for training rollouts, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness: expected an integer >= 0, got {self.max_staleness}")
         if self.eval_temperature < 0:
             raise ValueError(f"eval_temperature: expected a number >= 0, got {self.eval_temperature}")

@@ -1,15 +1,8 @@
 """Built-in verifiable tasks: arithmetic prompts with known answers and a spread of difficulty.
 
-The mix is chosen to look like real RL data for a small warm-started policy (measured numbers in docs/tasks.md):
-some families are (almost) always solved, some never, and the rest sit in between, so allocation has something
-to decide. Prompts are deterministic given `TaskConfig.seed`; train and eval splits never share a prompt.
-
-    family  example        share   what it takes
-    copy    "copy 407="    15 %    echo three digits                      (easy: solved almost always)
-    add1    "3+4="         20 %    one-digit sum                           (easy to medium)
-    add2    "23+45="       25 %    two-digit sum, carries                  (medium: the wide middle)
-    add3    "123+456="     25 %    three-digit sum, carries                (hard: solved sometimes)
-    mul2    "23*45="       15 %    two-digit product                       (never solved by the tiny policy)
+Families (share of prompts): copy 15 %, add1 15 %, add21 25 %, add2 25 %, add3 10 %, mul2 10 %. For the warm-started
+tiny policy about a third of prompts are never solved, an eighth always, the rest sometimes (docs/tasks.md has the
+measured mix). Prompts are deterministic given `TaskConfig.seed`; train and eval splits never share a prompt.
 """
 
 from __future__ import annotations

@@ -72,6 +72,10 @@ class AlgoConfig:
     scale_rewards: bool = field(default=True, metadata={"help": "GRPO: divide group-centred rewards by the group std"})
     kl_coef: float = field(default=0.0, metadata={"help": "coefficient of the KL penalty to the frozen reference (0 = off)"})
     num_iterations: int = field(default=1, metadata={"help": "optimisation epochs over each step's batch"})
+    is_level: str = field(
+        default="token", metadata={"help": "truncated importance-sampling correction of stale samples: token | sequence | none"}
+    )
+    is_cap: float = field(default=2.0, metadata={"help": "truncation of the importance weight pi_proximal / pi_behaviour"})
     gamma: float = field(default=1.0, metadata={"help": "PPO: discount"})
     lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda"})
     vf_coef: float = field(default=0.5, metadata={"help": "PPO: value loss coefficient"})
@@ -87,6 +91,10 @@ class AlgoConfig:
             raise ValueError(f"clip_low: expected a number in (0, 1), got {self.clip_low}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef: expected a number >= 0, got {self.kl_coef}")
+        if self.is_level not in ("token", "sequence", "none"):
+            raise ValueError(f"is_level: expected token, sequence or none, got {self.is_level!r}")
+        if self.is_cap <= 0:
+            raise ValueError(f"is_cap: expected a number > 0, got {self.is_cap}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations: expected an integer >= 1, got {self.num_iterations}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:

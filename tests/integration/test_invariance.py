@@ -1,0 +1,40 @@
+"""The update does not depend on how the batch is split: 1×4 vs 4×1 micro-batches, and 2 processes vs 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.integration.ddp_update import fixed_batch, tiny_model, updated_weights
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_one_microbatch_equals_many():
+    trajs, _ = fixed_batch()
+    longest = max(t.tokens_prompt + t.tokens_completion for t in trajs)
+    one = updated_weights(10_000)  # the whole batch in one micro-batch
+    many = updated_weights(longest)  # about one sequence per micro-batch
+    start = tiny_model().state_dict()
+    assert all(not torch.equal(start[k], one[k]) for k in one if "embed" not in k)  # the update did something
+    for k in one:
+        torch.testing.assert_close(one[k], many[k], rtol=1e-5, atol=1e-6)
+
+
+def _torchrun(nproc: int, out: Path, mbt: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    str(HERE / "ddp_update.py"), str(out), str(mbt)], check=True, env=env, timeout=300,
+                   capture_output=True)
+    return torch.load(out)
+
+
+def test_two_processes_equal_one(tmp_path):
+    one = _torchrun(1, tmp_path / "one.pt", 10_000)
+    two = _torchrun(2, tmp_path / "two.pt", 10_000)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,222 @@
+"""One step's optimisation on the admitted trajectories: packing, micro-batches, losses, one optimiser update.
+
+Every rank holds the same list of admitted trajectories; `pack_microbatches` gives each rank its token-balanced
+share with the same number of micro-batches everywhere (so DDP/FSDP/ZeRO collectives stay in step), and every loss
+is a sum over tokens divided by the GLOBAL trained-token count, so the update does not depend on how the batch
+was split across micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from rollout.types import Trajectory
+from train.algorithms import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae_advantages,
+    grpo_advantages,
+    kl_penalty,
+    staleness_stats,
+    truncated_is_weights,
+)
+from train.config import RunConfig
+from train.packing import pack_microbatches, pad_batch
+
+STAT_KEYS = ("loss/policy", "loss/value", "loss/kl", "loss/clip_fraction", "tokens", "kl_k3_sum", "ratio_sum",
+             "ratio_sq_sum", "clip_zeroed_tokens")
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, L) prompt + completion, right-padded
+    attn: torch.Tensor  # (B, L)
+    mask: torch.Tensor  # (B, L-1) 1 where the target token is a policy token to train on
+    old_logprobs: torch.Tensor  # (B, L-1) behaviour logprobs at target positions
+    advantages: torch.Tensor  # (B,)
+    rewards: torch.Tensor  # (B,)
+
+
+def make_batch(trajectories: Sequence[Trajectory], advantages: Sequence[float], pad_id: int) -> Batch:
+    ids, attn = pad_batch([t.prompt_ids + t.completion_ids for t in trajectories], pad_id)
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    old = torch.zeros_like(mask)
+    for i, t in enumerate(trajectories):
+        start = t.tokens_prompt - 1  # logits at position j predict token j + 1
+        n = t.tokens_completion
+        mask[i, start : start + n] = torch.tensor(t.completion_mask, dtype=mask.dtype)
+        old[i, start : start + n] = torch.tensor(t.behavior_logprobs, dtype=old.dtype)
+    return Batch(ids, attn, mask, old, torch.tensor(list(advantages), dtype=torch.float32),
+                 torch.tensor([t.reward for t in trajectories], dtype=torch.float32))
+
+
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float,
+                   value_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the sampler used,
+    and, with a value head, (B, L-1) values of the states that predict those tokens."""
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None)
+    logits = out.logits[:, :-1].float()  # (B, L-1, V)
+    lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    values = value_head(out.hidden_states[-1][:, :-1]).squeeze(-1) if value_head is not None else None  # (B, L-1)
+    return lp, values
+
+
+def group_advantages(trajectories: Sequence[Trajectory], admitted: Sequence[bool], scale: bool) -> np.ndarray:
+    """GRPO advantages over each group's admitted members; 0 for trajectories not trained on."""
+    adv = np.zeros(len(trajectories))
+    idx = [i for i, a in enumerate(admitted) if a]
+    if idx:
+        groups = {g: k for k, g in enumerate(dict.fromkeys(trajectories[i].group_id for i in idx))}
+        rewards = torch.tensor([trajectories[i].reward for i in idx], dtype=torch.float32)
+        index = torch.tensor([groups[trajectories[i].group_id] for i in idx])
+        adv[idx] = grpo_advantages(rewards, index, scale_rewards=scale).numpy()
+    return adv
+
+
+def terminal_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): each sequence's reward on its last policy token, 0 elsewhere (the return that GAE discounts)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).max(dim=1).values  # (B,)
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    has = last >= 0
+    out[has.nonzero(as_tuple=True)[0], last[has]] = rewards[has]
+    return out
+
+
+def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages: np.ndarray, cfg: RunConfig,
+               pad_id: int, accelerator: Accelerator, *, reference=None, value_head=None) -> dict[str, float]:
+    """All epochs (`algo.num_iterations`) of one step on the admitted trajectories, the same list on every rank.
+
+    Stale samples: the first epoch's log-probabilities (before any update of this step) are the proximal policy of
+    decoupled PPO; the clip acts on π/π_prox and a truncated importance weight π_prox/π_behaviour corrects for the
+    behaviour policy (algo.is_level), so staleness costs no extra forward pass. Returns loss and staleness
+    statistics reduced over ranks, with `optim/grad_norm` and `train/nonfinite` (1.0 when an update was skipped)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_tokens = sum(t.tokens_policy for t in trajectories)
+    lengths = [t.tokens_prompt + t.tokens_completion for t in trajectories]
+    microbatches = pack_microbatches(lengths, world, cfg.train.micro_batch_tokens)[rank]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sums = dict.fromkeys(STAT_KEYS, 0.0)  # fixed keys: every rank reduces the same vector, even with no data
+    proximal: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # micro-batch -> first-epoch (logprobs, values)
+    grad_norm, skipped = 0.0, 0.0
+    for epoch in range(cfg.algo.num_iterations):
+        for m, mb in enumerate(microbatches):
+            sync = m == len(microbatches) - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                stats = _microbatch(model, [trajectories[j] for j in mb], advantages[mb], cfg, pad_id, global_tokens,
+                                    world, accelerator, reference, value_head, proximal, m, first_epoch=epoch == 0)
+            for k in STAT_KEYS:
+                sums[k] += stats.get(k, 0.0)
+        norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+        grad_norm = float(norm)
+        if math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values()):
+            optimizer.step()
+        else:
+            skipped = 1.0  # a non-finite loss or gradient: this update is dropped, the caller counts them in a row
+        optimizer.zero_grad(set_to_none=True)
+    total = _reduce(sums, accelerator)
+    n = max(total.pop("tokens", 0.0), 1.0)  # first-epoch tokens, for the staleness means
+    out = {k: v / cfg.algo.num_iterations for k, v in total.items() if k.startswith("loss/")}
+    mean_r = total.get("ratio_sum", 0.0) / n
+    out.update({
+        "train/behaviour_kl": total.get("kl_k3_sum", 0.0) / n,
+        "train/ratio_mean": mean_r,
+        "train/ratio_std": math.sqrt(max(total.get("ratio_sq_sum", 0.0) / n - mean_r**2, 0.0)),
+        "train/clip_zeroed_fraction": total.get("clip_zeroed_tokens", 0.0) / n,
+        "optim/grad_norm": grad_norm, "train/nonfinite": skipped,
+    })
+    return out
+
+
+def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarray, cfg: RunConfig, pad_id: int,
+                global_tokens: int, world: int, accelerator: Accelerator, reference, value_head,
+                proximal: dict, key: int, first_epoch: bool) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns its sums for the step's statistics."""
+    if not trajectories:  # this rank has fewer micro-batches' worth of data: a zero-loss step keeps DDP in step
+        accelerator.backward(sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0)
+        return {}
+    dev = accelerator.device
+    b = make_batch(trajectories, advantages, pad_id)
+    ids, attn, mask, behaviour = b.ids.to(dev), b.attn.to(dev), b.mask.to(dev), b.old_logprobs.to(dev)
+    lp, values = token_logprobs(model, ids, attn, cfg.rollout.temperature, value_head)
+    stats: dict[str, float] = {}
+    if first_epoch:
+        proximal[key] = (lp.detach(), values.detach() if values is not None else None)
+        st = staleness_stats(lp.detach(), behaviour, mask, cfg.algo.clip_low, cfg.algo.clip_high,
+                             advantages=b.advantages.to(dev))
+        stats = {k: float(v) for k, v in st.items()}
+    prox_lp, old_values = proximal[key]
+    if cfg.algo.is_level == "none":
+        old, is_w = behaviour, None  # classic PPO: the clip acts on π / π_behaviour
+    else:
+        old, is_w = prox_lp, truncated_is_weights(prox_lp, behaviour, mask, cfg.algo.is_level, cfg.algo.is_cap)
+
+    if value_head is None:  # GRPO: one advantage per sequence
+        adv = b.advantages.to(dev)
+        value_sum = torch.zeros((), device=dev)
+    else:  # PPO: GAE over the policy tokens from the first epoch's values, terminal reward on the last policy token
+        adv, returns = gae_advantages(terminal_rewards(b.rewards.to(dev), mask), old_values, mask, cfg.algo.gamma,
+                                      cfg.algo.lam)
+        value_sum = clipped_value_loss(values, old_values, returns, mask, cfg.algo.vf_clip)
+    policy_sum, pst = clipped_policy_loss(lp, old, adv, mask, cfg.algo.clip_low, cfg.algo.clip_high, is_weights=is_w)
+    kl_sum = torch.zeros((), device=dev)
+    if cfg.algo.kl_coef > 0:
+        with torch.no_grad(), reference_context(model, reference) as ref_model:
+            ref_lp, _ = token_logprobs(ref_model, ids, attn, cfg.rollout.temperature)
+        kl_sum = kl_penalty(lp, ref_lp, mask)
+    # DDP averages gradients over ranks: scale by world so the update is the sum over all tokens / global_tokens.
+    loss = (policy_sum + cfg.algo.vf_coef * value_sum + cfg.algo.kl_coef * kl_sum) * world / global_tokens
+    accelerator.backward(loss)
+    stats.update({"loss/policy": policy_sum.item() / global_tokens, "loss/value": value_sum.item() / global_tokens,
+                  "loss/kl": kl_sum.item() / global_tokens,
+                  "loss/clip_fraction": float(pst["clipped_tokens"]) / global_tokens})
+    return stats
+
+
+class reference_context:
+    """The reference policy of the KL penalty: a frozen copy, or with LoRA the same model with adapters disabled."""
+
+    def __init__(self, model, reference):
+        self.model, self.reference, self.ctx = model, reference, None
+
+    def __enter__(self):
+        if self.reference is not None:
+            return self.reference
+        inner = self.model.module if hasattr(self.model, "module") else self.model
+        self.ctx = inner.disable_adapter()
+        self.ctx.__enter__()
+        return inner
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+@torch.no_grad()
+def measure_drift(model, trajectories: Sequence[Trajectory], version: int, cfg: RunConfig, pad_id: int,
+                  device) -> float:
+    """Mean per-token KL(behaviour || current) on up to `budget.drift_probe` of the step's trained trajectories,
+    per policy version between them: the drift rate at which the budget depreciates stale evidence."""
+    probe = list(trajectories[: cfg.budget.drift_probe])
+    if not probe:
+        return 0.0
+    b = make_batch(probe, [0.0] * len(probe), pad_id)
+    lp, _ = token_logprobs(model, b.ids.to(device), b.attn.to(device), cfg.rollout.temperature)
+    mask, old = b.mask.to(device), b.old_logprobs.to(device)
+    # k3 with r = π_current / π_behaviour on samples from the behaviour policy: KL(behaviour || current)
+    kl = kl_penalty(old, lp, mask).item() / max(mask.sum().item(), 1.0)
+    return kl / max(float(np.mean([version - t.behavior_version for t in probe])), 1.0)
+
+
+def _reduce(stats: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    keys = sorted(stats)  # every rank must send its values in the same order
+    if accelerator.num_processes == 1:
+        return {k: stats[k] for k in keys}
+    t = torch.tensor([stats[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    return dict(zip(keys, accelerator.reduce(t, reduction="sum").tolist(), strict=True))
