@@ -64,7 +64,7 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: fl
     out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None)
     logits = out.logits[:, :-1].float()  # (B, L-1, V)
     lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    values = value_head(out.hidden_states[-1][:, :-1]).squeeze(-1) if value_head is not None else None  # (B, L-1)
+    values = value_head(out.hidden_states[-1][:, :-1]) if value_head is not None else None  # (B, L-1)
     return lp, values
 
 

@@ -38,3 +38,26 @@ def test_two_processes_equal_one(tmp_path):
     two = _torchrun(2, tmp_path / "two.pt", 10_000)
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6)
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, policy_cache):
+    """The documented multi-process command on a CPU machine: world_size 2, rollouts sharded, one writer."""
+    import json
+
+    import pandas as pd
+
+    from tests.conftest import tiny_overrides
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(HERE.parents[1] / "scripts" / "train.py"), "--config", str(HERE.parents[1] / "configs" / "quickstart.yaml"),
+           *tiny_overrides(policy_cache, str(out)), "train.max_steps=2"]
+    r = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    df = pd.read_parquet(out / "trajectories")
+    assert summary["world_size"] == 2
+    assert set(df.traj_id.str[:3]) == {"r0-", "r1-"}  # both ranks generated their share
+    assert df.traj_id.is_unique and summary["tokens"]["rollout"] == int(df.tokens_rollout.sum())

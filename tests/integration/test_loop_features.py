@@ -112,3 +112,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache):
     wa = load_file(Path(full.output_dir) / "final" / "model.safetensors")
     wb = load_file(Path(resumed.output_dir) / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_with_kl_to_the_adapter_free_reference(tmp_path, policy_cache):
+    cfg = _cfg(tmp_path, policy_cache, ["model.lora_r=4", "algo.kl_coef=0.1", "budget.policy=none",
+                                        "train.max_steps=2", "train.lr=1e-2"])
+    summary = _run(cfg)
+    assert math.isfinite(summary["final_eval_reward"])
+    assert (Path(cfg.output_dir) / "final" / "adapter_model.safetensors").is_file()  # only the adapter is saved
