@@ -101,4 +101,9 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_validates(path):
-    assert load_config([str(path)]).output_dir
+    if path.parent.name == "accelerate":  # launcher configs: validated by accelerate's own loader
+        from accelerate.commands.config.config_args import ClusterConfig
+
+        assert ClusterConfig.from_yaml_file(str(path)).num_processes >= 1
+    else:
+        assert load_config([str(path)]).output_dir
