@@ -131,7 +131,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         ckpt = find_checkpoint(out, cfg.train.resume_from)
         extra = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, value_head=value_head)
         state, ledger = BudgetState.from_state_dict(extra["budget"]), Ledger.from_state_dict(extra["ledger"])
-        version, start_step, evals = extra["version"], extra["step"], [tuple(e) for e in extra["evals"]]
+        version, start_step, evals = extra["version"], extra["step"], extra["evals"]
         if main:
             print(f"resumed from {ckpt} at step {start_step} (policy version {version})")
     if value_head is not None:
@@ -155,13 +155,18 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     by_id = {p.prompt_id: p for p in task.train}
     nonfinite_in_row = 0
 
+    def run_eval(step: int) -> dict[str, float]:
+        """Evaluate, note it in the ledger and the history (with the tokens and seconds spent so far)."""
+        result = evaluate(policy, tokenizer, task, cfg, accelerator)
+        ledger.record_eval(step, result["eval/reward"])
+        evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - t_start, 2), **result})
+        return result
+
     if not evals:
-        evals = [(0, evaluate(policy, tokenizer, task, cfg, accelerator))]
-        ledger.record_eval(0, evals[0][1]["eval/reward"])
-        logger.log(evals[0][1], step=0)
+        logger.log(run_eval(0), step=0)
     if main:
-        print(f"eval at step {evals[-1][0]}: reward {evals[-1][1]['eval/reward']:.3f} "
-              f"(greedy {evals[-1][1]['eval/reward_greedy']:.3f})")
+        print(f"eval at step {evals[-1]['step']}: reward {evals[-1]['eval/reward']:.3f} "
+              f"(greedy {evals[-1]['eval/reward_greedy']:.3f})")
     bar = None
     if main and cfg.log.progress:
         from tqdm.auto import tqdm
@@ -233,9 +238,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 f"(train.max_nonfinite={cfg.train.max_nonfinite}): lower train.lr or check the rewards; "
                 f"the stores under {out} hold every step so far")
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            evals.append((step + 1, evaluate(policy, tokenizer, task, cfg, accelerator)))
-            ledger.record_eval(step + 1, evals[-1][1]["eval/reward"])
-            metrics.update(evals[-1][1])
+            metrics.update(run_eval(step + 1))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and main:
             from train.checkpoint import save_checkpoint
 
@@ -243,7 +246,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                             value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
                             keep_last=cfg.train.keep_last,
                             extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
-                                         "ledger": ledger.state_dict(), "evals": [list(e) for e in evals]})
+                                         "ledger": ledger.state_dict(), "evals": evals})
         accelerator.wait_for_everyone()
 
         rewards = np.array([t.reward for t in trajectories] or [0.0])
@@ -270,7 +273,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                     [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]
                     for t, a, d in zip(trajectories, advantages, decisions, strict=True)], step=step + 1)
             if bar is not None:
-                bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{evals[-1][1]['eval/reward']:.3f}",
+                bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{evals[-1]['eval/reward']:.3f}",
                                 tokens=f"{ledger.total_tokens / 1e3:.0f}k")
                 bar.update(1)
 
@@ -278,12 +281,12 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         bar.close()
     summary = {
         "steps": cfg.train.max_steps, "world_size": world, "algo": cfg.algo.name, "policy": cfg.budget.policy,
-        "initial_eval_reward": evals[0][1]["eval/reward"], "final_eval_reward": evals[-1][1]["eval/reward"],
-        "final_eval_reward_greedy": evals[-1][1]["eval/reward_greedy"],
-        "best_eval_reward": max(e["eval/reward"] for _, e in evals),
+        "initial_eval_reward": evals[0]["eval/reward"], "final_eval_reward": evals[-1]["eval/reward"],
+        "final_eval_reward_greedy": evals[-1]["eval/reward_greedy"],
+        "best_eval_reward": max(e["eval/reward"] for e in evals),
         "target_reward": cfg.budget.target_reward, "tokens_to_target": ledger.tokens_to_target(cfg.budget.target_reward),
         "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
-        "eval_history": [{"step": s, **e} for s, e in evals],
+        "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
         "ledger": ledger.summary(cfg.budget.target_reward),
         "wall_seconds": round(time.time() - t_start, 2),
     }

@@ -1,0 +1,94 @@
+"""Ablation grids: validation, resume detection, the results table, and plots from run files alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import ConfigError, config_to_dict
+from train.grid import is_finished, load_grid, ratio_lines, result_row, summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _grid(tmp_path: Path, arms: dict, **extra) -> Path:
+    spec = {"base": str(ROOT / "configs" / "quickstart.yaml"), "output_dir": str(tmp_path / "grid"), "seeds": [0, 1],
+            "overrides": {"log": {"report_to": "none"}}, "arms": arms, **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_grid_resolves_every_arm_and_seed(tmp_path):
+    spec, runs = load_grid(_grid(tmp_path, {"none": {"budget.policy": "none"}, "marg": {"budget": {"policy": "marginal"}},
+                                            "peer": {"runner": "trl"}}))
+    assert [(r.arm, r.seed) for r in runs] == [("none", 0), ("none", 1), ("marg", 0), ("marg", 1), ("peer", 0), ("peer", 1)]
+    assert runs[2].config.budget.policy == "marginal" and runs[3].config.seed == 1
+    assert runs[4].runner == "trl" and runs[0].runner == "ours"
+    assert runs[1].config.output_dir == str(tmp_path / "grid" / "none" / "seed1")
+    assert runs[0].config.log.group == "grid" and runs[0].config.log.report_to == "none"
+
+
+@pytest.mark.parametrize(("arms", "extra", "needle"), [
+    ({"bad": {"budget.polcy": "none"}}, {}, "arm bad: unknown key 'budget.polcy'"),
+    ({"x": {"runner": "jax"}}, {}, "runner must be one of"),
+    ({}, {}, "'arms' must be a mapping"),
+    ({"x": {}}, {"seeds": "0,1"}, "'seeds' must be a list of integers"),
+    ({"x": {}}, {"colour": 1}, "unknown key(s) ['colour']"),
+])
+def test_bad_grids_name_the_problem(tmp_path, arms, extra, needle):
+    with pytest.raises(ConfigError) as e:
+        load_grid(_grid(tmp_path, arms, **extra))
+    assert needle in str(e.value)
+
+
+def _fake_finished(run, reward: float, ttt: int | None) -> None:
+    run.dir.mkdir(parents=True)
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run.config), sort_keys=False))
+    hist = [{"step": 0, "tokens": 0, "seconds": 1.0, "eval/reward": 0.3},
+            {"step": 10, "tokens": 1000, "seconds": 5.0, "eval/reward": reward}]
+    (run.dir / "summary.json").write_text(json.dumps({
+        "final_eval_reward": reward, "best_eval_reward": reward, "tokens_to_target": ttt, "target_reward": 0.4,
+        "tokens": {"total": 1000, "rollout": 700, "train": 300}, "wall_seconds": 5.0, "eval_history": hist}))
+
+
+def test_finished_runs_are_skipped_and_a_changed_config_is_not(tmp_path):
+    path = _grid(tmp_path, {"a": {"budget.policy": "none"}})
+    _, runs = load_grid(path)
+    _fake_finished(runs[0], 0.5, 600)
+    (runs[1].dir).mkdir(parents=True)  # half-written: no summary
+    assert [is_finished(r) for r in runs] == [True, False]
+    _, changed = load_grid(_grid(tmp_path, {"a": {"budget.policy": "none", "train.max_steps": 7}}))
+    assert not is_finished(changed[0])  # same directory, different config: rerun
+
+
+def test_summary_medians_count_unreached_targets_as_infinite(tmp_path):
+    _, runs = load_grid(_grid(tmp_path, {"none": {}, "marginal": {"budget.policy": "marginal"}}, seeds=[0, 1, 2]))
+    ttts = {"none": [900, None, 1000], "marginal": [300, 400, 500]}
+    rows = []
+    for r in runs:
+        _fake_finished(r, 0.45, ttts[r.arm][r.seed])
+        rows.append(result_row(r.arm, r.seed, r.dir))
+    table = summarize(rows).set_index("arm")
+    assert table.loc["none", "tokens_to_target_median"] == 1000  # median of [900, 1000, inf]
+    assert math.isinf(table.loc["none", "tokens_to_target_max"]) and table.loc["none", "reached_target"] == "2/3"
+    assert table.loc["marginal", "tokens_to_target_median"] == 400
+    assert ratio_lines(table.reset_index()) == ["none / marginal: 2.50x"]  # 1000 / 400
+
+
+def test_report_script_reads_a_grid_without_wandb(tmp_path):
+    _, runs = load_grid(_grid(tmp_path, {"none": {}}))
+    for r in runs:
+        _fake_finished(r, 0.45, 800)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path / "grid")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| none | 2 | 2/2 | 800 [800, 800]" in out.stdout
+    assert (tmp_path / "grid" / "reward_vs_tokens.png").stat().st_size > 1000
+    assert (tmp_path / "grid" / "reward_vs_wall.png").is_file()
