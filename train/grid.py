@@ -123,12 +123,13 @@ def summarize(results):
 def summary_markdown(table) -> str:
     lines = ["| arm | runs | reached target | tokens to target (median [min, max]) | final eval reward | best eval reward "
              "| total tokens | wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def cell(r: dict, col: str, fmt: str) -> str:
+        return f"{format(r[col + '_median'], fmt)} [{format(r[col + '_min'], fmt)}, {format(r[col + '_max'], fmt)}]"
+
     for r in table.to_dict("records"):
-        def f(col, fmt):
-            return f"{format(r[col + '_median'], fmt)} [{format(r[col + '_min'], fmt)}, {format(r[col + '_max'], fmt)}]"
-        lines.append(f"| {r['arm']} | {r['runs']} | {r['reached_target']} | {f('tokens_to_target', ',.0f')} | "
-                     f"{f('final_eval_reward', '.3f')} | {f('best_eval_reward', '.3f')} | {f('tokens_total', ',.0f')} | "
-                     f"{f('wall_seconds', '.0f')} |")
+        lines.append(f"| {r['arm']} | {r['runs']} | {r['reached_target']} | {cell(r, 'tokens_to_target', ',.0f')} | "
+                     f"{cell(r, 'final_eval_reward', '.3f')} | {cell(r, 'best_eval_reward', '.3f')} | "
+                     f"{cell(r, 'tokens_total', ',.0f')} | {cell(r, 'wall_seconds', '.0f')} |")
     return "\n".join(lines)
 
 
