@@ -361,12 +361,15 @@ def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[T
     drift = current_drift(cfg, state)
     spend = 0.0
     for idx in group_indices(trajectories).values():
+        # plain Python on purpose: groups are a handful of samples, where numpy's per-call overhead dominates
         group = [trajectories[i] for i in idx]
-        raw = np.array([t.reward for t in group], dtype=float)
-        rewards = np.clip(raw, 0.0, 1.0)
-        tok_r = float(np.mean([t.tokens_prompt + t.tokens_completion - t.tokens_verify for t in group]))
-        tok_v = float(np.mean([t.tokens_verify for t in group]))
-        tok_u = float(np.mean([(t.tokens_prompt + t.tokens_completion) * num_iterations for t in group]))
+        n = len(group)
+        raw = [float(t.reward) for t in group]
+        successes = sum(min(max(r, 0.0), 1.0) for r in raw)
+        lengths = [t.tokens_prompt + t.tokens_completion for t in group]
+        tok_v = sum(t.tokens_verify for t in group) / n
+        tok_r = sum(lengths) / n - tok_v
+        tok_u = sum(lengths) * num_iterations / n
         version = max(t.behavior_version for t in group)
         pid = group[0].prompt_id
         s = state.prompts.get(pid)
@@ -375,9 +378,9 @@ def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[T
                                                  tok_u)
         factor = math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)
         a, b = fade_posterior(s.alpha, s.beta, cfg.prior_alpha, cfg.prior_beta, factor)
-        s.alpha, s.beta = float(a + rewards.sum()), float(b + (1.0 - rewards).sum())
+        s.alpha, s.beta = float(a) + successes, float(b) + (n - successes)
         s.version, s.last_step, s.groups = max(version, s.version), step, s.groups + 1
-        s.zero_var_streak = s.zero_var_streak + 1 if np.ptp(raw) == 0 else 0
+        s.zero_var_streak = s.zero_var_streak + 1 if max(raw) == min(raw) else 0
         if s.groups > 1:
             s.tok_rollout, s.tok_verify, s.tok_update = (_ema(s.tok_rollout, tok_r, cfg.ema),
                                                         _ema(s.tok_verify, tok_v, cfg.ema),

@@ -67,8 +67,7 @@ def depreciation(staleness: np.ndarray | float, drift: float, drift_scale: float
 
 def fade_posterior(alpha, beta, prior_alpha: float, prior_beta: float, factor):
     """Shrink the evidence (pseudo-counts above the prior) by `factor`; the prior itself never fades."""
-    alpha, beta = np.asarray(alpha), np.asarray(beta)
-    return prior_alpha + (alpha - prior_alpha) * factor, prior_beta + (beta - prior_beta) * factor
+    return prior_alpha + (alpha - prior_alpha) * factor, prior_beta + (beta - prior_beta) * factor  # scalars or arrays
 
 
 def group_stats(rewards: np.ndarray, group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
