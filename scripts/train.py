@@ -50,14 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from rollout.build import TaskError, build_task
+    from rollout.errors import RolloutError
+    from train.checkpoint import CheckpointError
     from train.loop import train
 
     try:
         task = build_task(cfg.task, cfg.rollout)
-    except (ConfigError, TaskError) as e:
+        train(cfg, task)
+    except (ConfigError, TaskError, CheckpointError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg, task)
+    except (RolloutError, FloatingPointError) as e:  # user reward code or data, or a diverged run: stop cleanly
+        print(f"error: {e}\n(every step before this one is in {cfg.output_dir}/trajectories)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,10 +1,19 @@
 """Checkpoints that resume a run exactly, survive being killed at any moment, and say clearly when they are broken.
 
-Layout: `output_dir/checkpoints/step-000042/` holds the model (safetensors; only the adapter with LoRA), the
-optimiser and scheduler states, the RNG states, `state.json` (step, policy version, budget state, ledger, eval
-history) and `manifest.json` (size and sha256 of every file). A checkpoint is written to a temporary directory and
-renamed into place, so a checkpoint under its final name is always complete; `latest` resolves to the newest one
-whose manifest verifies.
+Layout: `output_dir/checkpoints/step-000042/` holds
+- `model/`: the unwrapped model's `save_pretrained` (safetensors; with LoRA only the adapter),
+- `trainer.pt`: optimiser, scheduler and value-head state dicts,
+- `rng.pt`: the RNG states (python, numpy, torch CPU, CUDA) of every rank,
+- `state.json`: the caller's extra state (step, policy version, budget state, ledger, eval history),
+- `manifest.json`: size and sha256 of every other file.
+
+A checkpoint is written to a hidden temporary directory, synced to disk and renamed into place, so a directory
+under its final name is always complete. `latest` resolves to the newest checkpoint and verifies it; a broken newest
+checkpoint is an error (not silently skipped) whose message names the broken file and the previous intact checkpoint
+to resume from instead. Everything is loaded with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+
+Supported with one process or DDP (every rank holds full weights and optimiser state). Under FSDP or DeepSpeed
+ZeRO the weights and optimiser state are sharded; this module does not gather them.
 """
 
 from __future__ import annotations
@@ -13,17 +22,51 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used: missing, truncated or corrupt. The message names the file."""
+    """A checkpoint that cannot be used: missing, truncated, corrupt or for another model. The message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, ints, lists)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------ save
 
 
 def _sha256(path: Path) -> str:
@@ -34,50 +77,77 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _fsync(path: Path) -> None:
+    # The rename is atomic only for what reached the disk: without this a power loss can leave a renamed directory
+    # whose files are empty. (A killed process is covered by the rename alone; the OS still writes its buffers.)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def checkpoint_step(path: Path) -> int:
+    """step-000042 -> 42."""
+    m = _STEP_DIR.fullmatch(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (expected step-NNNNNN)")
+    return int(m.group(1))
 
 
 def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra_state: dict, keep_last: int,
-                    value_head: torch.nn.Module | None = None) -> Path:
-    """Write `root/checkpoints/step-{step:06d}` atomically and keep only the newest `keep_last` checkpoints."""
+                    value_head: torch.nn.Module | None = None, rng_states: list[dict] | None = None) -> Path:
+    """Write `root/checkpoints/step-{step:06d}` atomically; return its path.
+
+    model: the UNWRAPPED model (accelerator.unwrap_model); a peft model saves only its adapter.
+    extra_state: plain JSON (checked first, so a non-JSON value fails before anything is written).
+    rng_states: one `capture_rng_state()` per rank, in rank order (gather them from every rank); default: this
+    process's only, which is exact for a single process.
+    Afterwards keeps the newest `keep_last` checkpoints up to `step` and deletes any checkpoint AFTER `step`: those
+    belong to a timeline abandoned by resuming from an earlier checkpoint, and would be inconsistent with the stores.
+    """
+    state_json = json.dumps(extra_state)
     base = Path(root) / "checkpoints"
     base.mkdir(parents=True, exist_ok=True)
+    for leftover in [*base.glob(".tmp-step-*"), *base.glob(".old-step-*")]:  # from a save killed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
     final = base / f"step-{step:06d}"
     tmp = base / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "value_head": value_head.state_dict() if value_head is not None else None}, tmp / "trainer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(extra_state))
+    torch.save({"ranks": rng_states if rng_states is not None else [capture_rng_state()]}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(state_json)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep_last]:
+    for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+        _fsync(p)
+    if final.exists():  # re-saving a step after a resume: move the old one aside so the name is never half-written
+        aside = base / f".old-step-{step:06d}-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, final)
+    _fsync(base)
+    done = list_checkpoints(root)
+    later = [p for p in done if checkpoint_step(p) > step]
+    for old in later + [p for p in done if checkpoint_step(p) <= step][:-keep_last]:
         shutil.rmtree(old)
     return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place) under root/checkpoints, oldest first."""
+    """Checkpoints renamed into place under root/checkpoints, oldest first (temporaries are hidden: `.tmp-...`)."""
     base = Path(root) / "checkpoints"
-    return sorted(p for p in base.glob("step-*") if p.is_dir()) if base.is_dir() else []
+    if not base.is_dir():
+        return []
+    return sorted((p for p in base.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)), key=checkpoint_step)
+
+
+# ------------------------------------------------------------------------------------------------------ load
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -89,22 +159,32 @@ def verify_checkpoint(path: Path) -> None:
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt") from None
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt (not valid JSON)") from None
     for name, entry in manifest.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if f.stat().st_size != entry["size"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is truncated ({f.stat().st_size} of {entry['size']} bytes)")
+            raise CheckpointError(f"checkpoint {path}: {name} is truncated or changed "
+                                  f"({f.stat().st_size} bytes, expected {entry['size']})")
         if _sha256(f) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (checksum mismatch)")
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 does not match the manifest)")
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def find_checkpoint(root: Path, resume_from: str) -> Path:
-    """`latest` -> the newest complete checkpoint under root; anything else is a checkpoint directory.
+    """`latest` -> the newest checkpoint under root, verified; anything else is a checkpoint directory, verified.
 
-    A broken newest checkpoint is an error, not silently skipped: the message names the broken file and the
-    previous checkpoint that verifies, so the user decides (`train.resume_from=<that path>`)."""
+    A broken newest checkpoint is an error, not silently skipped (skipping would quietly redo steps and rewrite
+    the stores): the message names the broken file and the previous checkpoint that verifies, so the user decides
+    (`train.resume_from=<that path>`)."""
     if resume_from != "latest":
         path = Path(resume_from)
         if not path.is_dir():
@@ -118,48 +198,66 @@ def find_checkpoint(root: Path, resume_from: str) -> Path:
         verify_checkpoint(found[-1])
     except CheckpointError as e:
         intact = next((p for p in reversed(found[:-1]) if _verifies(p)), None)
-        hint = f"; the previous checkpoint {intact} is intact: resume with train.resume_from={intact}" if intact else ""
+        hint = (f"; the previous checkpoint {intact} is intact: resume from it with train.resume_from={intact}"
+                if intact else "; no earlier intact checkpoint")
         raise CheckpointError(f"{e}{hint}") from None
     return found[-1]
 
 
-def _verifies(path: Path) -> bool:
-    try:
-        verify_checkpoint(path)
-    except CheckpointError:
-        return False
-    return True
-
-
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, value_head: torch.nn.Module | None = None) -> dict:
-    """Restore weights, optimiser, scheduler and RNG states in place; return the saved extra state."""
-    path = Path(path)
-    verify_checkpoint(path)
+def _load_weights(path: Path, model) -> None:
     from safetensors.torch import load_file
 
-    weights = {}
-    for f in sorted((path / "model").glob("*.safetensors")):
-        weights.update(load_file(f))
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+    files = sorted((path / "model").glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path}: no model/*.safetensors")
+    weights = {k: v for f in files for k, v in load_file(f).items()}
+    is_peft = hasattr(model, "peft_config")
+    saved_adapter = (path / "model" / "adapter_config.json").is_file()
+    if is_peft != saved_adapter:
+        raise CheckpointError(f"checkpoint {path}: holds {'a LoRA adapter' if saved_adapter else 'full weights'} but "
+                              f"the model is {'a LoRA model' if is_peft else 'not a LoRA model'} (model.lora_r)")
+    try:
+        if is_peft:
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, weights)
-    else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        # tied weights are saved once; anything else missing means a checkpoint of another model
-        missing = [k for k in missing if k not in _tied_keys(model)]
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path}: weights do not match the model "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    if value_head is not None:
-        value_head.load_state_dict(trainer["value_head"])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text())
+            result = set_peft_model_state_dict(model, weights)
+            missing, unexpected = [k for k in result.missing_keys if "lora_" in k], result.unexpected_keys
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = [k for k in missing if k not in _tied_keys(model)]  # tied weights are saved once
+    except RuntimeError as e:  # size mismatch: a checkpoint of another architecture or LoRA rank
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model ({str(e).splitlines()[-1].strip()})") \
+            from None
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path}: weights do not match the model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _tied_keys(model) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or []
+    tied = model._tied_weights_keys or []  # transformers 5: {target: source}; 4.x: [target, ...]
     return set(tied if isinstance(tied, list | tuple | set) else tied.keys())
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, value_head: torch.nn.Module | None = None,
+                    rank: int = 0) -> dict:
+    """Verify the manifest, restore weights, optimiser, scheduler, value head and this rank's RNG states in place,
+    and return the saved extra state. Call before `accelerator.prepare`, on every rank."""
+    path = Path(path)
+    verify_checkpoint(path)
+    _load_weights(path, model)
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    if (value_head is None) != (trainer["value_head"] is None):
+        raise CheckpointError(f"checkpoint {path}: {'has no' if value_head is not None else 'has a'} value head, "
+                              f"the run {'needs one' if value_head is not None else 'has none'} (algo.name)")
+    if value_head is not None:
+        value_head.load_state_dict(trainer["value_head"])
+    ranks = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)["ranks"]
+    if rank < len(ranks):
+        restore_rng_state(ranks[rank])
+    else:
+        warnings.warn(f"checkpoint {path} holds the RNG states of {len(ranks)} rank(s); rank {rank} keeps its seeded "
+                      f"RNG, so this resumed run does not reproduce an uninterrupted one sample for sample",
+                      stacklevel=2)
+    return json.loads((path / "state.json").read_text())

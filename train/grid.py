@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from train.config import ConfigError, RunConfig, config_to_dict, load_config, read_yaml
+from train.config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml
 
 RUNNERS = {"ours": "scripts/train.py", "trl": "scripts/train_trl.py"}
 RESULT_COLUMNS = ["arm", "seed", "final_eval_reward", "best_eval_reward", "tokens_to_target", "tokens_total",
@@ -79,7 +79,7 @@ def load_grid(path: str | Path) -> tuple[dict, list[Run]]:
         for seed in seeds:
             overrides = common + _flatten(overlay) + [
                 f"seed={seed}", f"output_dir={Path(spec['output_dir']) / arm / f'seed{seed}'}", f"log.group={name}",
-                f"log.run_name={name}-{arm}-seed{seed}"]
+                f"log.run_name={name}-{arm}-seed{seed}", "log.progress=false"]  # runs log to files: no bars
             try:
                 cfg = load_config([spec["base"]], overrides)
             except ConfigError as e:
@@ -89,11 +89,17 @@ def load_grid(path: str | Path) -> tuple[dict, list[Run]]:
 
 
 def is_finished(run: Run) -> bool:
-    """A run is finished when its summary exists and its recorded config is the one the grid asks for."""
+    """A run is finished when its summary exists and its recorded config is the one the grid asks for.
+
+    The recorded config is read back through the current loader, so a key added to the schema since the run (which
+    takes its default) does not force a rerun; a changed value, or a recorded key the schema no longer has, does."""
     summary, recorded = run.dir / "summary.json", run.dir / "config.yaml"
     if not (summary.is_file() and recorded.is_file()):
         return False
-    return yaml.safe_load(recorded.read_text()) == config_to_dict(run.config)
+    try:
+        return config_from_dict(yaml.safe_load(recorded.read_text())) == run.config
+    except ConfigError:
+        return False
 
 
 def result_row(arm: str, seed: int, run_dir: Path) -> dict:
@@ -143,8 +149,8 @@ def ratio_lines(table, arm: str = "marginal") -> list[str]:
 
 
 def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None = None) -> list[Path]:
-    """eval reward against total tokens and against wall time: one line per arm (median over seeds, interpolated
-    on a common grid), with the min-max band of the seeds."""
+    """eval reward against total tokens, wall time and training step: one line per arm (median over seeds,
+    interpolated on a common grid up to where the shortest seed ends), with the min-max band of the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +159,8 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
 
     written = []
     for x_key, label, fname in (("tokens", "total tokens", "reward_vs_tokens.png"),
-                                ("seconds", "wall seconds", "reward_vs_wall.png")):
+                                ("seconds", "wall seconds", "reward_vs_wall.png"),
+                                ("step", "training step", "reward_vs_steps.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for arm, dirs in runs.items():
             curves = []

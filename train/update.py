@@ -29,6 +29,7 @@ from train.algorithms import (
 )
 from train.config import RunConfig
 from train.packing import pack_microbatches, pad_batch
+from train.value import forward_policy_and_values, token_rewards
 
 STAT_KEYS = ("loss/policy", "loss/value", "loss/kl", "loss/clip_fraction", "tokens", "kl_k3_sum", "ratio_sum",
              "ratio_sq_sum", "clip_zeroed_tokens")
@@ -57,15 +58,10 @@ def make_batch(trajectories: Sequence[Trajectory], advantages: Sequence[float], 
                  torch.tensor([t.reward for t in trajectories], dtype=torch.float32))
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float,
-                   value_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the sampler used,
-    and, with a value head, (B, L-1) values of the states that predict those tokens."""
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :-1].float()  # (B, L-1, V)
-    lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    values = value_head(out.hidden_states[-1][:, :-1]) if value_head is not None else None  # (B, L-1)
-    return lp, values
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the sampler used."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (B, L-1, V)
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def group_advantages(trajectories: Sequence[Trajectory], admitted: Sequence[bool], scale: bool) -> np.ndarray:
@@ -78,16 +74,6 @@ def group_advantages(trajectories: Sequence[Trajectory], admitted: Sequence[bool
         index = torch.tensor([groups[trajectories[i].group_id] for i in idx])
         adv[idx] = grpo_advantages(rewards, index, scale_rewards=scale).numpy()
     return adv
-
-
-def terminal_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T): each sequence's reward on its last policy token, 0 elsewhere (the return that GAE discounts)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).max(dim=1).values  # (B,)
-    out = torch.zeros_like(mask, dtype=torch.float32)
-    has = last >= 0
-    out[has.nonzero(as_tuple=True)[0], last[has]] = rewards[has]
-    return out
 
 
 def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages: np.ndarray, cfg: RunConfig,
@@ -145,7 +131,10 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
     dev = accelerator.device
     b = make_batch(trajectories, advantages, pad_id)
     ids, attn, mask, behaviour = b.ids.to(dev), b.attn.to(dev), b.mask.to(dev), b.old_logprobs.to(dev)
-    lp, values = token_logprobs(model, ids, attn, cfg.rollout.temperature, value_head)
+    if value_head is None:
+        lp, values = token_logprobs(model, ids, attn, cfg.rollout.temperature), None
+    else:
+        lp, values = forward_policy_and_values(model, value_head, ids, attn, cfg.rollout.temperature)
     stats: dict[str, float] = {}
     if first_epoch:
         proximal[key] = (lp.detach(), values.detach() if values is not None else None)
@@ -162,14 +151,14 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
         adv = b.advantages.to(dev)
         value_sum = torch.zeros((), device=dev)
     else:  # PPO: GAE over the policy tokens from the first epoch's values, terminal reward on the last policy token
-        adv, returns = gae_advantages(terminal_rewards(b.rewards.to(dev), mask), old_values, mask, cfg.algo.gamma,
+        adv, returns = gae_advantages(token_rewards(b.rewards.to(dev), mask), old_values, mask, cfg.algo.gamma,
                                       cfg.algo.lam)
         value_sum = clipped_value_loss(values, old_values, returns, mask, cfg.algo.vf_clip)
     policy_sum, pst = clipped_policy_loss(lp, old, adv, mask, cfg.algo.clip_low, cfg.algo.clip_high, is_weights=is_w)
     kl_sum = torch.zeros((), device=dev)
     if cfg.algo.kl_coef > 0:
         with torch.no_grad(), reference_context(model, reference) as ref_model:
-            ref_lp, _ = token_logprobs(ref_model, ids, attn, cfg.rollout.temperature)
+            ref_lp = token_logprobs(ref_model, ids, attn, cfg.rollout.temperature)
         kl_sum = kl_penalty(lp, ref_lp, mask)
     # DDP averages gradients over ranks: scale by world so the update is the sum over all tokens / global_tokens.
     loss = (policy_sum + cfg.algo.vf_coef * value_sum + cfg.algo.kl_coef * kl_sum) * world / global_tokens
@@ -180,22 +169,13 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
     return stats
 
 
-class reference_context:
-    """The reference policy of the KL penalty: a frozen copy, or with LoRA the same model with adapters disabled."""
+def reference_context(model, reference):
+    """The reference policy of the KL penalty: the frozen copy, or with LoRA the same model with adapters disabled."""
+    if reference is not None:
+        return nullcontext(reference)
+    from train.lora import reference_logprobs_context
 
-    def __init__(self, model, reference):
-        self.model, self.reference, self.ctx = model, reference, None
-
-    def __enter__(self):
-        if self.reference is not None:
-            return self.reference
-        inner = self.model.module if hasattr(self.model, "module") else self.model
-        self.ctx = inner.disable_adapter()
-        self.ctx.__enter__()
-        return inner
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+    return reference_logprobs_context(model)
 
 
 @torch.no_grad()
@@ -207,7 +187,7 @@ def measure_drift(model, trajectories: Sequence[Trajectory], version: int, cfg: 
     if not probe:
         return 0.0
     b = make_batch(probe, [0.0] * len(probe), pad_id)
-    lp, _ = token_logprobs(model, b.ids.to(device), b.attn.to(device), cfg.rollout.temperature)
+    lp = token_logprobs(model, b.ids.to(device), b.attn.to(device), cfg.rollout.temperature)
     mask, old = b.mask.to(device), b.old_logprobs.to(device)
     # k3 with r = π_current / π_behaviour on samples from the behaviour policy: KL(behaviour || current)
     kl = kl_penalty(old, lp, mask).item() / max(mask.sum().item(), 1.0)

@@ -9,7 +9,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from train.config import ModelConfig
+from train.lora import apply_lora
+from train.value import ValueHead
 
 
 def _setup(seed: int = 0):
@@ -30,9 +40,9 @@ def _train(model, opt, sched, steps: int = 2):
         opt.zero_grad()
 
 
-def _save(tmp_path, step, model, opt, sched, keep_last=3):
+def _save(tmp_path, step, model, opt, sched, keep_last=3, **kw):
     return save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, keep_last=keep_last,
-                           extra_state={"step": step, "version": step, "budget": {"x": 1.5}})
+                           extra_state={"step": step, "version": step, "budget": {"x": 1.5}}, **kw)
 
 
 def test_round_trip_restores_everything(tmp_path):
@@ -72,7 +82,7 @@ def test_truncated_checkpoint_names_the_file_and_the_previous_one_still_works(tm
     newest = _save(tmp_path, 2, model, opt, sched)
     weights = next((newest / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"model/model.safetensors is truncated.*step-000001 is intact"):
+    with pytest.raises(CheckpointError, match=r"model/model.safetensors is truncated.*step-000001 is intact.*resume_from="):
         find_checkpoint(tmp_path, "latest")
     fresh, fopt, fsched = _setup(seed=1)
     assert load_checkpoint(tmp_path / "checkpoints" / "step-000001", model=fresh, optimizer=fopt,
@@ -95,3 +105,104 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         find_checkpoint(tmp_path, "latest")
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         find_checkpoint(tmp_path, str(tmp_path / "nope"))
+
+
+def test_optimizer_half_written_is_named(tmp_path):
+    model, opt, sched = _setup()
+    _train(model, opt, sched)
+    path = _save(tmp_path, 1, model, opt, sched)
+    f = path / "trainer.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="trainer.pt is truncated"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+
+
+def test_missing_file_is_named(tmp_path):
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 1, model, opt, sched)
+    (path / "rng.pt").unlink()
+    with pytest.raises(CheckpointError, match="rng.pt is missing"):
+        find_checkpoint(tmp_path, str(path))
+
+
+def test_each_rank_restores_its_own_rng(tmp_path):
+    model, opt, sched = _setup()
+    torch.manual_seed(10)
+    rank0 = capture_rng_state()
+    torch.manual_seed(11)
+    rank1 = capture_rng_state()
+    expected_rank1 = torch.rand(3)  # the stream rank 1 continues with
+    path = _save(tmp_path, 1, model, opt, sched, rng_states=[rank0, rank1])
+    torch.manual_seed(99)
+    load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, rank=1)
+    assert torch.equal(torch.rand(3), expected_rank1)
+    with pytest.warns(UserWarning, match="holds the RNG states of 2 rank"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, rank=2)
+
+
+def test_saving_after_resuming_from_an_earlier_checkpoint_drops_the_abandoned_later_ones(tmp_path):
+    model, opt, sched = _setup()
+    for step in (2, 4, 6):
+        _save(tmp_path, step, model, opt, sched, keep_last=5)
+    # resumed from step-000002: the next save is step 3; step-4 and step-6 belong to the abandoned timeline
+    _save(tmp_path, 3, model, opt, sched, keep_last=5)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    _save(tmp_path, 3, model, opt, sched, keep_last=5)  # re-saving the same step replaces it
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_steps_sort_numerically_past_six_digits(tmp_path):
+    model, opt, sched = _setup()
+    for step in (999_999, 1_000_000):
+        _save(tmp_path, step, model, opt, sched)
+    assert find_checkpoint(tmp_path, "latest").name == "step-1000000"
+
+
+def test_non_json_extra_state_fails_before_writing(tmp_path):
+    model, opt, sched = _setup()
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, keep_last=2,
+                        extra_state={"x": np.int64(3)})
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_value_head_round_trip_and_mismatch(tmp_path):
+    model, _, _ = _setup()
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.proj.weight)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = _save(tmp_path, 1, model, opt, sched, value_head=head)
+    fresh_model, _, _ = _setup(seed=1)
+    fresh = ValueHead(32)
+    fopt = torch.optim.AdamW([*fresh_model.parameters(), *fresh.parameters()], lr=1e-2)
+    fsched = torch.optim.lr_scheduler.LambdaLR(fopt, lambda s: 1.0)
+    load_checkpoint(path, model=fresh_model, optimizer=fopt, scheduler=fsched, value_head=fresh)
+    assert torch.equal(fresh.proj.weight, head.proj.weight)
+    with pytest.raises(CheckpointError, match="value head"):
+        load_checkpoint(path, model=fresh_model, optimizer=fopt, scheduler=fsched)
+
+
+def test_lora_checkpoint_holds_only_the_adapter_and_restores_it(tmp_path):
+    cfg = ModelConfig(lora_r=4, lora_alpha=8)
+    base, _, _ = _setup()
+    model = apply_lora(base, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _train(model, opt, sched, 2)  # lora_B starts at 0: two steps make the adapter non-trivial
+    path = _save(tmp_path, 2, model, opt, sched)
+    saved = {p.name for p in (path / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "model.safetensors" not in saved
+    fresh_base, _, _ = _setup()  # the same base weights (seed 0), fresh adapter
+    fresh = apply_lora(fresh_base, cfg)
+    fopt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    fsched = torch.optim.lr_scheduler.LambdaLR(fopt, lambda s: 1.0)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        assert not torch.allclose(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+        load_checkpoint(path, model=fresh, optimizer=fopt, scheduler=fsched)
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    plain, popt, psched = _setup()
+    with pytest.raises(CheckpointError, match="holds a LoRA adapter but the model is not a LoRA model"):
+        load_checkpoint(path, model=plain, optimizer=popt, scheduler=psched)
