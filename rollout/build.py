@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rollout.config import RolloutConfig, TaskConfig
+from rollout.dataset_task import build_dataset
+from rollout.errors import TaskError
+from rollout.fix_test_task import build_fix_test
 from rollout.tasks import TaskSet, build_arith
 
+__all__ = ["BUILDERS", "TaskError", "build_task"]
 
-class TaskError(ValueError):
-    """A task the config asks for cannot be built (missing file, bad reward function path, ...)."""
-
-
-BUILDERS: dict[str, Callable[[TaskConfig, RolloutConfig], TaskSet]] = {"arith": build_arith}
+BUILDERS: dict[str, Callable[[TaskConfig, RolloutConfig], TaskSet]] = {
+    "arith": build_arith,
+    "fix_test": build_fix_test,
+    "dataset": build_dataset,
+}
 
 
 def build_task(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:

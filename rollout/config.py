@@ -28,6 +28,9 @@ class TaskConfig:
         default=0.0, metadata={"help": "task=fix_test: reward charged per policy token, so the agent learns when verifying pays"}
     )
     defer_reward: float = field(default=0.0, metadata={"help": "task=fix_test: reward for giving up (defer)"})
+    warm_start_episodes: int = field(
+        default=1000, metadata={"help": "task=fix_test: demonstration episodes (run in the sandbox) for the tiny policy's warm start"}
+    )
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -44,6 +47,10 @@ class TaskConfig:
             raise ValueError(
                 f"reward_weights: expected {len(self.reward_funcs)} weights (one per reward_func), got {len(self.reward_weights)}"
             )
+        if self.warm_start_episodes < 1:
+            raise ValueError(f"warm_start_episodes: expected an integer >= 1, got {self.warm_start_episodes}")
+        if self.step_cost < 0:
+            raise ValueError(f"step_cost: expected a number >= 0, got {self.step_cost}")
         if self.source not in ("generated", "humaneval"):
             raise ValueError(f"source: expected 'generated' or 'humaneval', got {self.source!r}")
 
@@ -64,13 +71,16 @@ class RolloutConfig:
         default=1.0, metadata={"help": "eval sampling temperature (0 = greedy; greedy reward is always logged too)"}
     )
     eval_samples: int = field(default=4, metadata={"help": "samples per eval prompt at eval_temperature"})
+    env_workers: int = field(
+        default=2, metadata={"help": "agent tasks: environment steps run in parallel (each test run is a sandboxed process)"}
+    )
     max_staleness: int = field(
         default=0, metadata={"help": "rollouts may run ahead of training by up to this many policy versions (0 = on-policy)"}
     )
 
     def __post_init__(self) -> None:
         for key in ("prompts_per_step", "group_size", "min_group_size", "max_group_size", "max_new_tokens", "max_turns",
-                    "max_episode_tokens", "batch_size", "eval_samples"):
+                    "max_episode_tokens", "batch_size", "eval_samples", "env_workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.min_group_size > self.max_group_size:

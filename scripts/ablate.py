@@ -3,7 +3,7 @@
     python scripts/ablate.py --config configs/ablations/budget_policies.yaml [--parallel 2] [--dry-run]
 
 Writes every run's directory under the grid's output_dir (<arm>/seed<k>/), results.csv (one row per run),
-summary.md / summary.csv (median and [min, max] per arm) and reward_vs_tokens.png / reward_vs_wall.png.
+summary.md / summary.csv (median and [min, max] per arm) and reward_vs_{tokens,wall,steps}.png.
 All runs share a W&B group (the grid's name). Interrupted? Run the same command again: finished runs are skipped,
 half-written ones are cleaned and rerun. Grid format: docs/ablations.md.
 """
@@ -42,7 +42,7 @@ def launch(run: Run, base: str, log_dir: Path) -> subprocess.Popen:
         shutil.rmtree(run.dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = (log_dir / f"{run.arm}-seed{run.seed}.log").open("w")
-    cmd = [sys.executable, str(ROOT / RUNNERS[run.runner]), "--config", base, *run.overrides, "log.progress=false"]
+    cmd = [sys.executable, str(ROOT / RUNNERS[run.runner]), "--config", base, *run.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 

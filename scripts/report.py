@@ -25,9 +25,9 @@ def report_run(run: Path) -> None:
     s = json.loads((run / "summary.json").read_text())
     print(f"run {run}: {s['algo']} / policy {s['policy']}, {s['steps']} steps, world size {s['world_size']}, "
           f"{s['wall_seconds']:.0f} s")
+    reached = "not reached" if s["tokens_to_target"] is None else f"reached after {s['tokens_to_target']:,} tokens"
     print(f"eval reward: start {s['initial_eval_reward']:.3f}, final {s['final_eval_reward']:.3f}, "
-          f"best {s['best_eval_reward']:.3f}; target {s['target_reward']} reached after "
-          f"{'never' if s['tokens_to_target'] is None else format(s['tokens_to_target'], ',')} tokens")
+          f"best {s['best_eval_reward']:.3f}; target {s['target_reward']} {reached}")
     store = run / "trajectories"
     if store.is_dir():
         df = pd.read_parquet(store)

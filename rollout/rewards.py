@@ -1,0 +1,181 @@
+"""User reward functions with TRL's signature, named by dotted import path, so a TRL user's reward code drops in.
+
+    def accuracy_reward(prompts, completions, answer, **kwargs) -> list[float | None]: ...
+
+    funcs = load_reward_funcs(["my_rewards.format_reward", "my_rewards.accuracy_reward"], [0.5, 1.0])
+    rewards = score_completions(funcs, prompts, completions, completion_ids, columns, prompt_ids=ids, step=3)
+
+Each function is called once per batch with keyword arguments, as TRL's GRPOTrainer calls it: `prompts`,
+`completions`, `completion_ids`, every other dataset column as a list aligned with the completions, and
+`trainer_state` (an object with `global_step`), `log_extra` and `log_metric` (accepted and ignored here), so code that
+takes `**kwargs` works unchanged. Conversational prompts (lists of {"role", "content"} messages) give conversational
+completions, `[{"role": "assistant", "content": text}]`, as in TRL.
+
+Combination (TRL's rule): reward = sum over functions of weight x value, where a function that returns None (or NaN)
+for a completion is left out of that completion's sum; a completion that every function left out gets 0.0 (what
+TRL's `nansum` gives). The full guide is docs/reward_functions.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import math
+import numbers
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rollout.errors import RewardFunctionError, TaskError
+
+PromptValue = str | list[dict[str, str]]  # plain text, or chat messages
+
+
+@dataclass(frozen=True)
+class RewardFunc:
+    path: str  # the dotted path it was loaded from: how errors and metrics name it
+    fn: Callable[..., Any]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """The part of TRL's `trainer_state` a reward function can read here."""
+
+    global_step: int
+
+
+def import_reward_func(path: str) -> Callable[..., Any]:
+    """The callable at `path` ("package.module.func" or "package.module:func"), imported from the working directory
+    or the installed packages. Raises TaskError naming the path when it cannot be found or is not callable."""
+    module_name, _, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attr:
+        raise TaskError(f"task.reward_funcs: {path!r} is not a dotted path like `my_rewards.accuracy_reward`")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # reward modules live next to the config, like TRL scripts; installed packages win clashes
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(f"{e.name}.")):
+            raise TaskError(f"task.reward_funcs: {path!r}: no module named {module_name!r} in the working directory "
+                            f"({cwd}) or the installed packages") from None
+        raise TaskError(f"task.reward_funcs: {path!r}: importing {module_name!r} failed: {e}") from e
+    except Exception as e:  # user code ran at import: report it as theirs, with the traceback chained
+        raise TaskError(f"task.reward_funcs: {path!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        raise TaskError(f"task.reward_funcs: {path!r}: module {module_name!r} ({module.__file__}) has no {attr!r}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise TaskError(f"task.reward_funcs: {path!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def load_reward_funcs(paths: Sequence[str], weights: Sequence[float] = ()) -> list[RewardFunc]:
+    """Import every reward function; `weights` default to 1.0 each."""
+    if not paths:
+        raise TaskError("task.reward_funcs: expected at least one dotted path")
+    if weights and len(weights) != len(paths):
+        raise TaskError(f"task.reward_weights: expected {len(paths)} weights (one per reward function), got {len(weights)}")
+    weights = list(weights) or [1.0] * len(paths)
+    return [RewardFunc(path, import_reward_func(path), float(w)) for path, w in zip(paths, weights, strict=True)]
+
+
+def combine_rewards(values: Sequence[Sequence[float | None]], weights: Sequence[float]) -> list[float]:
+    """Per completion: sum of weight x value over the functions that gave a value (None = no opinion); 0.0 when
+    none did. `values[f][i]` is function f's value for completion i."""
+    if not values:
+        return []
+    out = []
+    for i in range(len(values[0])):
+        given = [(w, v[i]) for w, v in zip(weights, values, strict=True) if v[i] is not None]
+        out.append(float(sum(w * x for w, x in given)))
+    return out
+
+
+def score_completions(funcs: Sequence[RewardFunc], prompts: Sequence[PromptValue], completions: Sequence[str],
+                      completion_ids: Sequence[list[int]] | None, columns: dict[str, list], *,
+                      prompt_ids: Sequence[str], step: int) -> tuple[list[float], list[list[float | None]]]:
+    """(combined rewards, each function's checked values) for a batch of completions of `prompts`.
+
+    Raises RewardFunctionError naming the function and a prompt it failed on when a function raises, returns the
+    wrong number of values, or returns something that is not a number or None."""
+    chat = bool(prompts) and not isinstance(prompts[0], str)
+    completions_in: list = [[{"role": "assistant", "content": c}] for c in completions] if chat else list(completions)
+    values = []
+    for f in funcs:
+        raw = _call(f, list(prompts), completions_in, completion_ids, columns, prompt_ids, step)
+        values.append(_check(f, raw, prompts, prompt_ids))
+    return combine_rewards(values, [f.weight for f in funcs]), values
+
+
+def _invoke(f: RewardFunc, prompts: list, completions: list, completion_ids, columns: dict[str, list], step: int):
+    out = f.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, trainer_state=TrainerState(step),
+               log_extra=_ignore, log_metric=_ignore, **columns)
+    return asyncio.run(out) if inspect.iscoroutine(out) else out  # TRL accepts async reward functions too
+
+
+def _call(f: RewardFunc, prompts: list, completions: list, completion_ids, columns: dict[str, list],
+          prompt_ids: Sequence[str], step: int):
+    try:
+        return _invoke(f, prompts, completions, completion_ids, columns, step)
+    except Exception as batch_error:  # user code: find the completion it fails on and say so
+        culprit = _first_failing(f, prompts, completions, completion_ids, columns, step)
+        if culprit is None:
+            where = f"a batch of {len(prompts)} completions (each alone scored fine); first prompt {prompt_ids[0]!r}"
+            error = batch_error
+        else:
+            k, error = culprit
+            where = f"prompt {prompt_ids[k]!r} ({_preview(prompts[k])}), completion {_preview(completions[k])}"
+        raise RewardFunctionError(
+            f"reward function {f.path!r} raised {type(error).__name__}: {error} on {where}"
+        ) from error
+
+
+def _first_failing(f: RewardFunc, prompts: list, completions: list, completion_ids, columns: dict[str, list],
+                   step: int) -> tuple[int, Exception] | None:
+    for k in range(len(prompts)):
+        try:
+            _invoke(f, prompts[k : k + 1], completions[k : k + 1],
+                    None if completion_ids is None else completion_ids[k : k + 1],
+                    {name: col[k : k + 1] for name, col in columns.items()}, step)
+        except Exception as e:  # noqa: BLE001  (any error of user code is what we are looking for)
+            return k, e
+    return None
+
+
+def _check(f: RewardFunc, raw: Any, prompts: Sequence[PromptValue], prompt_ids: Sequence[str]) -> list[float | None]:
+    if isinstance(raw, (str, bytes, dict)) or not isinstance(raw, (Sequence, np.ndarray)):
+        raise RewardFunctionError(
+            f"reward function {f.path!r} returned a {type(raw).__name__}; expected a list of {len(prompts)} floats "
+            f"(or None), one per completion")
+    if len(raw) != len(prompts):
+        raise RewardFunctionError(
+            f"reward function {f.path!r} returned {len(raw)} values for {len(prompts)} completions; expected one per "
+            f"completion")
+    out: list[float | None] = []
+    for k, v in enumerate(raw):
+        number = float(v) if isinstance(v, (numbers.Real, np.integer, np.floating, np.bool_)) else None
+        if v is None or (number is not None and math.isnan(number)):
+            out.append(None)
+        elif number is not None and math.isfinite(number):
+            out.append(number)
+        else:
+            raise RewardFunctionError(
+                f"reward function {f.path!r} returned {v!r} ({type(v).__name__}) for prompt {prompt_ids[k]!r} "
+                f"({_preview(prompts[k])}); expected a finite float or None")
+    return out
+
+
+def _preview(value: PromptValue | list, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else " | ".join(f"{m['role']}: {m['content']}" for m in value)
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands in for TRL's log_extra / log_metric callbacks."""
