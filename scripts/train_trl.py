@@ -26,7 +26,6 @@ train split per epoch) rather than our per-step draw; one process only (the ledg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -88,7 +87,7 @@ def train_trl(cfg: RunConfig, task) -> dict:
     from train.config import config_to_dict
     from train.loop import build_logger, evaluate
     from train.model import ensure_tiny_policy, load_policy
-    from train.store import StepStore, trajectory_rows
+    from train.store import StepStore, trajectory_rows, write_final
     from train.update import group_advantages
 
     # transformers deprecation notices that GRPOTrainer triggers on every step; they say nothing about the run
@@ -173,12 +172,7 @@ def train_trl(cfg: RunConfig, task) -> dict:
                 "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen)},
         "wall_seconds": round(time.time() - t_start, 2),
     }
-    trainer.model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"eval: start {summary['initial_eval_reward']:.3f} -> end {summary['final_eval_reward']:.3f} "
-          f"(greedy {summary['final_eval_reward_greedy']:.3f}); tokens {ledger.total_tokens:,}; "
-          f"{summary['wall_seconds']:.0f} s; run directory {out}")
+    write_final(out, trainer.model, tokenizer, summary)
     logger.finish()
     return summary
 

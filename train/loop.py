@@ -8,7 +8,6 @@ each rank trains on its own micro-batches of the admitted trajectories. Only the
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from budget.policies import BudgetState, SampleLimits, plan_prompts, price_traje
 from rollout.tasks import TaskSet
 from train.config import ConfigError, RunConfig, config_to_dict
 from train.logger import NoOpLogger, WandbLogger
-from train.store import StepStore, prompt_rows, trajectory_rows
+from train.store import StepStore, prompt_rows, trajectory_rows, write_final
 from train.update import group_advantages, measure_drift, train_step
 
 TABLE_COLUMNS = ["prompt", "completion", "reward", "advantage", "gain", "cost", "risk", "price", "fate"]
@@ -303,12 +302,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         "wall_seconds": round(time.time() - t_start, 2),
     }
     if main:
-        policy.save_pretrained(out / "final")
-        tokenizer.save_pretrained(out / "final")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"eval: start {summary['initial_eval_reward']:.3f} -> end {summary['final_eval_reward']:.3f} "
-              f"(greedy {summary['final_eval_reward_greedy']:.3f}); tokens {ledger.total_tokens:,}; "
-              f"{summary['wall_seconds']:.0f} s; run directory {out}")
+        write_final(out, policy, tokenizer, summary)
     logger.finish()
     accelerator.end_training()
     return summary

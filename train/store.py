@@ -5,6 +5,7 @@ only complete files; `pandas.read_parquet(dir)` and `datasets.load_dataset("parq
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,3 +71,13 @@ class StepStore:
     def read(self) -> pd.DataFrame:
         files = sorted(self.dir.glob("step-*.parquet"))
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
+def write_final(out: Path, model, tokenizer, summary: dict) -> None:
+    """The end of a run: final weights (only the adapter with LoRA) and summary.json, and the one-line result."""
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"eval: start {summary['initial_eval_reward']:.3f} -> end {summary['final_eval_reward']:.3f} "
+          f"(greedy {summary['final_eval_reward_greedy']:.3f}); tokens {summary['tokens']['total']:,}; "
+          f"{summary['wall_seconds']:.0f} s; run directory {out}")
