@@ -49,19 +49,26 @@ class Ledger:
 
     def record_step(self, trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision],
                     num_iterations: int, prompts_skipped: int = 0) -> None:
+        # one pass, local sums: this runs every step on every trajectory, inside the budget's 1 % of a step
         rollout = [0] * len(trajectories)
         trained = [0] * len(trajectories)
+        prefill = decode = observation = verify = train = 0
+        reward_sum = 0.0
+        by_fate, count_by_fate = self.by_fate, self.trajectories_by_fate
         for i, (t, d) in enumerate(zip(trajectories, decisions, strict=True)):
-            toks = trajectory_tokens(t)
-            for use, n in toks.items():
-                self.by_use[use] += n
-            rollout[i] = sum(toks.values())
-            self.by_fate[d.fate] += rollout[i]
-            self.trajectories_by_fate[d.fate] += 1
-            if d.trained:
-                trained[i] = train_tokens(t, num_iterations)
-                self.by_use["train"] += trained[i]
-            self.reward_sum += t.reward
+            p, c, pol, v = len(t.prompt_ids), len(t.completion_ids), sum(t.completion_mask), t.tokens_verify
+            prefill, decode, verify, observation = prefill + p, decode + pol, verify + v, observation + c - pol - v
+            rollout[i] = p + c  # = the sum of trajectory_tokens(t)
+            by_fate[d.fate] += p + c
+            count_by_fate[d.fate] += 1
+            if d.fate == "trained":
+                trained[i] = (p + c) * num_iterations  # = train_tokens(t, num_iterations)
+                train += trained[i]
+            reward_sum += t.reward
+        for use, n in (("prefill", prefill), ("decode", decode), ("observation", observation), ("verify", verify),
+                       ("train", train)):
+            self.by_use[use] += n
+        self.reward_sum += reward_sum
         for idx in group_indices(trajectories).values():
             self.groups += 1
             if len({trajectories[i].reward for i in idx}) == 1:
