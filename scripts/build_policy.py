@@ -36,13 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rollout.build import TaskError, build_task
-    from train.model import ensure_tiny_policy, load_policy
+    from train.model import load_policy, resolve_policy_path
 
     try:
         task = build_task(cfg.task, cfg.rollout)
-        path = cfg.model.path
-        if path == "tiny":
-            path = str(ensure_tiny_policy(cfg.model, task.demonstrations, task.key, cfg.seed))
+        path = resolve_policy_path(cfg.model, task, cfg.seed)
         model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
     except (ConfigError, TaskError) as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@
     python scripts/train_trl.py --config configs/quickstart.yaml --dry-run   # print the GRPOConfig arguments
 
 Reads the same RunConfig as scripts/train.py (--config files, then key=value overrides; a bad config exits with
-status 2) and maps it onto GRPOConfig: the tiny policy cached for this seed (train.model.ensure_tiny_policy), the
+status 2) and maps it onto GRPOConfig: the tiny policy cached for this seed (train.model.resolve_policy_path), the
 same train/eval prompts (rollout.build.build_task), exact-match reward, group size (num_generations), prompts per
 step (one generation batch = one optimiser step), lr (constant, no warm-up), AdamW, grad-norm clip, temperature,
 top_p, max_new_tokens, beta = algo.kl_coef, epsilon = algo.clip_low / clip_high, scale_rewards (group std, the
@@ -86,7 +86,7 @@ def train_trl(cfg: RunConfig, task) -> dict:
     from rollout.types import Trajectory
     from train.config import config_to_dict
     from train.loop import build_logger, evaluate
-    from train.model import ensure_tiny_policy, load_policy
+    from train.model import load_policy, resolve_policy_path
     from train.store import StepStore, trajectory_rows, write_final
     from train.update import group_advantages
 
@@ -96,10 +96,7 @@ def train_trl(cfg: RunConfig, task) -> dict:
     out = Path(cfg.output_dir)
     if cfg.budget.policy != "none":
         print(f"note: budget.policy={cfg.budget.policy} is ignored: GRPOTrainer trains on every sample")
-    path = cfg.model.path
-    if path == "tiny":
-        path = str(ensure_tiny_policy(cfg.model, task.demonstrations, task.key, cfg.seed))
-    model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
+    model, tokenizer = load_policy(resolve_policy_path(cfg.model, task, cfg.seed), cfg.model.gguf_file, cfg.model.dtype)
     by_id = {p.prompt_id: p for p in task.train}
     # TRL tokenises a plain-text prompt with the tokenizer's defaults; the ledger counts exactly those ids.
     encoded = {p.prompt_id: tokenizer(p.text)["input_ids"] for p in task.train}

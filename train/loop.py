@@ -47,16 +47,12 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
 
 
 def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
-    from train.model import ensure_tiny_policy, load_policy
+    from train.model import load_policy, resolve_policy_path
 
-    path = cfg.model.path
-    if path == "tiny":
-        # Build once on the main process; the others wait and load the cached copy.
-        if accelerator.is_main_process:
-            path = str(ensure_tiny_policy(cfg.model, task.demonstrations, task.key, cfg.seed))
-        accelerator.wait_for_everyone()
-        path = str(ensure_tiny_policy(cfg.model, task.demonstrations, task.key, cfg.seed))
-    model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
+    if accelerator.is_main_process:  # a tiny policy is built once, by the main process; the others load the cache
+        resolve_policy_path(cfg.model, task, cfg.seed)
+    accelerator.wait_for_everyone()
+    model, tokenizer = load_policy(resolve_policy_path(cfg.model, task, cfg.seed), cfg.model.gguf_file, cfg.model.dtype)
     if cfg.model.lora_r > 0:
         from train.lora import apply_lora
 

@@ -139,6 +139,14 @@ def _build_tiny_policy(cfg: ModelConfig, demonstrations, task_key: dict, seed: i
     return target
 
 
+def resolve_policy_path(cfg: ModelConfig, task, seed: int) -> str:
+    """`model.path`, with `tiny` resolved to the tiny policy warm-started on `task` for `seed` (built and cached on
+    first use, reused after)."""
+    if cfg.path != "tiny":
+        return cfg.path
+    return str(ensure_tiny_policy(cfg, task.demonstrations, task.key, seed))
+
+
 def find_gguf(path: Path, gguf_file: str) -> tuple[Path, str] | None:
     """(directory, file name) when `path` names a GGUF model, else None."""
     if path.is_file() and path.suffix == ".gguf":

@@ -180,12 +180,13 @@ def reference_context(model, reference):
 
 @torch.no_grad()
 def measure_drift(model, trajectories: Sequence[Trajectory], version: int, cfg: RunConfig, pad_id: int,
-                  device) -> float:
+                  device) -> float | None:
     """Mean per-token KL(behaviour || current) on up to `budget.drift_probe` of the step's trained trajectories,
-    per policy version between them: the drift rate at which the budget depreciates stale evidence."""
+    per policy version between them: the drift rate at which the budget depreciates stale evidence. None when
+    nothing was probed (`budget.drift_probe=0`): the budget then keeps its prior instead of hearing "no drift"."""
     probe = list(trajectories[: cfg.budget.drift_probe])
     if not probe:
-        return 0.0
+        return None
     b = make_batch(probe, [0.0] * len(probe), pad_id)
     lp = token_logprobs(model, b.ids.to(device), b.attn.to(device), cfg.rollout.temperature)
     mask, old = b.mask.to(device), b.old_logprobs.to(device)
