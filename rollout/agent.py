@@ -59,8 +59,9 @@ class Env(Protocol):
 class TurnFormat:
     """How the first user message, the policy's turns and the observations are laid out in tokens."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, example: Sequence[dict[str, str]] = ()) -> None:
         self.tokenizer = tokenizer
+        self.example = list(example)  # chat messages shown before the task (chat templates only)
         self.eos_id: int = tokenizer.eos_token_id
         self.eos_text: str = tokenizer.eos_token
         self.chat = tokenizer.chat_template is not None
@@ -69,8 +70,8 @@ class TurnFormat:
 
     def prompt_text(self, user: str) -> str:
         if self.chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                                      tokenize=False)
+            return self.tokenizer.apply_chat_template([*self.example, {"role": "user", "content": user}],
+                                                      add_generation_prompt=True, tokenize=False)
         return f"{user}\n"
 
     def prompt_ids(self, user: str) -> list[int]:
@@ -149,14 +150,16 @@ class _Episode:
 
 def run_episodes(model, tokenizer, allocation: Sequence[tuple[Prompt, int]], make_env: Callable[[Prompt], Env],
                  cfg: RolloutConfig, *, step: int, version: int, temperature: float, step_cost: float = 0.0,
-                 id_prefix: str = "") -> list[Trajectory]:
+                 id_prefix: str = "", example: Sequence[dict[str, str]] = ()) -> list[Trajectory]:
     """`n` agent episodes for each (prompt, n) in `allocation`, batched turn by turn.
 
     An episode ends when the environment says so (finish_reason "submit"/"defer"/... from the env), after
     `cfg.max_turns` turns ("turns"), or when the episode's tokens (policy + observations) would pass
     `cfg.max_episode_tokens` ("length"; each turn is also capped at `cfg.max_new_tokens`). Reward: the env's reward
-    at the end (0.0 when cut off by a limit) minus `step_cost` per policy token, so verifying has a price."""
-    fmt = TurnFormat(tokenizer)
+    at the end (0.0 when cut off by a limit) minus `step_cost` per policy token, so verifying has a price.
+    `example`: chat messages put before each episode's first user message under a chat template (a worked episode;
+    they are prompt tokens)."""
+    fmt = TurnFormat(tokenizer, example)
     episodes: list[_Episode] = []
     for g, (prompt, n) in enumerate(allocation):
         for _ in range(n):

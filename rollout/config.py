@@ -28,6 +28,9 @@ class TaskConfig:
         default=0.0, metadata={"help": "task=fix_test: reward charged per policy token, so the agent learns when verifying pays"}
     )
     defer_reward: float = field(default=0.0, metadata={"help": "task=fix_test: reward for giving up (defer)"})
+    few_shot: bool = field(
+        default=True, metadata={"help": "task=fix_test, chat models: show one worked episode (chat messages) before the "
+                                        "task; models without a chat template never see it"})
     warm_start_episodes: int = field(
         default=1000, metadata={"help": "task=fix_test: demonstration episodes (run in the sandbox) for the tiny policy's warm start"}
     )

@@ -237,6 +237,28 @@ class FixTestEnv:
         return f"edit applied ({len(source.splitlines())} lines)"
 
 
+EXAMPLE_TASK = FixTask(
+    task_id="example", family="op", difficulty="easy", entry_point="add_three",
+    buggy_source="def add_three(x):\n    return x - 3\n", test_source="assert add_three(1) == 4\nassert add_three(5) == 8\n",
+    reference_source="def add_three(x):\n    return x + 3\n",
+)
+
+
+def example_conversation() -> list[dict[str, str]]:
+    """One solved episode as chat messages (EXAMPLE_TASK: plan, edit, run_tests, submit), shown to chat models before
+    their task (`task.few_shot`), so that a small instruct model sees the action format used once. Its observations
+    are the environment's own words (a unit test replays it in the real environment)."""
+    turns = ["<plan>The tests expect x + 3, the code subtracts.</plan>", *demonstration(EXAMPLE_TASK)]
+    observations = ["ok", "edit applied (2 lines)", "PASS: all tests passed"]
+    messages = [{"role": "user", "content": render_task(EXAMPLE_TASK)}]
+    for k, turn in enumerate(turns):
+        messages.append({"role": "assistant", "content": turn})
+        if k < len(observations):
+            messages.append({"role": "user", "content": observations[k]})
+    messages.append({"role": "user", "content": "submitted: tests pass"})
+    return messages
+
+
 def demonstration(task: FixTask) -> list[str]:
     """The ideal turns for `task`: write the reference fix, check it, submit. For a supervised warm start."""
     return [f"<edit>\n{task.reference_source.rstrip()}\n</edit>", "<run_tests/>", "<submit/>"]

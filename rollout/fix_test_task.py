@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from rollout.agent import plain_demonstration_pairs, run_episodes
 from rollout.config import RolloutConfig, TaskConfig
 from rollout.errors import TaskError
-from rollout.fix_test import FixTask, FixTestEnv, generate_fix_tasks, to_prompt
+from rollout.fix_test import FixTask, FixTestEnv, example_conversation, generate_fix_tasks, to_prompt
 from rollout.tasks import TaskSet
 from rollout.types import Prompt, Trajectory
 
@@ -86,6 +86,7 @@ class FixTestTaskSet(TaskSet):
     source: str = "generated"
     step_cost: float = 0.0
     defer_reward: float = 0.0
+    few_shot: bool = True
 
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
                 version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:
@@ -93,7 +94,8 @@ class FixTestTaskSet(TaskSet):
             return make_env(self.tasks[prompt.prompt_id], self.source, cfg.max_turns, self.defer_reward)
 
         return run_episodes(model, tokenizer, allocation, new_env, cfg, step=step, version=version,
-                            temperature=temperature, step_cost=self.step_cost, id_prefix=id_prefix)
+                            temperature=temperature, step_cost=self.step_cost, id_prefix=id_prefix,
+                            example=example_conversation() if self.few_shot else ())
 
 
 def build_fix_test(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> FixTestTaskSet:
@@ -129,4 +131,5 @@ def build_fix_test(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> FixTestTaskSe
         reward=functools.partial(score_single_turn, tasks, cfg.source),
         demonstrations=lambda: demonstration_pairs(demo, cfg.seed + 1, cfg.source, rollout_cfg.env_workers),
         key=key, tasks=tasks, source=cfg.source, step_cost=cfg.step_cost, defer_reward=cfg.defer_reward,
+        few_shot=cfg.few_shot,
     )

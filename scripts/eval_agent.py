@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, cfg.rollout)
-    model, tokenizer = build_policy(cfg, task, Accelerator(cpu=True))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, tokenizer = build_policy(cfg, task, accelerator)
+    model.to(accelerator.device)
     t0 = time.time()
     episodes = task.rollout(model, tokenizer, [(q, args.samples) for q in task.eval], cfg.rollout, step=-1, version=0,
                             temperature=args.temperature)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "verified_share": sum("run_tests" in t.actions for t in episodes) / len(episodes),
         "mean_policy_tokens": sum(t.tokens_policy for t in episodes) / len(episodes),
         "mean_observation_tokens": sum(t.tokens_observation for t in episodes) / len(episodes),
-        "rollout_seconds": round(seconds, 1),
+        "rollout_seconds": round(seconds, 1), "device": str(accelerator.device), "dtype": cfg.model.dtype,
     }, indent=2))
     return 0
 

@@ -39,7 +39,8 @@ class ModelConfig:
     num_heads: int = field(default=4, metadata={"help": "tiny policy: attention heads"})
     warm_start_steps: int = field(default=1000, metadata={"help": "tiny policy: supervised warm-start steps"})
     warm_start_lr: float = field(default=3e-3, metadata={"help": "tiny policy: warm-start learning rate"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (half precision on GPU only)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "float32 | bfloat16 | float16 (half precision on GPU only; float16 only with LoRA, for the frozen base)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -57,6 +58,11 @@ class ModelConfig:
             raise ValueError(f"warm_start_steps: expected an integer >= 0, got {self.warm_start_steps}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype == "float16" and self.lora_r == 0:
+            raise ValueError("dtype: float16 weights cannot be trained stably (AdamW's updates under- and overflow in "
+                             "float16 and nothing scales the loss); use model.dtype=bfloat16, or float32 weights under "
+                             "`accelerate launch --mixed_precision fp16` (autocast with a loss scaler), or LoRA "
+                             "(model.lora_r > 0: the frozen base in float16, the adapters in float32)")
         if self.lora_r < 0:
             raise ValueError(f"lora_r: expected an integer >= 0, got {self.lora_r}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,35 @@ def evaluate(model, tokenizer, task: TaskSet, cfg: RunConfig, accelerator: Accel
     return out
 
 
+def _fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def generation_context(model, accelerator: Accelerator):
+    """Generating with the trained model itself: under FSDP the root unit's own weights (embeddings, final norm,
+    head) are gathered for the duration (the nested units gather theirs in their forward); a no-op otherwise."""
+    if model is None or not _fsdp(accelerator):
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(model, writeback=False, recurse=False)
+
+
+@torch.no_grad()
+def sync_snapshot(snapshot: torch.nn.Module, model, accelerator: Accelerator) -> None:
+    """Copy the trained weights into the rollout snapshot on every rank (under FSDP, gathered from the shards)."""
+    ctx = nullcontext()
+    if _fsdp(accelerator):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        ctx = FSDP.summon_full_params(model, writeback=False)
+    with ctx:
+        live = {name.replace("_fsdp_wrapped_module.", ""): p
+                for name, p in accelerator.unwrap_model(model).named_parameters()}
+        for name, p in snapshot.named_parameters():
+            p.copy_(live[name])
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -138,6 +168,9 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         nonfinite_in_row, t_start = extra["nonfinite_in_row"], t_start - extra["elapsed_seconds"]
         if main:
             print(f"resumed from {ckpt} at step {start_step} (policy version {version})")
+    # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
+    # every weight on every rank to generate on its own
+    snapshot = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rollout.max_staleness else None
     if value_head is not None:
         model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
     else:
@@ -145,7 +178,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     policy = accelerator.unwrap_model(model)
     # Rollouts may run ahead of training by up to max_staleness versions: they sample from a snapshot of the
     # weights that is refreshed once it is that many versions behind (on-policy: the policy itself).
-    behaviour, behaviour_version = (copy.deepcopy(policy) if cfg.rollout.max_staleness else policy), version
+    behaviour, behaviour_version = (snapshot if cfg.rollout.max_staleness else policy), version
 
     traj_store, prompt_store = StepStore(out / "trajectories"), StepStore(out / "prompts")
     if main:
@@ -160,7 +193,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
     def run_eval(step: int) -> dict[str, float]:
         """Evaluate, note it in the ledger and the history (with the tokens and seconds spent so far)."""
-        result = evaluate(policy, tokenizer, task, cfg, accelerator)
+        with generation_context(model, accelerator):
+            result = evaluate(policy, tokenizer, task, cfg, accelerator)
         ledger.record_eval(step, result["eval/reward"])
         evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - t_start, 2), **result})
         return result
@@ -192,10 +226,11 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         # 2. Rollout: each rank generates its share of the groups; then every rank sees every trajectory.
         tr = time.time()
         if version - behaviour_version > cfg.rollout.max_staleness:
-            behaviour.load_state_dict(policy.state_dict())
+            sync_snapshot(behaviour, model, accelerator)
             behaviour_version = version
-        mine = task.rollout(behaviour, tokenizer, allocation[rank::world], cfg.rollout, step=step,
-                            version=behaviour_version, temperature=cfg.rollout.temperature, id_prefix=f"r{rank}-")
+        with generation_context(model if behaviour is policy else None, accelerator):
+            mine = task.rollout(behaviour, tokenizer, allocation[rank::world], cfg.rollout, step=step,
+                                version=behaviour_version, temperature=cfg.rollout.temperature, id_prefix=f"r{rank}-")
         trajectories = [t for part in gather_object([mine]) for t in part]
         rollout_s = time.time() - tr
 
@@ -219,7 +254,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             metrics.update(train_step(model, optimizer, trained, advantages[train_idx], cfg, tokenizer.pad_token_id,
                                       accelerator, reference=reference, value_head=value_head))
             nonfinite_in_row = nonfinite_in_row + 1 if metrics["train/nonfinite"] else 0
-            if not metrics["train/nonfinite"]:
+            if not metrics["train/nonfinite"] and metrics["train/fp16_overflow"] < 1:  # the weights moved
                 version += 1
                 scheduler.step()
             drift_kl = measure_drift(policy, trained, version, cfg, tokenizer.pad_token_id, accelerator.device)
@@ -297,8 +332,9 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         "ledger": ledger.summary(cfg.budget.target_reward),
         "wall_seconds": round(time.time() - t_start, 2),
     }
+    weights = accelerator.get_state_dict(model)  # a collective under FSDP: gathers the full weights on the main rank
     if main:
-        write_final(out, policy, tokenizer, summary)
+        write_final(out, policy, tokenizer, summary, state_dict=weights)
     logger.finish()
     accelerator.end_training()
     return summary

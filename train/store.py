@@ -73,9 +73,10 @@ class StepStore:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
 
 
-def write_final(out: Path, model, tokenizer, summary: dict) -> None:
-    """The end of a run: final weights (only the adapter with LoRA) and summary.json, and the one-line result."""
-    model.save_pretrained(out / "final")
+def write_final(out: Path, model, tokenizer, summary: dict, state_dict: dict | None = None) -> None:
+    """The end of a run: final weights (only the adapter with LoRA) and summary.json, and the one-line result.
+    `state_dict`: the full weights when `model`'s own are sharded (FSDP), from `accelerator.get_state_dict`."""
+    model.save_pretrained(out / "final", state_dict=state_dict)
     tokenizer.save_pretrained(out / "final")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"eval: start {summary['initial_eval_reward']:.3f} -> end {summary['final_eval_reward']:.3f} "

@@ -91,7 +91,7 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sums = dict.fromkeys(STAT_KEYS, 0.0)  # fixed keys: every rank reduces the same vector, even with no data
     proximal: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # micro-batch -> first-epoch (logprobs, values)
-    grad_norm, skipped = 0.0, 0.0
+    grad_norm, skipped, overflow = 0.0, 0.0, 0.0
     for epoch in range(cfg.algo.num_iterations):
         for m, mb in enumerate(microbatches):
             sync = m == len(microbatches) - 1
@@ -102,8 +102,14 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
                 sums[k] += stats.get(k, 0.0)
         norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
         grad_norm = float(norm)
-        if math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values()):
+        finite_loss = all(math.isfinite(v) for v in sums.values())
+        if math.isfinite(grad_norm) and finite_loss:
             optimizer.step()
+        elif finite_loss and accelerator.scaler is not None:
+            # fp16 mixed precision: the gradients overflowed the loss scale. The GradScaler skips this step and
+            # lowers its scale (it must see the step to do so); that is its normal working, not a numerical failure.
+            optimizer.step()
+            overflow += 1.0 / cfg.algo.num_iterations
         else:
             skipped = 1.0  # a non-finite loss or gradient: this update is dropped, the caller counts them in a row
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +122,7 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
         "train/ratio_mean": mean_r,
         "train/ratio_std": math.sqrt(max(total.get("ratio_sq_sum", 0.0) / n - mean_r**2, 0.0)),
         "train/clip_zeroed_fraction": total.get("clip_zeroed_tokens", 0.0) / n,
-        "optim/grad_norm": grad_norm, "train/nonfinite": skipped,
+        "optim/grad_norm": grad_norm, "train/nonfinite": skipped, "train/fp16_overflow": overflow,
     })
     return out
 

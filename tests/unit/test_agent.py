@@ -148,5 +148,8 @@ def test_chat_layout_uses_the_template_between_turns(policy):
         # after a turn the policy closed with EOS, the observation starts with the rest of the template's frame
         assert fmt.observation_text("obs", turn_closed=True) == "\n<|bos|>user\nobs<|eos|>\n<|bos|>assistant\n"
         assert fmt.observation_text("obs", turn_closed=False) == "<|eos|>\n<|bos|>user\nobs<|eos|>\n<|bos|>assistant\n"
+        shown = TurnFormat(tokenizer, [{"role": "user", "content": "ex"}, {"role": "assistant", "content": "<submit/>"}])
+        assert shown.prompt_text("task") == ("<|bos|>user\nex<|eos|>\n<|bos|>assistant\n<submit/><|eos|>\n"
+                                             "<|bos|>user\ntask<|eos|>\n<|bos|>assistant\n")
     finally:
         tokenizer.chat_template = None

@@ -44,6 +44,7 @@ def test_override_values_are_yaml():
         ("algo.name=dpo", "algo.name: expected one of ['grpo', 'ppo']"),
         ("log.progress=maybe", "log.progress: expected true or false"),
         ("train=5", "train: expected a mapping"),
+        ("model.dtype=float16", "model.dtype: float16 weights cannot be trained stably"),
     ],
 )
 def test_bad_config_names_key(override, needle):

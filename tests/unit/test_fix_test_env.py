@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from rollout.fix_test import (
+    EXAMPLE_TASK,
     ACTIONS,
     FAMILIES,
     Action,
@@ -17,6 +18,7 @@ from rollout.fix_test import (
     FixTestEnv,
     ParseError,
     demonstration,
+    example_conversation,
     format_observation,
     generate_fix_tasks,
     parse_action,
@@ -130,6 +132,20 @@ def test_fix_episode_runs_tests_then_submits_for_reward_one() -> None:
 
 
 @needs_linux
+@needs_linux
+def test_the_few_shot_example_replays_in_the_real_environment() -> None:
+    messages = example_conversation()
+    env = FixTestEnv(EXAMPLE_TASK, timeout_s=2.0)
+    assert messages[0] == {"role": "user", "content": env.reset()}
+    replies = []
+    for turn, answer in zip(messages[1::2], messages[2::2], strict=True):
+        assert (turn["role"], answer["role"]) == ("assistant", "user")
+        replies.append(answer["content"])
+        result = env.step(turn["content"])
+        assert result.observation == answer["content"]
+    assert result.done and result.reward == 1.0 and replies[-1] == "submitted: tests pass"
+
+
 def test_submitting_the_buggy_code_earns_zero() -> None:
     env = FixTestEnv(TASK)
     env.reset()
