@@ -4,6 +4,7 @@ Layout: `output_dir/checkpoints/step-000042/` holds
 - `model/`: the unwrapped model's `save_pretrained` (safetensors; with LoRA only the adapter),
 - `trainer.pt`: optimiser, scheduler and value-head state dicts,
 - `rng.pt`: the RNG states (python, numpy, torch CPU, CUDA) of every rank,
+- `snapshot.safetensors` (stale rollouts only): the trainable weights of the rollout snapshot, which lags the model,
 - `state.json`: the caller's extra state (step, policy version, budget state, ledger, eval history),
 - `manifest.json`: size and sha256 of every other file.
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+SNAPSHOT = "snapshot.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -96,13 +98,16 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra_state: dict, keep_last: int,
-                    value_head: torch.nn.Module | None = None, rng_states: list[dict] | None = None) -> Path:
+                    value_head: torch.nn.Module | None = None, rng_states: list[dict] | None = None,
+                    snapshot: torch.nn.Module | None = None) -> Path:
     """Write `root/checkpoints/step-{step:06d}` atomically; return its path.
 
     model: the UNWRAPPED model (accelerator.unwrap_model); a peft model saves only its adapter.
     extra_state: plain JSON (checked first, so a non-JSON value fails before anything is written).
     rng_states: one `capture_rng_state()` per rank, in rank order (gather them from every rank); default: this
     process's only, which is exact for a single process.
+    snapshot: the rollout snapshot of stale rollouts (a lagging copy of `model`); its weights that `model` trains
+    are saved, so a resumed run samples from the same lagging weights.
     Afterwards keeps the newest `keep_last` checkpoints up to `step` and deletes any checkpoint AFTER `step`: those
     belong to a timeline abandoned by resuming from an earlier checkpoint, and would be inconsistent with the stores.
     """
@@ -118,6 +123,12 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "value_head": value_head.state_dict() if value_head is not None else None}, tmp / "trainer.pt")
     torch.save({"ranks": rng_states if rng_states is not None else [capture_rng_state()]}, tmp / "rng.pt")
+    if snapshot is not None:
+        from safetensors.torch import save_file
+
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        save_file({n: p.detach().cpu().clone().contiguous() for n, p in snapshot.named_parameters() if n in trained},
+                  tmp / SNAPSHOT)
     (tmp / "state.json").write_text(state_json)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -261,3 +272,22 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, value_head: torc
                       f"RNG, so this resumed run does not reproduce an uninterrupted one sample for sample",
                       stacklevel=2)
     return json.loads((path / "state.json").read_text())
+
+
+def load_snapshot(path: Path, snapshot: torch.nn.Module) -> bool:
+    """Restore the rollout snapshot's weights saved with a checkpoint (already verified by `load_checkpoint`).
+    False when the checkpoint has none (its run was on-policy): the caller then starts the snapshot afresh."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / SNAPSHOT
+    if not file.is_file():
+        return False
+    params = dict(snapshot.named_parameters())
+    saved = load_file(file)
+    if not set(saved) <= set(params):
+        raise CheckpointError(f"checkpoint {path}: {SNAPSHOT} does not fit the model "
+                              f"(unexpected {sorted(set(saved) - set(params))[:3]})")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    return True

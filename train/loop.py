@@ -171,6 +171,12 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
     # every weight on every rank to generate on its own
     snapshot = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rollout.max_staleness else None
+    behaviour_version = version
+    if snapshot is not None and cfg.train.resume_from:
+        from train.checkpoint import load_snapshot
+
+        if load_snapshot(ckpt, snapshot):  # resume sampling from the same lagging weights as the interrupted run
+            behaviour_version = extra["behaviour_version"]
     if value_head is not None:
         model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
     else:
@@ -178,7 +184,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     policy = accelerator.unwrap_model(model)
     # Rollouts may run ahead of training by up to max_staleness versions: they sample from a snapshot of the
     # weights that is refreshed once it is that many versions behind (on-policy: the policy itself).
-    behaviour, behaviour_version = (snapshot if cfg.rollout.max_staleness else policy), version
+    behaviour = snapshot if snapshot is not None else policy
 
     traj_store, prompt_store = StepStore(out / "trajectories"), StepStore(out / "prompts")
     if main:
@@ -284,10 +290,11 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             if main:
                 save_checkpoint(out, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
                                 value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
-                                keep_last=cfg.train.keep_last, rng_states=rng_states,
+                                keep_last=cfg.train.keep_last, rng_states=rng_states, snapshot=snapshot,
                                 extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
                                              "ledger": ledger.state_dict(), "evals": evals,
                                              "nonfinite_in_row": nonfinite_in_row,
+                                             "behaviour_version": behaviour_version,
                                              "elapsed_seconds": time.time() - t_start})
         accelerator.wait_for_everyone()
 

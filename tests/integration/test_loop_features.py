@@ -98,8 +98,11 @@ def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tm
     assert len(list((Path(cfg.output_dir) / "trajectories").glob("step-*.parquet"))) == 2
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache):
-    common = ["budget.policy=marginal", "train.max_steps=4", "train.save_every=2", "train.lr=1e-3"]
+@pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"]], ids=["on_policy", "stale_rollouts"])
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, stale):
+    # with max_staleness=2 the step-2 checkpoint falls while rollouts still sample from version 0: the lagging
+    # snapshot must come back from the checkpoint, not be re-synced to version 2
+    common = [*stale, "budget.policy=marginal", "train.max_steps=4", "train.save_every=2", "train.lr=1e-3"]
     full = _cfg(tmp_path, policy_cache, common, "full")
     _run(full)
     part = _cfg(tmp_path, policy_cache, common[:-1] + ["train.lr=1e-3", "train.max_steps=2"], "resumed")
