@@ -3,14 +3,19 @@
     python scripts/bench_budget.py --trajectories 1000000 --group-size 8 --repeats 5
 
 Synthetic groups (0/1 rewards at a per-group pass rate, 10-40 update tokens, 0-2 versions stale) are priced by the
-`marginal` policy. The core is the numpy path price_trajectories runs after reading the records; the end-to-end figure
-adds reading Trajectory objects and building one TrajectoryDecision per trajectory. Medians of the repeats.
+`marginal` policy. The core is the numpy path price_trajectories runs on the columns; the end-to-end figure adds
+reading Trajectory objects into TrajectoryColumns (once per step in the trainer) and returning TrajectoryPrices.
+Medians of the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +43,7 @@ def main() -> None:
         price_trajectories,
         update_state,
     )
-    from rollout.types import Trajectory
+    from rollout.types import Trajectory, TrajectoryColumns
 
     cfg, state = BudgetConfig(policy="marginal"), BudgetState(drift=0.01)
     rng = np.random.default_rng(args.seed)
@@ -68,11 +73,11 @@ def main() -> None:
                         completion_mask=[1] * (int(t) - 10), behavior_logprobs=[], reward=float(r), finish_reason="eos")
              for i, (g, r, t, s) in enumerate(zip(small["group"], small["reward"], small["tokens_update"],
                                                    small["staleness"], strict=True))]
-    e2e = median_time(lambda: price_trajectories(cfg, state, trajs, 2))
+    e2e = median_time(lambda: price_trajectories(cfg, state, TrajectoryColumns.of(trajs), 2))
     print(f"end to end:        {args.objects:>9,} trajectories in {e2e * 1e3:8.1f} ms = "
-          f"{args.objects / e2e / 1e6:6.2f} M trajectories/s  (objects in, TrajectoryDecision out)")
+          f"{args.objects / e2e / 1e6:6.2f} M trajectories/s  (objects in, TrajectoryPrices out)")
 
-    step = trajs[: 16 * args.group_size]
+    step = TrajectoryColumns.of(trajs[: 16 * args.group_size])
     upd = median_time(lambda: update_state(cfg, BudgetState(), step, 0, 1, drift_kl=0.01))
     print(f"update_state:      {len(step):>9,} trajectories in {upd * 1e3:8.2f} ms (one training step's worth)")
 
