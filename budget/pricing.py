@@ -90,25 +90,26 @@ def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarr
     num_groups = int(group.max()) + 1 if group.size else 0
     count, mean, var = group_stats(rewards, group, num_groups)
     std = np.sqrt(var)
-    zero_var_group = std <= eps
+    zero_var = (std <= eps)[group]
     dev = rewards - mean[group]
-    adv = np.where(zero_var_group[group], 0.0, dev / np.maximum(std, eps)[group])
+    adv = np.where(zero_var, 0.0, dev / np.maximum(std, eps)[group])
     abs_adv = np.abs(adv)
     adv_mass = np.bincount(group, weights=abs_adv, minlength=num_groups)  # Σ_j |A_j| per group
     group_gain = value * 4.0 * var * count / (count + n0)
     share = abs_adv / np.maximum(adv_mass, eps)[group]
-    gain0 = np.where(zero_var_group[group], 0.0, group_gain[group] * share)
+    gain0 = np.where(zero_var, 0.0, group_gain[group] * share)
     n = count[group]
     rel_err = np.minimum(1.0, 1.0 / np.maximum(np.sqrt(n) * abs_adv, eps))
     dep = depreciation(staleness, drift, drift_scale)
-    risk_variance = risk_aversion * risk_k * gain0 * rel_err
-    risk_staleness = risk_aversion * risk_k * gain0 * (1.0 - dep)
+    at_risk = risk_aversion * risk_k * gain0
+    risk_variance = at_risk * rel_err
+    risk_staleness = at_risk * (1.0 - dep)
     gain = gain0 * dep
     cost = kappa_update * np.asarray(tokens_update, dtype=float)
     risk = risk_variance + risk_staleness
     return {"advantage": adv, "gain": gain, "cost": cost, "risk": risk, "risk_variance": risk_variance,
             "risk_staleness": risk_staleness, "depreciation": dep, "price": gain - cost - risk, "gain_fresh": gain0,
-            "zero_var": zero_var_group[group]}
+            "zero_var": zero_var}
 
 
 def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -195,6 +196,7 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
         return np.zeros(num, dtype=np.int64)
     left_samples = math.inf if max_samples is None else float(max_samples)
     left_tokens = math.inf if max_tokens is None else float(max_tokens)
+    by_tokens = math.isfinite(left_tokens)  # else tokens cannot fail to fit: their arithmetic is skipped
     gain, cost = gain[:, :max_n + 1], cost[:, :max_n + 1]
     tokens = np.ascontiguousarray(tokens[:, :max_n + 1], dtype=float)
     block_tokens = tokens[:, min_n:]  # (P, K) entry blocks of n = min_n..max_n
@@ -216,7 +218,7 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     while heap and left_samples + 1e-9 >= 1:  # every option needs a sample
         _, c, to = heap[0]
         frm = alloc[c]
-        need_tokens, need_samples = tok[c, to] - tok[c, frm], to - frm
+        need_tokens, need_samples = tok[c, to] - tok[c, frm] if by_tokens else 0.0, to - frm
         if need_tokens > left_tokens + 1e-9 or need_samples > left_samples + 1e-9:
             # an entry re-enters with the best block that still fits, if one may
             if frm == 0 and min_n <= left_samples + 1e-9:
