@@ -43,33 +43,37 @@ def step_metrics(plan: Sequence[PromptDecision] | PromptPlan, decisions: Sequenc
     plan, prices = as_columnar(plan, PromptPlan), as_columnar(decisions, TrajectoryPrices)
     cols = as_columnar(trajectories, TrajectoryColumns)
     sampled = plan.samples > 0
-    n_plan, n_sampled, n = len(plan), int(sampled.sum()), len(prices)
-    samples = plan.samples[sampled]
+    n_plan, n_sampled, n = len(plan), int(np.count_nonzero(sampled)), len(prices)
+    # several columns summed at once, one C-contiguous row each: a row sums as its column alone would (as np.mean)
+    plan_rows = np.stack([plan.gain, plan.cost, plan.price, plan.pass_rate, plan.informative, plan.samples])
+    gain, cost, price, pass_rate, informative, samples = plan_rows.compress(sampled, axis=1).sum(axis=1).tolist()
+    price_rows = np.stack([prices.price, prices.gain, prices.cost, prices.risk, prices.staleness, prices.depreciation])
+    t_price, t_gain, t_cost, t_risk, t_staleness, t_depreciation = price_rows.sum(axis=1).tolist()
     lo, hi = group_range(cols.reward, cols.group, cols.num_groups)
     fates = np.bincount(prices.fate_code, minlength=len(FATES)).tolist()
     out: dict[str, float] = {
         "budget/prompts_candidates": float(n_plan),
         "budget/prompts_sampled": float(n_sampled),
         "budget/prompts_skipped": float(n_plan - n_sampled),
-        "budget/samples_planned": float(samples.sum()),
-        "budget/group_size_mean": _mean(samples.sum(), n_sampled),
-        "budget/group_size_max": float(samples.max()) if n_sampled else 0.0,
+        "budget/samples_planned": samples,
+        "budget/group_size_mean": _mean(samples, n_sampled),
+        "budget/group_size_max": float(plan.samples.max(initial=0)),
         "budget/planned_tokens": float(sum(plan.tokens[sampled].tolist())),
-        "budget/prompt_gain_mean": _mean(plan.gain[sampled].sum(), n_sampled),
-        "budget/prompt_cost_mean": _mean(plan.cost[sampled].sum(), n_sampled),
-        "budget/prompt_price_mean": _mean(plan.price[sampled].sum(), n_sampled),
+        "budget/prompt_gain_mean": _mean(gain, n_sampled),
+        "budget/prompt_cost_mean": _mean(cost, n_sampled),
+        "budget/prompt_price_mean": _mean(price, n_sampled),
         "budget/prompt_price_skipped_mean": _mean(plan.price[~sampled].sum(), n_plan - n_sampled),
-        "budget/prompt_pass_rate_mean": _mean(plan.pass_rate[sampled].sum(), n_sampled),
-        "budget/prompt_informative_pred": _mean(plan.informative[sampled].sum(), n_sampled),
-        "budget/groups_informative_fraction": _mean(int((lo != hi).sum()), cols.num_groups),
+        "budget/prompt_pass_rate_mean": _mean(pass_rate, n_sampled),
+        "budget/prompt_informative_pred": _mean(informative, n_sampled),
+        "budget/groups_informative_fraction": _mean(int(np.count_nonzero(lo != hi)), cols.num_groups),
         "budget/admitted_fraction": _mean(fates[0], n),
-        "budget/price_mean": _mean(prices.price.sum(), n),
-        "budget/gain_mean": _mean(prices.gain.sum(), n),
-        "budget/cost_mean": _mean(prices.cost.sum(), n),
-        "budget/risk_mean": _mean(prices.risk.sum(), n),
-        "budget/positive_price_fraction": _mean(int((prices.price > 0).sum()), n),
-        "budget/staleness_mean": _mean(prices.staleness.sum(), n),
-        "budget/depreciation_mean": _mean(prices.depreciation.sum(), n),
+        "budget/price_mean": _mean(t_price, n),
+        "budget/gain_mean": _mean(t_gain, n),
+        "budget/cost_mean": _mean(t_cost, n),
+        "budget/risk_mean": _mean(t_risk, n),
+        "budget/positive_price_fraction": _mean(int(np.count_nonzero(prices.price > 0)), n),
+        "budget/staleness_mean": _mean(t_staleness, n),
+        "budget/depreciation_mean": _mean(t_depreciation, n),
         "budget/kappa_scale": float(state.kappa_scale),
         "budget/spend_tokens": float(state.last_spend),
         "budget/prompts_tracked": float(len(state.prompts)),
