@@ -58,7 +58,8 @@ class Ledger:
             raise ValueError(f"record_step: {len(prices)} decisions for {len(cols)} trajectories")
         rollout = cols.tokens_rollout  # = the sum of trajectory_tokens(t)
         trained = rollout * prices.trained * num_iterations  # = train_tokens(t, num_iterations) when trained
-        prefill, decode, verify = int(cols.tokens_prompt.sum()), int(cols.tokens_policy.sum()), int(cols.tokens_verify.sum())
+        prefill, decode = int(cols.tokens_prompt.sum()), int(cols.tokens_policy.sum())
+        verify = int(cols.tokens_verify.sum())
         for use, n in (("prefill", prefill), ("decode", decode), ("verify", verify),
                        ("observation", int(cols.tokens_completion.sum()) - decode - verify),
                        ("train", int(trained.sum()))):
@@ -71,9 +72,10 @@ class Ledger:
         if len(cols):
             self.reward_sum += float(np.cumsum(cols.reward)[-1])  # left to right, as summing the records one by one
         lo, hi = group_range(cols.reward, cols.group, cols.num_groups)
-        flat = (lo == hi)[cols.group]  # members of groups whose rewards were all equal: no signal
+        flat_group = lo == hi  # the group's rewards were all equal: it carried no signal
+        flat = flat_group[cols.group]
         self.groups += cols.num_groups
-        self.zero_signal_groups += int((lo == hi).sum())
+        self.zero_signal_groups += int(flat_group.sum())
         self.hindsight_rollout += int(rollout[flat].sum())
         self.hindsight_train += int(trained[flat].sum())
         self.prompts_skipped += int(prompts_skipped)

@@ -35,7 +35,8 @@ def price_components(decisions: Sequence[TrajectoryDecision] | TrajectoryPrices)
     return {k: getattr(prices, k) for k in COMPONENTS}
 
 
-def step_metrics(plan: Sequence[PromptDecision] | PromptPlan, decisions: Sequence[TrajectoryDecision] | TrajectoryPrices,
+def step_metrics(plan: Sequence[PromptDecision] | PromptPlan,
+                 decisions: Sequence[TrajectoryDecision] | TrajectoryPrices,
                  trajectories: Sequence[Trajectory] | TrajectoryColumns, state: BudgetState, *,
                  cfg: BudgetConfig | None = None) -> dict[str, float]:
     """This step's `budget/...` scalars. Means are NaN where there is nothing to average. Controller and drift

@@ -100,6 +100,11 @@ class _Columnar(Sequence):
         """One column per field of `record`, in its field order (arrays or lists)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _gather(records: Sequence, name: str, dtype: type = float) -> np.ndarray:
+        """Field `name` of every record, as an array."""
+        return np.array([getattr(r, name) for r in records], dtype=dtype)
+
     def __iter__(self) -> Iterator[Any]:
         cols = [c.tolist() if isinstance(c, np.ndarray) else c for c in self._columns()]
         return (self.record(*row) for row in zip(*cols, strict=True))
@@ -134,11 +139,8 @@ class PromptPlan(_Columnar):
 
     @classmethod
     def of(cls, decisions: Sequence[PromptDecision]) -> PromptPlan:
-        def col(name: str, dtype=float) -> np.ndarray:
-            return np.array([getattr(d, name) for d in decisions], dtype=dtype)
-
-        return cls([d.prompt_id for d in decisions], col("samples", np.int64), col("pass_rate"), col("gain"),
-                   col("cost"), col("price"), col("risk"), col("sampled_rate"), col("informative"), col("tokens"))
+        return cls([d.prompt_id for d in decisions], cls._gather(decisions, "samples", np.int64),
+                   *(cls._gather(decisions, f.name) for f in fields(PromptDecision)[2:]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,8 +164,8 @@ class TrajectoryPrices(_Columnar):
         return len(self.fate_code)
 
     def _columns(self) -> list[Any]:
-        return [_FATE_NAMES[self.fate_code], self.gain, self.cost, self.risk, self.price, self.advantage, self.staleness,
-                self.depreciation, self.risk_variance, self.risk_staleness]
+        return [_FATE_NAMES[self.fate_code], self.gain, self.cost, self.risk, self.price, self.advantage,
+                self.staleness, self.depreciation, self.risk_variance, self.risk_staleness]
 
     @property
     def fates(self) -> list[str]:
@@ -176,12 +178,9 @@ class TrajectoryPrices(_Columnar):
 
     @classmethod
     def of(cls, decisions: Sequence[TrajectoryDecision]) -> TrajectoryPrices:
-        def col(name: str, dtype=float) -> np.ndarray:
-            return np.array([getattr(d, name) for d in decisions], dtype=dtype)
-
-        return cls(np.array([FATES.index(d.fate) for d in decisions], dtype=np.int8), col("gain"), col("cost"),
-                   col("risk"), col("price"), col("advantage"), col("staleness", np.int64), col("depreciation"),
-                   col("risk_variance"), col("risk_staleness"))
+        return cls(np.array([FATES.index(d.fate) for d in decisions], dtype=np.int8),
+                   *(cls._gather(decisions, f.name, np.int64 if f.name == "staleness" else float)
+                     for f in fields(TrajectoryDecision)[1:]))
 
 
 Columnar = TypeVar("Columnar", TrajectoryColumns, PromptPlan, TrajectoryPrices)
@@ -285,7 +284,7 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: dict[str, np.ndarray],
                  n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,) and `arrays` of
-    prompt_arrays: (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,), one n per prompt."""
+    prompt_arrays: (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,), an n per prompt."""
     table = n.ndim == 2
     p, col = (p[:, None], {k: v[:, None] for k, v in arrays.items()}) if table else (p, arrays)
     gain = expected_group_gain(p, n, cfg.value, cfg.gain_half_samples)
@@ -383,8 +382,6 @@ def price_components_arrays(cfg: BudgetConfig, state: BudgetState,
                         risk_aversion=cfg.risk_aversion, risk_k=risk_factor(cfg.risk_measure, cfg.cvar_alpha))
 
 
-# A fate rule returns one fate code (index into FATES) per trajectory, (N,) int8.
-
 def fates_none(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[str, np.ndarray]) -> np.ndarray:
     """`none`: vanilla GRPO/PPO, every trajectory is trained on."""
     return np.full(len(arrays["reward"]), TRAINED, dtype=np.int8)
@@ -423,7 +420,7 @@ def fates_marginal(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[
 
 
 PlanFn = Callable[[BudgetConfig, BudgetState, Sequence[str], int, np.random.Generator, SampleLimits], PromptPlan]
-FateFn = Callable[[BudgetConfig, dict, dict], np.ndarray]
+FateFn = Callable[[BudgetConfig, dict, dict], np.ndarray]  # (N,) int8: a fate code (index into FATES) per trajectory
 
 PLANNERS: dict[str, PlanFn] = {"none": _uniform_plan, "zero_var": _uniform_plan, "max_var": _uniform_plan,
                                "prior": _prior_plan, "marginal": _marginal_plan}
