@@ -208,6 +208,7 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     step_ppt = memoryview((gain[:, 1:] - gain[:, :-1] - cost[:, 1:] + cost[:, :-1])
                           / np.maximum(tokens[:, 1:] - tokens[:, :-1], 1e-12))
     tok = memoryview(tokens)
+    smallest_block = block_tokens.min(axis=1).tolist() if by_tokens else [0.0] * num
     alloc = [0] * num
     # Plain Python from here (memoryviews index to Python floats): a few hundred heap operations, where numpy
     # scalars would dominate. Each prompt has at most one option in the heap, so the pop order is that of the keys
@@ -221,7 +222,7 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
         need_tokens, need_samples = tok[c, to] - tok[c, frm] if by_tokens else 0.0, to - frm
         if need_tokens > left_tokens + 1e-9 or need_samples > left_samples + 1e-9:
             # an entry re-enters with the best block that still fits, if one may
-            if frm == 0 and min_n <= left_samples + 1e-9:
+            if frm == 0 and min_n <= left_samples + 1e-9 and smallest_block[c] <= left_tokens + 1e-9:
                 best, best_ppt = -1, 0.0
                 for k, (ppt, need) in enumerate(zip(block_ppt[c].tolist(), block_tokens[c].tolist(), strict=True)):
                     if ppt > best_ppt and need <= left_tokens + 1e-9 and min_n + k <= left_samples + 1e-9:
