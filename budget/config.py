@@ -34,6 +34,11 @@ class BudgetConfig:
         metadata={"help": "with token_budget: the planner never plans more than this multiple of the budget in "
                           "one step"},
     )
+    max_samples_per_step: int = field(
+        default=0,
+        metadata={"help": "with token_budget: the planner never plans more than this many samples in one step; "
+                          "0 = budget_slack × prompts_per_step × group_size"},
+    )
     controller_rate: float = field(
         default=0.3,
         metadata={"help": "with token_budget: step size of the multiplicative dual update κ ← "
@@ -113,6 +118,9 @@ class BudgetConfig:
             raise ValueError(f"pool_factor: expected an integer >= 1, got {self.pool_factor}")
         if not math.isfinite(self.target_reward):
             raise ValueError(f"target_reward: expected a finite number, got {self.target_reward}")
+        if self.max_samples_per_step < 0:
+            raise ValueError(f"max_samples_per_step: expected an integer >= 0 (0 = budget_slack × samples per step), "
+                             f"got {self.max_samples_per_step}")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         for key in ("value", "kappa_rollout", "kappa_verify", "kappa_update", "risk_aversion", "drift_prior",

@@ -12,8 +12,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from budget.policies import FATES, TrajectoryDecision, group_indices
-from rollout.types import Trajectory
+import numpy as np
+
+from budget.policies import FATES, TrajectoryDecision, TrajectoryPrices, as_columnar
+from budget.pricing import group_range
+from rollout.types import Trajectory, TrajectoryColumns
 
 USES = ("prefill", "decode", "observation", "verify", "train")
 
@@ -47,35 +50,35 @@ class Ledger:
     hindsight_train: int = 0  # training tokens spent on such groups (policies that train on them)
     evals: list[list[float]] = field(default_factory=list)  # [step, eval reward, total tokens at that point]
 
-    def record_step(self, trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision],
-                    num_iterations: int, prompts_skipped: int = 0) -> None:
-        # one pass, local sums: this runs every step on every trajectory, inside the budget's 1 % of a step
-        rollout = [0] * len(trajectories)
-        trained = [0] * len(trajectories)
-        prefill = decode = observation = verify = train = 0
-        reward_sum = 0.0
-        by_fate, count_by_fate = self.by_fate, self.trajectories_by_fate
-        for i, (t, d) in enumerate(zip(trajectories, decisions, strict=True)):
-            p, c, pol, v = len(t.prompt_ids), len(t.completion_ids), sum(t.completion_mask), t.tokens_verify
-            prefill, decode, verify, observation = prefill + p, decode + pol, verify + v, observation + c - pol - v
-            rollout[i] = p + c  # = the sum of trajectory_tokens(t)
-            by_fate[d.fate] += p + c
-            count_by_fate[d.fate] += 1
-            if d.fate == "trained":
-                trained[i] = (p + c) * num_iterations  # = train_tokens(t, num_iterations)
-                train += trained[i]
-            reward_sum += t.reward
-        for use, n in (("prefill", prefill), ("decode", decode), ("observation", observation), ("verify", verify),
-                       ("train", train)):
+    def record_step(self, trajectories: Sequence[Trajectory] | TrajectoryColumns,
+                    decisions: Sequence[TrajectoryDecision] | TrajectoryPrices, num_iterations: int,
+                    prompts_skipped: int = 0) -> None:
+        cols, prices = as_columnar(trajectories, TrajectoryColumns), as_columnar(decisions, TrajectoryPrices)
+        if len(cols) != len(prices):
+            raise ValueError(f"record_step: {len(prices)} decisions for {len(cols)} trajectories")
+        rollout = cols.tokens_rollout  # = the sum of trajectory_tokens(t)
+        trained = rollout * prices.trained * num_iterations  # = train_tokens(t, num_iterations) when trained
+        prefill, decode = int(cols.tokens_prompt.sum()), int(cols.tokens_policy.sum())
+        verify = int(cols.tokens_verify.sum())
+        for use, n in (("prefill", prefill), ("decode", decode), ("verify", verify),
+                       ("observation", int(cols.tokens_completion.sum()) - decode - verify),
+                       ("train", int(trained.sum()))):
             self.by_use[use] += n
-        self.reward_sum += reward_sum
-        for idx in group_indices(trajectories).values():
-            self.groups += 1
-            if len({trajectories[i].reward for i in idx}) == 1:
-                self.zero_signal_groups += 1
-                self.hindsight_rollout += sum(rollout[i] for i in idx)
-                self.hindsight_train += sum(trained[i] for i in idx)
-        self.prompts_skipped += prompts_skipped
+        tokens_by_fate = np.bincount(prices.fate_code, weights=rollout, minlength=len(FATES)).astype(np.int64)
+        count_by_fate = np.bincount(prices.fate_code, minlength=len(FATES))
+        for fate, tokens, count in zip(FATES, tokens_by_fate.tolist(), count_by_fate.tolist(), strict=True):
+            self.by_fate[fate] += tokens
+            self.trajectories_by_fate[fate] += count
+        if len(cols):
+            self.reward_sum += float(np.cumsum(cols.reward)[-1])  # left to right, as summing the records one by one
+        lo, hi = group_range(cols.reward, cols.group, cols.num_groups)
+        flat_group = lo == hi  # the group's rewards were all equal: it carried no signal
+        flat = flat_group[cols.group]
+        self.groups += cols.num_groups
+        self.zero_signal_groups += int(flat_group.sum())
+        self.hindsight_rollout += int(rollout[flat].sum())
+        self.hindsight_train += int(trained[flat].sum())
+        self.prompts_skipped += int(prompts_skipped)
         self.steps += 1
 
     def record_eval(self, step: int, reward: float) -> None:

@@ -7,58 +7,80 @@ from collections.abc import Sequence
 import numpy as np
 
 from budget.config import BudgetConfig
-from budget.policies import FATES, BudgetState, PromptDecision, TrajectoryDecision, current_drift, group_indices
-from rollout.types import Trajectory
+from budget.policies import (
+    FATES,
+    BudgetState,
+    PromptDecision,
+    PromptPlan,
+    TrajectoryDecision,
+    TrajectoryPrices,
+    as_columnar,
+    current_drift,
+)
+from budget.pricing import group_range
+from rollout.types import Trajectory, TrajectoryColumns
 
 COMPONENTS = ("gain", "cost", "risk", "price", "advantage", "depreciation", "risk_variance", "risk_staleness")
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return float(np.mean(xs)) if len(xs) else float("nan")
+def _mean(total: float, n: int) -> float:
+    """total / n, NaN when there is nothing to average."""
+    return float(total / n) if n else float("nan")
 
 
-def price_components(decisions: Sequence[TrajectoryDecision]) -> dict[str, list[float]]:
-    """Every recorded price component, one list per component over the step's trajectories (for histograms)."""
-    return {k: [float(getattr(d, k)) for d in decisions] for k in COMPONENTS}
+def price_components(decisions: Sequence[TrajectoryDecision] | TrajectoryPrices) -> dict[str, np.ndarray]:
+    """Every recorded price component, one read-only (N,) array per component over the step's trajectories (for
+    histograms)."""
+    prices = as_columnar(decisions, TrajectoryPrices)
+    return {k: getattr(prices, k) for k in COMPONENTS}
 
 
-def step_metrics(plan: Sequence[PromptDecision], decisions: Sequence[TrajectoryDecision],
-                 trajectories: Sequence[Trajectory], state: BudgetState, *,
+def step_metrics(plan: Sequence[PromptDecision] | PromptPlan,
+                 decisions: Sequence[TrajectoryDecision] | TrajectoryPrices,
+                 trajectories: Sequence[Trajectory] | TrajectoryColumns, state: BudgetState, *,
                  cfg: BudgetConfig | None = None) -> dict[str, float]:
     """This step's `budget/...` scalars. Means are NaN where there is nothing to average. Controller and drift
     values are those of `state` as passed (call after update_state to log the values the next step will use)."""
-    sampled = [d for d in plan if d.samples > 0]
-    groups = group_indices(trajectories)
-    informative = [len({trajectories[i].reward for i in idx}) > 1 for idx in groups.values()]
+    plan, prices = as_columnar(plan, PromptPlan), as_columnar(decisions, TrajectoryPrices)
+    cols = as_columnar(trajectories, TrajectoryColumns)
+    sampled = plan.samples > 0
+    n_plan, n_sampled, n = len(plan), int(np.count_nonzero(sampled)), len(prices)
+    # several columns summed at once, one C-contiguous row each: a row sums as its column alone would (as np.mean)
+    plan_rows = np.stack([plan.gain, plan.cost, plan.price, plan.pass_rate, plan.informative, plan.samples])
+    gain, cost, price, pass_rate, informative, samples = plan_rows.compress(sampled, axis=1).sum(axis=1).tolist()
+    price_rows = np.stack([prices.price, prices.gain, prices.cost, prices.risk, prices.staleness, prices.depreciation])
+    t_price, t_gain, t_cost, t_risk, t_staleness, t_depreciation = price_rows.sum(axis=1).tolist()
+    lo, hi = group_range(cols.reward, cols.group, cols.num_groups)
+    fates = np.bincount(prices.fate_code, minlength=len(FATES)).tolist()
     out: dict[str, float] = {
-        "budget/prompts_candidates": float(len(plan)),
-        "budget/prompts_sampled": float(len(sampled)),
-        "budget/prompts_skipped": float(len(plan) - len(sampled)),
-        "budget/samples_planned": float(sum(d.samples for d in sampled)),
-        "budget/group_size_mean": _mean([d.samples for d in sampled]),
-        "budget/group_size_max": float(max((d.samples for d in sampled), default=0)),
-        "budget/planned_tokens": float(sum(d.tokens for d in sampled)),
-        "budget/prompt_gain_mean": _mean([d.gain for d in sampled]),
-        "budget/prompt_cost_mean": _mean([d.cost for d in sampled]),
-        "budget/prompt_price_mean": _mean([d.price for d in sampled]),
-        "budget/prompt_price_skipped_mean": _mean([d.price for d in plan if d.samples == 0]),
-        "budget/prompt_pass_rate_mean": _mean([d.pass_rate for d in sampled]),
-        "budget/prompt_informative_pred": _mean([d.informative for d in sampled]),
-        "budget/groups_informative_fraction": _mean([float(x) for x in informative]),
-        "budget/admitted_fraction": _mean([float(d.trained) for d in decisions]),
-        "budget/price_mean": _mean([d.price for d in decisions]),
-        "budget/gain_mean": _mean([d.gain for d in decisions]),
-        "budget/cost_mean": _mean([d.cost for d in decisions]),
-        "budget/risk_mean": _mean([d.risk for d in decisions]),
-        "budget/positive_price_fraction": _mean([float(d.price > 0) for d in decisions]),
-        "budget/staleness_mean": _mean([float(d.staleness) for d in decisions]),
-        "budget/depreciation_mean": _mean([d.depreciation for d in decisions]),
+        "budget/prompts_candidates": float(n_plan),
+        "budget/prompts_sampled": float(n_sampled),
+        "budget/prompts_skipped": float(n_plan - n_sampled),
+        "budget/samples_planned": samples,
+        "budget/group_size_mean": _mean(samples, n_sampled),
+        "budget/group_size_max": float(plan.samples.max(initial=0)),
+        "budget/planned_tokens": float(sum(plan.tokens[sampled].tolist())),
+        "budget/prompt_gain_mean": _mean(gain, n_sampled),
+        "budget/prompt_cost_mean": _mean(cost, n_sampled),
+        "budget/prompt_price_mean": _mean(price, n_sampled),
+        "budget/prompt_price_skipped_mean": _mean(plan.price[~sampled].sum(), n_plan - n_sampled),
+        "budget/prompt_pass_rate_mean": _mean(pass_rate, n_sampled),
+        "budget/prompt_informative_pred": _mean(informative, n_sampled),
+        "budget/groups_informative_fraction": _mean(int(np.count_nonzero(lo != hi)), cols.num_groups),
+        "budget/admitted_fraction": _mean(fates[0], n),
+        "budget/price_mean": _mean(t_price, n),
+        "budget/gain_mean": _mean(t_gain, n),
+        "budget/cost_mean": _mean(t_cost, n),
+        "budget/risk_mean": _mean(t_risk, n),
+        "budget/positive_price_fraction": _mean(int(np.count_nonzero(prices.price > 0)), n),
+        "budget/staleness_mean": _mean(t_staleness, n),
+        "budget/depreciation_mean": _mean(t_depreciation, n),
         "budget/kappa_scale": float(state.kappa_scale),
         "budget/spend_tokens": float(state.last_spend),
         "budget/prompts_tracked": float(len(state.prompts)),
         "budget/drift": float("nan") if state.drift is None else float(state.drift),
     }
-    out.update({f"budget/fraction_{fate}": _mean([float(d.fate == fate) for d in decisions]) for fate in FATES})
+    out.update({f"budget/fraction_{fate}": _mean(k, n) for fate, k in zip(FATES, fates, strict=True)})
     if cfg is not None:
         out["budget/drift"] = current_drift(cfg, state)
         out["budget/controller_price"] = state.kappa_scale * cfg.kappa_rollout

@@ -9,13 +9,20 @@ Every policy goes through the same three pure calls, so the trainer never change
 `state` (BudgetState) is the only memory: per-prompt pass-rate posteriors, the drift estimate and the controller's
 price. It is plain data, saved and restored with the checkpoint. The formulas live in budget/pricing.py; every policy
 records the same price components (so arms can be compared), only the rule that sets the fate differs.
+
+Results are columnar (PromptPlan, TrajectoryPrices: numpy arrays, one entry per prompt or trajectory) and read as
+sequences of PromptDecision / TrajectoryDecision. Trajectories come in as rollout's TrajectoryColumns, built once per
+step, or as a sequence of Trajectory records (converted here).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
+from operator import attrgetter
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -27,14 +34,17 @@ from budget.pricing import (
     expected_group_gain,
     expected_group_tokens,
     fade_posterior,
+    group_range,
     informative_prob,
-    max_variance_subset,
+    max_variance_keep,
     price_arrays,
     risk_factor,
 )
-from rollout.types import Trajectory
+from rollout.types import Trajectory, TrajectoryColumns
 
 FATES = ("trained", "zero_signal", "dropped_price", "dropped_stale")
+TRAINED, ZERO_SIGNAL, DROPPED_PRICE, DROPPED_STALE = range(len(FATES))  # fate codes: FATES[code]
+_FATE_NAMES = np.array(FATES, dtype=object)
 
 
 @dataclass
@@ -73,6 +83,113 @@ class TrajectoryDecision:
     @property
     def trained(self) -> bool:
         return self.fate == "trained"
+
+
+class _Columnar(Sequence):
+    """A columnar result that also reads as a sequence of `record`s (one per row), for code that iterates."""
+
+    record: ClassVar[type]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # frozen all the way down: consumers get the arrays themselves, not copies
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
+    def _columns(self) -> list[Any]:
+        """One column per field of `record`, in its field order (arrays or lists)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _gather(records: Sequence, name: str, dtype: type = float) -> np.ndarray:
+        """Field `name` of every record, as an array."""
+        return np.array([getattr(r, name) for r in records], dtype=dtype)
+
+    def __iter__(self) -> Iterator[Any]:
+        cols = [c.tolist() if isinstance(c, np.ndarray) else c for c in self._columns()]
+        return (self.record(*row) for row in zip(*cols, strict=True))
+
+    def __getitem__(self, i: int) -> Any:
+        i = range(len(self))[i]  # negative indices and IndexError as a list has them
+        return self.record(*(c.item(i) if isinstance(c, np.ndarray) else c[i] for c in self._columns()))
+
+
+@dataclass(frozen=True, eq=False)
+class PromptPlan(_Columnar):
+    """plan_prompts' result: one entry per candidate prompt, in candidate order (fields as in PromptDecision)."""
+
+    record: ClassVar[type] = PromptDecision
+    prompt_ids: list[str]
+    samples: np.ndarray  # (P,) int64; 0 = skipped before rollout
+    pass_rate: np.ndarray  # (P,) float64, and so on below
+    gain: np.ndarray
+    cost: np.ndarray
+    price: np.ndarray
+    risk: np.ndarray
+    sampled_rate: np.ndarray
+    informative: np.ndarray
+    tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _columns(self) -> list[Any]:
+        return [self.prompt_ids, self.samples, self.pass_rate, self.gain, self.cost, self.price, self.risk,
+                self.sampled_rate, self.informative, self.tokens]
+
+    @classmethod
+    def of(cls, decisions: Sequence[PromptDecision]) -> PromptPlan:
+        return cls([d.prompt_id for d in decisions], cls._gather(decisions, "samples", np.int64),
+                   *(cls._gather(decisions, f.name) for f in fields(PromptDecision)[2:]))
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectoryPrices(_Columnar):
+    """price_trajectories' result: one entry per trajectory, in trajectory order (fields as in TrajectoryDecision;
+    the fate as a code into FATES)."""
+
+    record: ClassVar[type] = TrajectoryDecision
+    fate_code: np.ndarray  # (N,) int8, FATES[code]
+    gain: np.ndarray  # (N,) float64, and so on below
+    cost: np.ndarray
+    risk: np.ndarray
+    price: np.ndarray
+    advantage: np.ndarray
+    staleness: np.ndarray  # (N,) int64
+    depreciation: np.ndarray
+    risk_variance: np.ndarray
+    risk_staleness: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.fate_code)
+
+    def _columns(self) -> list[Any]:
+        return [_FATE_NAMES[self.fate_code], self.gain, self.cost, self.risk, self.price, self.advantage,
+                self.staleness, self.depreciation, self.risk_variance, self.risk_staleness]
+
+    @property
+    def fates(self) -> list[str]:
+        return _FATE_NAMES[self.fate_code].tolist()
+
+    @property
+    def trained(self) -> np.ndarray:
+        """(N,) bool: trained on."""
+        return self.fate_code == TRAINED
+
+    @classmethod
+    def of(cls, decisions: Sequence[TrajectoryDecision]) -> TrajectoryPrices:
+        return cls(np.array([FATES.index(d.fate) for d in decisions], dtype=np.int8),
+                   *(cls._gather(decisions, f.name, np.int64 if f.name == "staleness" else float)
+                     for f in fields(TrajectoryDecision)[1:]))
+
+
+Columnar = TypeVar("Columnar", TrajectoryColumns, PromptPlan, TrajectoryPrices)
+
+
+def as_columnar(records: Sequence | Columnar, cls: type[Columnar]) -> Columnar:
+    """`records` as columns of type `cls` (TrajectoryColumns, PromptPlan or TrajectoryPrices): as they are when they
+    already are, else built from the sequence of per-item records."""
+    return records if isinstance(records, cls) else cls.of(records)
 
 
 @dataclass
@@ -124,14 +241,6 @@ def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
     return cfg.drift_prior if state.drift is None else state.drift
 
 
-def group_indices(trajectories: Sequence[Trajectory]) -> dict[str, list[int]]:
-    """group_id -> indices into `trajectories`, in first-seen order."""
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(trajectories):
-        groups.setdefault(t.group_id, []).append(i)
-    return groups
-
-
 @dataclass(frozen=True)
 class SampleLimits:
     """What one step may spend on rollouts, from the rollout config."""
@@ -149,6 +258,9 @@ class SampleLimits:
 # ------------------------------------------------------------------------------------------------ before rollout
 
 
+_STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout", "tok_verify", "tok_update")
+
+
 def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str]) -> dict[str, np.ndarray]:
     """Per candidate (P,): faded posterior (alpha, beta), expected tokens per sample by use, zero-variance streak."""
     num = len(candidates)
@@ -158,57 +270,58 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     tr = np.full(num, cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout)
     tv = np.full(num, 0.0 if state.tok_verify is None else state.tok_verify)
     tu = np.full(num, cfg.prior_tokens if state.tok_update is None else state.tok_update)
-    for i, pid in enumerate(candidates):
-        s = state.prompts.get(pid)
-        if s is not None:
-            alpha[i], beta[i], age[i], streak[i] = s.alpha, s.beta, state.version - s.version, s.zero_var_streak
-            tr[i], tv[i], tu[i] = s.tok_rollout, s.tok_verify, s.tok_update
+    stats = list(map(state.prompts.get, candidates))
+    idx = np.array([i for i, s in enumerate(stats) if s is not None], dtype=np.int64)
+    if len(idx):
+        known = np.fromiter(chain.from_iterable(map(_STATS, filter(None, stats))), dtype=float, count=7 * len(idx))
+        alpha[idx], beta[idx], version, streak[idx], tr[idx], tv[idx], tu[idx] = known.reshape(-1, 7).T
+        age[idx] = state.version - version
     factor = np.exp(-current_drift(cfg, state) * np.maximum(age, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
     return {"alpha": alpha, "beta": beta, "tok_rollout": tr, "tok_verify": tv, "tok_update": tu, "streak": streak}
 
 
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: dict[str, np.ndarray],
-                 max_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(P, max_n + 1) tables of expected gain G(n), cost C(n) and tokens T(n) for n = 0..max_n."""
-    ns = np.arange(max_n + 1)[None, :]
-    col = {k: v[:, None] for k, v in arrays.items()}
-    gain = expected_group_gain(p[:, None], ns, cfg.value, cfg.gain_half_samples)
-    tr, tv, tu = expected_group_tokens(p[:, None], ns, col["tok_rollout"], col["tok_verify"], col["tok_update"])
+                 n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,) and `arrays` of
+    prompt_arrays: (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,), an n per prompt."""
+    table = n.ndim == 2
+    p, col = (p[:, None], {k: v[:, None] for k, v in arrays.items()}) if table else (p, arrays)
+    gain = expected_group_gain(p, n, cfg.value, cfg.gain_half_samples)
+    tr, tv, tu = expected_group_tokens(p, n, col["tok_rollout"], col["tok_verify"], col["tok_update"])
     cost = state.kappa_scale * (cfg.kappa_rollout * tr + cfg.kappa_verify * tv + cfg.kappa_update * tu)
     return gain, cost, tr + tv + tu
 
 
-def _decisions_from_tables(candidates: Sequence[str], samples: np.ndarray, p_mean: np.ndarray, p: np.ndarray,
-                           gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_n: int) -> list[PromptDecision]:
-    at = np.where(samples > 0, samples, min(min_n, gain.shape[1] - 1))
-    rows = np.arange(len(candidates))
-    g, c, tk = gain[rows, at], cost[rows, at], tokens[rows, at]
-    inf = informative_prob(p, at)
-    return [PromptDecision(prompt_id=pid, samples=int(samples[i]), pass_rate=float(p_mean[i]), gain=float(g[i]),
-                           cost=float(c[i]), price=float(g[i] - c[i]), sampled_rate=float(p[i]),
-                           informative=float(inf[i]), tokens=float(tk[i])) for i, pid in enumerate(candidates)]
+def _plan(candidates: Sequence[str], samples: np.ndarray, at: np.ndarray, p_mean: np.ndarray, p: np.ndarray,
+          gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray) -> PromptPlan:
+    """The plan, priced at group size `at` (the samples allocated, or the smallest group for a skipped prompt)."""
+    return PromptPlan(list(candidates), samples.astype(np.int64), p_mean, gain, cost, gain - cost, np.zeros(len(at)), p,
+                      informative_prob(p, at), tokens)
+
+
+def _smallest_group(samples: np.ndarray, limits: SampleLimits, max_n: int) -> np.ndarray:
+    return np.where(samples > 0, samples, min(limits.min_group_size, max_n))
 
 
 def _priced_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], samples: np.ndarray,
-                 limits: SampleLimits) -> list[PromptDecision]:
-    """Decisions for a given allocation, priced at the posterior mean (for logging under the unpriced policies)."""
-    arr = prompt_arrays(cfg, state, candidates)
+                 limits: SampleLimits, arr: dict[str, np.ndarray]) -> PromptPlan:
+    """The plan for a given allocation, priced at the posterior mean (for logging under the unpriced policies);
+    `arr`: prompt_arrays of the candidates."""
     p = arr["alpha"] / (arr["alpha"] + arr["beta"])
-    max_n = max(limits.max_group_size, limits.group_size, limits.min_group_size)
-    gain, cost, tokens = group_tables(cfg, state, p, arr, max_n)
-    return _decisions_from_tables(candidates, samples, p, p, gain, cost, tokens, limits.min_group_size)
+    at = _smallest_group(samples, limits, max(limits.max_group_size, limits.group_size, limits.min_group_size))
+    return _plan(candidates, samples, at, p, p, *group_tables(cfg, state, p, arr, at))
 
 
 def _uniform_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
-                  rng: np.random.Generator, limits: SampleLimits) -> list[PromptDecision]:
+                  rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
     """The first `prompts_per_step` candidates (the trainer shuffles them) get `group_size` samples each."""
     samples = np.where(np.arange(len(candidates)) < limits.prompts_per_step, limits.group_size, 0)
-    return _priced_plan(cfg, state, candidates, samples, limits)
+    return _priced_plan(cfg, state, candidates, samples, limits, prompt_arrays(cfg, state, candidates))
 
 
 def _prior_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
-                rng: np.random.Generator, limits: SampleLimits) -> list[PromptDecision]:
+                rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
     """`prior`: skip prompts before rollout from their history, as GRESO does (Zhang et al. 2025, arXiv 2506.02177):
     a prompt whose last z groups were all zero-variance is rolled out with probability explore_prob**z (so it is
     still explored now and then), the others always; candidates are taken in order until prompts_per_step are kept.
@@ -216,42 +329,48 @@ def _prior_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str]
     arr = prompt_arrays(cfg, state, candidates)
     keep = rng.random(len(candidates)) < cfg.explore_prob ** arr["streak"].astype(float)
     chosen = keep & (np.cumsum(keep) <= limits.prompts_per_step)
-    return _priced_plan(cfg, state, candidates, np.where(chosen, limits.group_size, 0), limits)
+    return _priced_plan(cfg, state, candidates, np.where(chosen, limits.group_size, 0), limits, arr)
+
+
+def planner_limits(cfg: BudgetConfig, limits: SampleLimits) -> tuple[float, float]:
+    """(max samples, max expected tokens) the `marginal` planner may allocate in one step: samples_per_step under
+    fixed prices; with a token budget, token_budget × budget_slack tokens and max_samples_per_step samples
+    (0: samples_per_step × budget_slack)."""
+    if cfg.token_budget <= 0:
+        return limits.samples_per_step, math.inf
+    return (cfg.max_samples_per_step or limits.samples_per_step * cfg.budget_slack,
+            cfg.token_budget * cfg.budget_slack)
 
 
 def _marginal_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
-                   rng: np.random.Generator, limits: SampleLimits) -> list[PromptDecision]:
+                   rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
     """`marginal` (seed paper, arXiv 2605.01214): price the next sample of every candidate, G(n) − G(n−1) against
     C(n) − C(n−1) (budget/pricing.py), at a pass rate drawn from its drift-faded posterior (Thompson sampling keeps
     unseen and long-unseen prompts, whose posteriors are wide, from starving), and hand samples out greedily to the
-    highest price per token until the step's budget is spent or no price is positive. Groups get
-    min_group_size..max_group_size samples. Budget: samples_per_step samples, or token_budget × budget_slack
-    expected tokens when a token budget is set (the controller then keeps the realised spend on the budget)."""
+    highest price per token until the step's limits (planner_limits) are spent or no price is positive. Groups get
+    min_group_size..max_group_size samples. With a token budget the controller keeps the realised spend on it."""
     arr = prompt_arrays(cfg, state, candidates)
     p_mean = arr["alpha"] / (arr["alpha"] + arr["beta"])
     p = rng.beta(arr["alpha"], arr["beta"]) if cfg.thompson and len(candidates) else p_mean
-    gain, cost, tokens = group_tables(cfg, state, p, arr, limits.max_group_size)
-    by_tokens = cfg.token_budget > 0
-    budget = cfg.token_budget * cfg.budget_slack if by_tokens else limits.samples_per_step
-    samples = allocate_greedy(gain, cost, tokens, limits.min_group_size, limits.max_group_size, budget, by_tokens)
-    return _decisions_from_tables(candidates, samples, p_mean, p, gain, cost, tokens, limits.min_group_size)
+    max_n = limits.max_group_size
+    gain, cost, tokens = group_tables(cfg, state, p, arr, np.arange(max_n + 1)[None, :])
+    max_samples, max_tokens = planner_limits(cfg, limits)
+    samples = allocate_greedy(gain, cost, tokens, limits.min_group_size, max_n, max_samples=max_samples,
+                              max_tokens=max_tokens)
+    at = _smallest_group(samples, limits, max_n)
+    rows = np.arange(len(candidates))
+    return _plan(candidates, samples, at, p_mean, p, gain[rows, at], cost[rows, at], tokens[rows, at])
 
 
 # ------------------------------------------------------------------------------------------------- after rollout
 
 
-def trajectory_arrays(trajectories: Sequence[Trajectory], current_version: int,
+def trajectory_arrays(columns: TrajectoryColumns, current_version: int,
                       num_iterations: int = 1) -> dict[str, np.ndarray]:
     """The per-trajectory numbers pricing needs, (N,) each: reward, dense group id, update tokens, staleness."""
-    ids: dict[str, int] = {}
-    group = np.fromiter((ids.setdefault(t.group_id, len(ids)) for t in trajectories), dtype=np.int64,
-                        count=len(trajectories))
-    rewards = np.fromiter((t.reward for t in trajectories), dtype=float, count=len(trajectories))
-    tokens = np.fromiter((len(t.prompt_ids) + len(t.completion_ids) for t in trajectories), dtype=float,
-                         count=len(trajectories))
-    version = np.fromiter((t.behavior_version for t in trajectories), dtype=float, count=len(trajectories))
-    return {"reward": rewards, "group": group, "tokens_update": tokens * num_iterations,
-            "staleness": current_version - version}
+    return {"reward": columns.reward, "group": columns.group,
+            "tokens_update": columns.tokens_rollout * num_iterations,
+            "staleness": current_version - columns.behavior_version}
 
 
 def price_components_arrays(cfg: BudgetConfig, state: BudgetState,
@@ -265,27 +384,25 @@ def price_components_arrays(cfg: BudgetConfig, state: BudgetState,
 
 def fates_none(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[str, np.ndarray]) -> np.ndarray:
     """`none`: vanilla GRPO/PPO, every trajectory is trained on."""
-    return np.full(len(arrays["reward"]), "trained", dtype=object)
+    return np.full(len(arrays["reward"]), TRAINED, dtype=np.int8)
 
 
 def fates_zero_var(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[str, np.ndarray]) -> np.ndarray:
     """`zero_var`: DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476): a group whose rewards are all equal
     has zero group-relative advantage everywhere, so it carries no gradient and is not trained on."""
-    return np.where(comp["zero_var"], "zero_signal", "trained").astype(object)
+    return np.where(comp["zero_var"], ZERO_SIGNAL, TRAINED).astype(np.int8)
 
 
 def fates_max_var(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[str, np.ndarray]) -> np.ndarray:
     """`max_var`: PODS max-variance down-sampling (Xu et al. 2025, arXiv 2504.13818): of each group of n keep the
     subset of m = max(2, round(keep_fraction·n)) with the largest reward variance (top-k and bottom-(m − k) rewards);
     the rest are dropped (fate dropped_price). As in PODS, a zero-variance group's subset is still trained on."""
-    fates = np.full(len(arrays["reward"]), "dropped_price", dtype=object)
     rewards, group = arrays["reward"], arrays["group"]
-    order = np.argsort(group, kind="stable")
-    bounds = np.flatnonzero(np.diff(group[order])) + 1
-    for members in np.split(order, bounds) if len(order) else []:
-        m = min(len(members), max(2, round(cfg.keep_fraction * len(members))))
-        fates[members[max_variance_subset(rewards[members], m)]] = "trained"
-    return fates
+    if not len(rewards):
+        return np.zeros(0, dtype=np.int8)
+    count = np.bincount(group)
+    keep = np.minimum(count, np.maximum(2, np.rint(cfg.keep_fraction * count).astype(np.int64)))  # rint: as round()
+    return np.where(max_variance_keep(rewards, group, keep), TRAINED, DROPPED_PRICE).astype(np.int8)
 
 
 def fates_marginal(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[str, np.ndarray]) -> np.ndarray:
@@ -295,16 +412,15 @@ def fates_marginal(cfg: BudgetConfig, arrays: dict[str, np.ndarray], comp: dict[
     trainer recomputes advantages over admitted members) is dropped_price as a whole."""
     fresh_price = comp["gain_fresh"] - comp["cost"] - comp["risk_variance"]
     admit = consistent_admission(comp["price"] > 0, arrays["reward"], arrays["group"])
-    fates = np.where(fresh_price > 0, "dropped_stale", "dropped_price").astype(object)
-    fates[(comp["price"] > 0) & ~admit] = "dropped_price"
-    fates[admit] = "trained"
-    fates[comp["zero_var"]] = "zero_signal"
+    fates = np.where(fresh_price > 0, DROPPED_STALE, DROPPED_PRICE).astype(np.int8)
+    fates[(comp["price"] > 0) & ~admit] = DROPPED_PRICE
+    fates[admit] = TRAINED
+    fates[comp["zero_var"]] = ZERO_SIGNAL
     return fates
 
 
-PlanFn = Callable[[BudgetConfig, BudgetState, Sequence[str], int, np.random.Generator, SampleLimits],
-                  list[PromptDecision]]
-FateFn = Callable[[BudgetConfig, dict, dict], np.ndarray]
+PlanFn = Callable[[BudgetConfig, BudgetState, Sequence[str], int, np.random.Generator, SampleLimits], PromptPlan]
+FateFn = Callable[[BudgetConfig, dict, dict], np.ndarray]  # (N,) int8: a fate code (index into FATES) per trajectory
 
 PLANNERS: dict[str, PlanFn] = {"none": _uniform_plan, "zero_var": _uniform_plan, "max_var": _uniform_plan,
                                "prior": _prior_plan, "marginal": _marginal_plan}
@@ -313,28 +429,23 @@ FATE_RULES: dict[str, FateFn] = {"none": fates_none, "zero_var": fates_zero_var,
 
 
 def plan_prompts(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
-                 rng: np.random.Generator, limits: SampleLimits) -> list[PromptDecision]:
+                 rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
     """Before rollout: how many samples each candidate prompt gets (0 = skipped before rollout).
 
     `candidates` is a shuffled pool of prompt ids, `budget.pool_factor` times `prompts_per_step` long, so that a
-    pricing policy can choose; it returns one decision per candidate, in the same order."""
+    pricing policy can choose; it returns one entry per candidate, in the same order."""
     return PLANNERS[cfg.policy](cfg, state, candidates, step, rng, limits)
 
 
-def price_trajectories(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[Trajectory],
-                       current_version: int, *, num_iterations: int = 1) -> list[TrajectoryDecision]:
+def price_trajectories(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[Trajectory] | TrajectoryColumns,
+                       current_version: int, *, num_iterations: int = 1) -> TrajectoryPrices:
     """After rollout: price every trajectory and give it a fate (see FATES). Every policy records the same price
     components; the policy's rule sets the fate. `num_iterations`: training epochs, which multiply update tokens."""
-    if not trajectories:
-        return []
-    arrays = trajectory_arrays(trajectories, current_version, num_iterations)
+    arrays = trajectory_arrays(as_columnar(trajectories, TrajectoryColumns), current_version, num_iterations)
     comp = price_components_arrays(cfg, state, arrays)
-    fates = FATE_RULES[cfg.policy](cfg, arrays, comp)
-    cols = [comp[k].tolist() for k in ("gain", "cost", "risk", "price", "advantage", "depreciation", "risk_variance",
-                                       "risk_staleness")]
-    stale = arrays["staleness"].astype(np.int64).tolist()
-    return [TrajectoryDecision(f, g, c, r, p, a, s, d, rv, rs)
-            for f, g, c, r, p, a, d, rv, rs, s in zip(fates.tolist(), *cols, stale, strict=True)]
+    return TrajectoryPrices(FATE_RULES[cfg.policy](cfg, arrays, comp), comp["gain"], comp["cost"], comp["risk"],
+                            comp["price"], comp["advantage"], arrays["staleness"].astype(np.int64),
+                            comp["depreciation"], comp["risk_variance"], comp["risk_staleness"])
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -344,9 +455,10 @@ def _ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else weight * old + (1.0 - weight) * new
 
 
-def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[Trajectory], step: int,
-                 current_version: int, drift_kl: float | None = None, *,
-                 decisions: Sequence[TrajectoryDecision] | None = None, num_iterations: int = 1) -> None:
+def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[Trajectory] | TrajectoryColumns,
+                 step: int, current_version: int, drift_kl: float | None = None, *,
+                 decisions: Sequence[TrajectoryDecision] | TrajectoryPrices | None = None,
+                 num_iterations: int = 1) -> None:
     """After the step: fold the step's evidence into the state (drift, posteriors, token lengths, controller).
 
     `drift_kl` is the trainer's measurement of how far the policy moved per version (mean per-token KL between the
@@ -356,31 +468,34 @@ def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[T
     has faded by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered.
     Controller (token_budget > 0): spend = rollout tokens + training tokens of the trained trajectories (`decisions`;
     without them every trajectory counts as trained), then κ-scale ← κ-scale·exp(rate·(spend/budget − 1))."""
+    cols = as_columnar(trajectories, TrajectoryColumns)
+    trained = np.ones(len(cols), dtype=bool) if decisions is None else as_columnar(decisions, TrajectoryPrices).trained
+    if len(trained) != len(cols):
+        raise ValueError(f"update_state: {len(trained)} decisions for {len(cols)} trajectories")
     if drift_kl is not None and math.isfinite(drift_kl):
         state.drift = _ema(state.drift, max(float(drift_kl), 0.0), cfg.ema)
     drift = current_drift(cfg, state)
-    spend = 0.0
-    for idx in group_indices(trajectories).values():
-        # plain Python on purpose: groups are a handful of samples, where numpy's per-call overhead dominates
-        group = [trajectories[i] for i in idx]
-        n = len(group)
-        raw = [float(t.reward) for t in group]
-        successes = sum(min(max(r, 0.0), 1.0) for r in raw)
-        lengths = [t.tokens_prompt + t.tokens_completion for t in group]
-        tok_v = sum(t.tokens_verify for t in group) / n
-        tok_r = sum(lengths) / n - tok_v
-        tok_u = sum(lengths) * num_iterations / n
-        version = max(t.behavior_version for t in group)
-        pid = group[0].prompt_id
+    # per group (G,), in first-seen order; bincount sums each group's members in order, as a Python sum would
+    num_groups, group, lengths = cols.num_groups, cols.group, cols.tokens_rollout
+    count = np.bincount(group, minlength=num_groups)
+    length_sum = np.bincount(group, weights=lengths, minlength=num_groups)
+    verify_mean = np.bincount(group, weights=cols.tokens_verify, minlength=num_groups) / count
+    successes = np.bincount(group, weights=np.clip(cols.reward, 0.0, 1.0), minlength=num_groups)
+    lo, hi = group_range(cols.reward, group, num_groups)
+    _, versions = group_range(cols.behavior_version, group, num_groups)
+    per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),
+                    (length_sum / count - verify_mean).tolist(), verify_mean.tolist(),
+                    (length_sum * num_iterations / count).tolist(), versions.tolist(), (lo == hi).tolist(), strict=True)
+    for pid, n, succ, tok_r, tok_v, tok_u, version, flat in per_group:
         s = state.prompts.get(pid)
         if s is None:
             s = state.prompts[pid] = PromptStats(cfg.prior_alpha, cfg.prior_beta, version, step, 0, 0, tok_r, tok_v,
                                                  tok_u)
         factor = math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)
         a, b = fade_posterior(s.alpha, s.beta, cfg.prior_alpha, cfg.prior_beta, factor)
-        s.alpha, s.beta = float(a) + successes, float(b) + (n - successes)
+        s.alpha, s.beta = float(a) + succ, float(b) + (n - succ)
         s.version, s.last_step, s.groups = max(version, s.version), step, s.groups + 1
-        s.zero_var_streak = s.zero_var_streak + 1 if max(raw) == min(raw) else 0
+        s.zero_var_streak = s.zero_var_streak + 1 if flat else 0
         if s.groups > 1:
             s.tok_rollout, s.tok_verify, s.tok_update = (_ema(s.tok_rollout, tok_r, cfg.ema),
                                                         _ema(s.tok_verify, tok_v, cfg.ema),
@@ -388,9 +503,7 @@ def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[T
         state.tok_rollout = _ema(state.tok_rollout, tok_r, cfg.ema)
         state.tok_verify = _ema(state.tok_verify, tok_v, cfg.ema)
         state.tok_update = _ema(state.tok_update, tok_u, cfg.ema)
-    trained = [True] * len(trajectories) if decisions is None else [d.trained for d in decisions]
-    for t, tr in zip(trajectories, trained, strict=True):
-        spend += t.tokens_prompt + t.tokens_completion + (tr * (t.tokens_prompt + t.tokens_completion) * num_iterations)
+    spend = float(lengths.sum() + lengths[trained].sum() * num_iterations)
     state.last_spend = spend
     if cfg.token_budget > 0:
         state.kappa_scale = controller_step(state.kappa_scale, spend, cfg.token_budget, cfg.controller_rate,

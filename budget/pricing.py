@@ -90,25 +90,26 @@ def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarr
     num_groups = int(group.max()) + 1 if group.size else 0
     count, mean, var = group_stats(rewards, group, num_groups)
     std = np.sqrt(var)
-    zero_var_group = std <= eps
+    zero_var = (std <= eps)[group]
     dev = rewards - mean[group]
-    adv = np.where(zero_var_group[group], 0.0, dev / np.maximum(std, eps)[group])
+    adv = np.where(zero_var, 0.0, dev / np.maximum(std, eps)[group])
     abs_adv = np.abs(adv)
     adv_mass = np.bincount(group, weights=abs_adv, minlength=num_groups)  # Σ_j |A_j| per group
     group_gain = value * 4.0 * var * count / (count + n0)
     share = abs_adv / np.maximum(adv_mass, eps)[group]
-    gain0 = np.where(zero_var_group[group], 0.0, group_gain[group] * share)
+    gain0 = np.where(zero_var, 0.0, group_gain[group] * share)
     n = count[group]
     rel_err = np.minimum(1.0, 1.0 / np.maximum(np.sqrt(n) * abs_adv, eps))
     dep = depreciation(staleness, drift, drift_scale)
-    risk_variance = risk_aversion * risk_k * gain0 * rel_err
-    risk_staleness = risk_aversion * risk_k * gain0 * (1.0 - dep)
+    at_risk = risk_aversion * risk_k * gain0
+    risk_variance = at_risk * rel_err
+    risk_staleness = at_risk * (1.0 - dep)
     gain = gain0 * dep
     cost = kappa_update * np.asarray(tokens_update, dtype=float)
     risk = risk_variance + risk_staleness
     return {"advantage": adv, "gain": gain, "cost": cost, "risk": risk, "risk_variance": risk_variance,
             "risk_staleness": risk_staleness, "depreciation": dep, "price": gain - cost - risk, "gain_fresh": gain0,
-            "zero_var": zero_var_group[group]}
+            "zero_var": zero_var}
 
 
 def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -139,49 +140,106 @@ def max_variance_subset(rewards: np.ndarray, m: int) -> np.ndarray:
     return np.sort(np.concatenate([order[n - best_k:], order[: m - best_k]]))
 
 
-def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_n: int, max_n: int,
-                    budget: float, by_tokens: bool) -> np.ndarray:
+def max_variance_keep(rewards: np.ndarray, group: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """(N,) mask of the members of every group's max_variance_subset of keep[g] members, all groups at once: the same
+    subsets as max_variance_subset group by group (groups of one size and keep are searched together)."""
+    num_groups = len(keep)
+    count = np.bincount(group, minlength=num_groups)
+    order = np.lexsort((rewards, group))  # by group, then reward; ties in index order, as argsort(kind="stable")
+    start = np.cumsum(count) - count
+    ranked = rewards[order]
+    mask = np.zeros(len(rewards), dtype=bool)
+    for n, m in set(zip(count.tolist(), keep.tolist(), strict=True)):
+        pos = start[(count == n) & (keep == m), None] + np.arange(n)  # (g, n) positions in `order`, by reward
+        if m >= n:
+            mask[order[pos]] = True
+            continue
+        # candidate k (in max_variance_subset's order) = the top k and bottom m − k, as positions in a sorted row
+        ks = sorted(range(m + 1), key=lambda k: abs(2 * k - m))
+        picks = np.array([list(range(n - k, n)) + list(range(m - k)) for k in ks])  # (m + 1, m)
+        r = ranked[pos[:, picks]]  # (g, m + 1, m)
+        dev = r - r.sum(axis=2, keepdims=True) / m
+        var = ((dev * dev).sum(axis=2) / m).tolist()  # np.var(r, axis=2), the same operations without its overhead
+        best = []
+        for row in var:  # the first candidate that beats all before it by more than 1e-12, as max_variance_subset
+            b = 0
+            for i in range(1, m + 1):
+                if row[i] > row[b] + 1e-12:
+                    b = i
+            best.append(b)
+        mask[order[np.take_along_axis(pos, picks[best], axis=1)]] = True
+    return mask
+
+
+def group_range(values: np.ndarray, group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: (min, max) of `values`, in their dtype. `group` holds dense ids 0..num_groups-1, none empty."""
+    lo = np.empty(num_groups, dtype=values.dtype)
+    lo[group] = values  # start every group at one of its own values
+    hi = lo.copy()
+    np.minimum.at(lo, group, values)
+    np.maximum.at(hi, group, values)
+    return lo, hi
+
+
+def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_n: int, max_n: int, *,
+                    max_samples: float | None = None, max_tokens: float | None = None) -> np.ndarray:
     """Greedy allocation of samples to P prompts, next sample to the highest price per token.
 
     gain, cost, tokens: (P, max_n + 1) totals G(n), C(n), T(n) for n = 0..max_n. A prompt enters with a block of
     n ∈ [min_n, max_n] samples, the size with the best price per token (G(n)/n rises before it falls, and a group
     smaller than min_n cannot be trained on), then grows one sample at a time. Stops when the best price is not
-    positive or nothing fits the budget: `budget` samples (by_tokens=False) or expected tokens (by_tokens=True).
-    An entry block that does not fit is replaced by the best block that does, and an increment that does not fit is
-    dropped, so the budget is spent exactly wherever the prices allow it."""
+    positive or nothing fits the limits: at most `max_samples` samples and `max_tokens` expected tokens (None or
+    inf: no such limit). An entry block that does not fit is replaced by the best block that does, and an increment
+    that does not fit is dropped, so the limits are spent exactly wherever the prices allow it."""
     num = gain.shape[0]
-    alloc = np.zeros(num, dtype=np.int64)
     if num == 0 or max_n < min_n or min_n < 1:
-        return alloc
-    sizes = np.arange(min_n, max_n + 1)
-    block_ppt = (gain[:, sizes] - cost[:, sizes]) / np.maximum(tokens[:, sizes], 1e-12)  # (P, K) entry prices per token
-    need_block = tokens[:, sizes] if by_tokens else np.broadcast_to(sizes.astype(float), block_ppt.shape)
-    heap: list[tuple[float, int, int]] = []
-    for c in range(num):
-        k = int(np.argmax(block_ppt[c]))
-        heap.append((-float(block_ppt[c, k]), c, int(sizes[k])))
+        return np.zeros(num, dtype=np.int64)
+    left_samples = math.inf if max_samples is None else float(max_samples)
+    left_tokens = math.inf if max_tokens is None else float(max_tokens)
+    by_tokens = math.isfinite(left_tokens)  # else tokens cannot fail to fit: their arithmetic is skipped
+    gain, cost = gain[:, :max_n + 1], cost[:, :max_n + 1]
+    tokens = np.ascontiguousarray(tokens[:, :max_n + 1], dtype=float)
+    block_tokens = tokens[:, min_n:]  # (P, K) entry blocks of n = min_n..max_n
+    block_ppt = (gain[:, min_n:] - cost[:, min_n:]) / np.maximum(block_tokens, 1e-12)  # per token
+    entry = np.argmax(block_ppt, axis=1)
+    entry_ppt = block_ppt[np.arange(num), entry]
+    live = np.flatnonzero(entry_ppt > 0)
+    # step_ppt[c, n]: price per token of prompt c's sample n + 1 when it has n, (P, max_n)
+    step_ppt = memoryview((gain[:, 1:] - gain[:, :-1] - cost[:, 1:] + cost[:, :-1])
+                          / np.maximum(tokens[:, 1:] - tokens[:, :-1], 1e-12))
+    tok = memoryview(tokens)
+    smallest_block = block_tokens.min(axis=1).tolist() if by_tokens else [0.0] * num
+    alloc = [0] * num
+    # Plain Python from here (memoryviews index to Python floats): a few hundred heap operations, where numpy
+    # scalars would dominate. Each prompt has at most one option in the heap, so the pop order is that of the keys
+    # (−price, prompt, size) alone; an option whose price is not positive is never pushed, as popping one would end
+    # the allocation.
+    heap = list(zip((-entry_ppt[live]).tolist(), live.tolist(), (min_n + entry[live]).tolist(), strict=True))
     heapq.heapify(heap)
-    left = float(budget)
-    while heap:
-        neg_ppt, c, to = heapq.heappop(heap)
-        if -neg_ppt <= 0:
-            break
-        frm = int(alloc[c])
-        need = (tokens[c, to] - tokens[c, frm]) if by_tokens else float(to - frm)
-        if need > left + 1e-9:
-            if frm == 0:  # re-enter with the best block that still fits
-                fits = need_block[c] <= left + 1e-9
-                if fits.any():
-                    k = int(np.argmax(np.where(fits, block_ppt[c], -np.inf)))
-                    heapq.heappush(heap, (-float(block_ppt[c, k]), c, int(sizes[k])))
+    while heap and left_samples + 1e-9 >= 1:  # every option needs a sample
+        _, c, to = heap[0]
+        frm = alloc[c]
+        need_tokens, need_samples = tok[c, to] - tok[c, frm] if by_tokens else 0.0, to - frm
+        if need_tokens > left_tokens + 1e-9 or need_samples > left_samples + 1e-9:
+            # an entry re-enters with the best block that still fits, if one may
+            if frm == 0 and min_n <= left_samples + 1e-9 and smallest_block[c] <= left_tokens + 1e-9:
+                best, best_ppt = -1, 0.0
+                for k, (ppt, need) in enumerate(zip(block_ppt[c].tolist(), block_tokens[c].tolist(), strict=True)):
+                    if ppt > best_ppt and need <= left_tokens + 1e-9 and min_n + k <= left_samples + 1e-9:
+                        best, best_ppt = k, ppt
+                if best >= 0:
+                    heapq.heapreplace(heap, (-best_ppt, c, min_n + best))
+                    continue
+            heapq.heappop(heap)
             continue
-        left -= need
+        left_tokens -= need_tokens
+        left_samples -= need_samples
         alloc[c] = to
-        if to < max_n:
-            d_tok = max(float(tokens[c, to + 1] - tokens[c, to]), 1e-12)
-            ppt = (gain[c, to + 1] - gain[c, to] - cost[c, to + 1] + cost[c, to]) / d_tok
-            heapq.heappush(heap, (-float(ppt), c, to + 1))
-    return alloc
+        if to < max_n and step_ppt[c, to] > 0:
+            heapq.heapreplace(heap, (-step_ppt[c, to], c, to + 1))
+        else:
+            heapq.heappop(heap)
+    return np.array(alloc, dtype=np.int64)
 
 
 def controller_step(scale: float, spend: float, budget: float, rate: float, lo: float, hi: float) -> float:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
 
 
 @dataclass
@@ -57,3 +61,56 @@ class Trajectory:
     @property
     def tokens_observation(self) -> int:
         return self.tokens_completion - self.tokens_policy
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectoryColumns:
+    """One step's trajectories as read-only numpy columns, (N,) each, built in one pass by `of`: what budget/ reads,
+    so that no per-trajectory number is recomputed from the records by each consumer."""
+
+    reward: np.ndarray  # float64
+    group: np.ndarray  # int64: dense group ids 0..G-1, in first-seen order
+    group_ids: list[str]  # (G,) group_id of each dense id
+    group_prompt_ids: list[str]  # (G,) prompt_id of each group (that of its first trajectory)
+    tokens_prompt: np.ndarray  # int64, as Trajectory.tokens_prompt
+    tokens_completion: np.ndarray  # int64, as Trajectory.tokens_completion (policy + observation tokens)
+    tokens_policy: np.ndarray  # int64, as Trajectory.tokens_policy
+    tokens_verify: np.ndarray  # int64, as Trajectory.tokens_verify
+    behavior_version: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, trajectories: Sequence[Trajectory]) -> TrajectoryColumns:
+        ids: dict[str, int] = {}
+        prompt_ids: list[str] = []
+        for t in trajectories:
+            if t.group_id not in ids:
+                ids[t.group_id] = len(ids)
+                prompt_ids.append(t.prompt_id)
+        n = len(trajectories)
+
+        def column(values: list, dtype=np.int64) -> np.ndarray:
+            arr = np.fromiter(values, dtype=dtype, count=n)
+            arr.flags.writeable = False
+            return arr
+
+        return cls(reward=column([t.reward for t in trajectories], float),
+                   group=column([ids[t.group_id] for t in trajectories]), group_ids=list(ids),
+                   group_prompt_ids=prompt_ids, tokens_prompt=column([len(t.prompt_ids) for t in trajectories]),
+                   tokens_completion=column([len(t.completion_ids) for t in trajectories]),
+                   tokens_policy=column([sum(t.completion_mask) for t in trajectories]),
+                   tokens_verify=column([t.tokens_verify for t in trajectories]),
+                   behavior_version=column([t.behavior_version for t in trajectories]))
+
+    def __len__(self) -> int:
+        return len(self.reward)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_ids)
+
+    @cached_property
+    def tokens_rollout(self) -> np.ndarray:
+        """Prompt + completion tokens of each trajectory (prefill, decode, observation and verification)."""
+        total = self.tokens_prompt + self.tokens_completion
+        total.flags.writeable = False
+        return total

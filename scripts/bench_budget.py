@@ -3,14 +3,21 @@
     python scripts/bench_budget.py --trajectories 1000000 --group-size 8 --repeats 5
 
 Synthetic groups (0/1 rewards at a per-group pass rate, 10-40 update tokens, 0-2 versions stale) are priced by the
-`marginal` policy. The core is the numpy path price_trajectories runs after reading the records; the end-to-end figure
-adds reading Trajectory objects and building one TrajectoryDecision per trajectory. Medians of the repeats.
+`marginal` policy. The core is the numpy path price_trajectories runs on the columns; the end-to-end figure adds
+reading Trajectory objects into TrajectoryColumns (once per step in the trainer) and returning TrajectoryPrices.
+Medians of the repeats. Last, the budget's whole work in one quickstart-shaped training step (32 groups of 8 short
+completions, 128 candidate prompts: plan, columns, price, state update, ledger and metrics), per policy: what
+`perf/budget_seconds` measures in the trainer, which must stay under 1 % of a ~130 ms quickstart step.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
 
 def parse_args() -> argparse.Namespace:
@@ -21,6 +28,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=64, help="candidate prompts per plan_prompts call")
     p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
     p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
+    p.add_argument("--steps", type=int, default=60, help="quickstart-shaped steps per policy (the first 10 not timed)")
     return p.parse_args()
 
 
@@ -28,7 +36,9 @@ def main() -> None:
     args = parse_args()
     import numpy as np
 
-    from budget.config import BudgetConfig
+    from budget.config import POLICIES, BudgetConfig
+    from budget.ledger import Ledger
+    from budget.metrics import price_components, step_metrics
     from budget.policies import (
         BudgetState,
         SampleLimits,
@@ -38,7 +48,7 @@ def main() -> None:
         price_trajectories,
         update_state,
     )
-    from rollout.types import Trajectory
+    from rollout.types import Trajectory, TrajectoryColumns
 
     cfg, state = BudgetConfig(policy="marginal"), BudgetState(drift=0.01)
     rng = np.random.default_rng(args.seed)
@@ -68,11 +78,11 @@ def main() -> None:
                         completion_mask=[1] * (int(t) - 10), behavior_logprobs=[], reward=float(r), finish_reason="eos")
              for i, (g, r, t, s) in enumerate(zip(small["group"], small["reward"], small["tokens_update"],
                                                    small["staleness"], strict=True))]
-    e2e = median_time(lambda: price_trajectories(cfg, state, trajs, 2))
+    e2e = median_time(lambda: price_trajectories(cfg, state, TrajectoryColumns.of(trajs), 2))
     print(f"end to end:        {args.objects:>9,} trajectories in {e2e * 1e3:8.1f} ms = "
-          f"{args.objects / e2e / 1e6:6.2f} M trajectories/s  (objects in, TrajectoryDecision out)")
+          f"{args.objects / e2e / 1e6:6.2f} M trajectories/s  (objects in, TrajectoryPrices out)")
 
-    step = trajs[: 16 * args.group_size]
+    step = TrajectoryColumns.of(trajs[: 16 * args.group_size])
     upd = median_time(lambda: update_state(cfg, BudgetState(), step, 0, 1, drift_kl=0.01))
     print(f"update_state:      {len(step):>9,} trajectories in {upd * 1e3:8.2f} ms (one training step's worth)")
 
@@ -82,6 +92,37 @@ def main() -> None:
     update_state(cfg, plan_state, trajs[: 4096], 0, 0)
     plan = median_time(lambda: plan_prompts(cfg, plan_state, cands, 1, rng, limits))
     print(f"plan_prompts:      {args.candidates:>9,} candidates   in {plan * 1e3:8.2f} ms")
+
+    def quickstart_step(step: int) -> list[Trajectory]:
+        trajs = []
+        for g in range(32):
+            p = rng.random()
+            for k in range(8):
+                n = int(rng.integers(2, 9))
+                trajs.append(Trajectory(f"t{step}-{g}-{k}", f"p{(g * 7 + step * 3) % 512}", f"g{step}-{g}", step, step,
+                                        [0] * 10, [0] * n, [1] * n, [0.0] * n, float(rng.random() < p), "eos"))
+        return trajs
+
+    def step_time(policy: str, token_budget: int) -> float:
+        cfg = BudgetConfig(policy=policy, token_budget=token_budget)
+        state, ledger, limits, times = BudgetState(), Ledger(), SampleLimits(32, 8, 2, 16), []
+        for step in range(args.steps):
+            step_rng = np.random.default_rng([args.seed, step])
+            cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)]
+            trajs = quickstart_step(step)
+            t0 = time.perf_counter()
+            plan = plan_prompts(cfg, state, cands, step, step_rng, limits)
+            columns = TrajectoryColumns.of(trajs)
+            prices = price_trajectories(cfg, state, columns, step)
+            update_state(cfg, state, columns, step, step + 1, 0.01, decisions=prices)
+            ledger.record_step(columns, prices, 1, prompts_skipped=int((plan.samples == 0).sum()))
+            step_metrics(plan, prices, columns, state, cfg=cfg), price_components(prices), ledger.metrics()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[10:]))
+
+    arms = [(policy, 0) for policy in POLICIES] + [("marginal", 2400)]
+    print("budget per quickstart step: " + ", ".join(
+        f"{policy}{f' (token_budget {tb})' if tb else ''} {step_time(policy, tb) * 1e3:.2f} ms" for policy, tb in arms))
 
 
 if __name__ == "__main__":

@@ -82,8 +82,8 @@ def train_trl(cfg: RunConfig, task) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from budget.ledger import Ledger
-    from budget.policies import TrajectoryDecision
-    from rollout.types import Trajectory
+    from budget.policies import TrajectoryDecision, TrajectoryPrices
+    from rollout.types import Trajectory, TrajectoryColumns
     from train.config import config_to_dict
     from train.loop import build_logger, evaluate
     from train.model import load_policy, resolve_policy_path
@@ -124,8 +124,8 @@ def train_trl(cfg: RunConfig, task) -> dict:
                 behavior_logprobs=[0.0] * len(ids), reward=float(r),
                 finish_reason="eos" if ids and ids[-1] == eos else "length", prompt_text=p.text, completion_text=text,
                 family=p.family))
-        decisions = [TrajectoryDecision("trained") for _ in trajectories]
-        ledger.record_step(trajectories, decisions, iters)
+        decisions = TrajectoryPrices.of([TrajectoryDecision("trained")] * len(trajectories))
+        ledger.record_step(TrajectoryColumns.of(trajectories), decisions, iters)
         advantages = group_advantages(trajectories, [True] * len(trajectories), cfg.algo.scale_rewards)
         store.write(step, trajectory_rows(trajectories, decisions, advantages, iters))
         return rewards

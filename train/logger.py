@@ -12,7 +12,7 @@ class NoOpLogger:
     def log(self, metrics: dict, step: int) -> None:
         pass
 
-    def log_histograms(self, values: dict[str, list[float]], step: int) -> None:
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
         pass
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
@@ -37,7 +37,7 @@ class WandbLogger(NoOpLogger):
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def log_histograms(self, values: dict[str, list[float]], step: int) -> None:
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
         self.run.log({k: self.wandb.Histogram(np.asarray(v)) for k, v in values.items() if len(v)}, step=step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:

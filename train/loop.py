@@ -23,6 +23,7 @@ from budget.ledger import Ledger
 from budget.metrics import price_components, step_metrics
 from budget.policies import BudgetState, SampleLimits, plan_prompts, price_trajectories, update_state
 from rollout.tasks import TaskSet
+from rollout.types import TrajectoryColumns
 from train.config import ConfigError, RunConfig, config_to_dict
 from train.logger import NoOpLogger, WandbLogger
 from train.store import StepStore, prompt_rows, trajectory_rows, write_final
@@ -227,7 +228,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         pool = step_rng.choice(len(task.train), size=pool_size, replace=False)
         plan = plan_prompts(cfg.budget, state, [task.train[i].prompt_id for i in pool], step, step_rng, limits)
         budget_s = time.time() - tb
-        allocation = [(by_id[d.prompt_id], d.samples) for d in plan if d.samples > 0]
+        allocation = [(by_id[pid], n) for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True) if n > 0]
 
         # 2. Rollout: each rank generates its share of the groups; then every rank sees every trajectory.
         tr = time.time()
@@ -240,21 +241,23 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         trajectories = [t for part in gather_object([mine]) for t in part]
         rollout_s = time.time() - tr
 
-        # 3. Price: every trajectory gets a fate; only admitted ones are trained on.
+        # 3. Price: every trajectory gets a fate; only admitted ones are trained on. The budget reads the step's
+        # trajectories as columns, built once here.
         tb = time.time()
-        decisions = price_trajectories(cfg.budget, state, trajectories, version, num_iterations=cfg.algo.num_iterations)
+        columns = TrajectoryColumns.of(trajectories)
+        decisions = price_trajectories(cfg.budget, state, columns, version, num_iterations=cfg.algo.num_iterations)
         budget_s += time.time() - tb
-        admitted = [d.trained for d in decisions]
+        admitted = decisions.trained
 
         # 4. Advantages (GRPO) over each group's admitted members; PPO computes GAE inside the update.
         advantages = group_advantages(trajectories, admitted, cfg.algo.scale_rewards)
 
         # 5. Update: token-balanced micro-batches, equal count per rank, loss normalised by the global token count.
         tu = time.time()
-        train_idx = [i for i, a in enumerate(admitted) if a]
+        train_idx = np.flatnonzero(admitted)
         trained = [trajectories[i] for i in train_idx]
         drift_kl = None
-        if not trained or sum(t.tokens_policy for t in trained) == 0:
+        if not trained or columns.tokens_policy[train_idx].sum() == 0:
             metrics["train/skipped_empty"] = 1.0  # every group filtered: nothing to learn from this step
         else:
             metrics.update(train_step(model, optimizer, trained, advantages[train_idx], cfg, tokenizer.pad_token_id,
@@ -268,10 +271,10 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         # 6. Budget state, ledger, stores, eval, checkpoint, logs.
         tb = time.time()
-        update_state(cfg.budget, state, trajectories, step, version, drift_kl, decisions=decisions,
+        update_state(cfg.budget, state, columns, step, version, drift_kl, decisions=decisions,
                      num_iterations=cfg.algo.num_iterations)
-        ledger.record_step(trajectories, decisions, cfg.algo.num_iterations,
-                           prompts_skipped=sum(d.samples == 0 for d in plan))
+        ledger.record_step(columns, decisions, cfg.algo.num_iterations,
+                           prompts_skipped=int((plan.samples == 0).sum()))
         budget_s += time.time() - tb
         if main:
             traj_store.write(step, trajectory_rows(trajectories, decisions, advantages, cfg.algo.num_iterations))
@@ -298,6 +301,11 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                                              "elapsed_seconds": time.time() - t_start})
         accelerator.wait_for_everyone()
 
+        tb = time.time()
+        budget_metrics = {**step_metrics(plan, decisions, columns, state, cfg=cfg.budget),
+                          **ledger.metrics(cfg.budget.target_reward)}
+        histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
+        budget_s += time.time() - tb
         rewards = np.array([t.reward for t in trajectories] or [0.0])
         step_s = time.time() - t0
         metrics.update({
@@ -306,17 +314,16 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             "rollout/completion_tokens_mean": float(np.mean([t.tokens_completion for t in trajectories] or [0])),
             "rollout/eos_fraction": float(np.mean([t.finish_reason == "eos" for t in trajectories] or [0])),
             "rollout/staleness_mean": float(np.mean([version - t.behavior_version for t in trajectories] or [0])),
-            **step_metrics(plan, decisions, trajectories, state, cfg=cfg.budget),
-            **ledger.metrics(cfg.budget.target_reward), "optim/lr": scheduler.get_last_lr()[0],
+            **budget_metrics, "optim/lr": scheduler.get_last_lr()[0],
             "optim/policy_version": version, "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s,
             "perf/train_seconds": train_s, "perf/budget_seconds": budget_s, "perf/budget_fraction": budget_s / step_s,
-            "perf/tokens_per_second": sum(t.tokens_prompt + t.tokens_completion for t in trajectories) / step_s,
+            "perf/tokens_per_second": float(columns.tokens_rollout.sum()) / step_s,
         })
         if drift_kl is not None:
             metrics["train/drift_kl"] = drift_kl
         if main:
             logger.log(metrics, step=step + 1)
-            logger.log_histograms({f"budget/hist_{k}": v for k, v in price_components(decisions).items()}, step=step + 1)
+            logger.log_histograms(histograms, step=step + 1)
             if cfg.log.table_every and step % cfg.log.table_every == 0:
                 logger.log_table("trajectories", TABLE_COLUMNS, [
                     [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]

@@ -13,14 +13,17 @@ from pathlib import Path
 import pandas as pd
 
 from budget.ledger import train_tokens, trajectory_tokens
-from budget.policies import PromptDecision, TrajectoryDecision
+from budget.policies import PromptDecision, PromptPlan, TrajectoryDecision, TrajectoryPrices, as_columnar
 from rollout.types import Trajectory
 
 
-def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision],
+def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision] | TrajectoryPrices,
                     advantages: Sequence[float], num_iterations: int) -> list[dict]:
+    prices = as_columnar(decisions, TrajectoryPrices)
     rows = []
-    for t, d, a in zip(trajectories, decisions, advantages, strict=True):
+    for t, a, fate, trained, gain, cost, risk, price in zip(
+            trajectories, advantages, prices.fates, prices.trained.tolist(), prices.gain.tolist(), prices.cost.tolist(),
+            prices.risk.tolist(), prices.price.tolist(), strict=True):
         toks = trajectory_tokens(t)
         rows.append({
             "traj_id": t.traj_id, "prompt_id": t.prompt_id, "group_id": t.group_id, "step": t.step,
@@ -28,9 +31,8 @@ def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[Traj
             "finish_reason": t.finish_reason,
             "tokens_prompt": t.tokens_prompt, "tokens_completion": t.tokens_completion,
             "tokens_policy": t.tokens_policy, "tokens_observation": toks["observation"], "tokens_verify": toks["verify"],
-            "tokens_rollout": sum(toks.values()),
-            "tokens_train": train_tokens(t, num_iterations) if d.trained else 0,
-            "gain": d.gain, "cost": d.cost, "risk": d.risk, "price": d.price, "fate": d.fate,
+            "tokens_rollout": sum(toks.values()), "tokens_train": train_tokens(t, num_iterations) if trained else 0,
+            "gain": gain, "cost": cost, "risk": risk, "price": price, "fate": fate,
             "prompt": t.prompt_text, "completion": t.completion_text, "actions": list(t.actions),
             "completion_ids": list(t.completion_ids), "completion_mask": list(t.completion_mask),
             "behavior_logprobs": list(t.behavior_logprobs),
@@ -38,9 +40,13 @@ def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[Traj
     return rows
 
 
-def prompt_rows(step: int, plan: Sequence[PromptDecision]) -> list[dict]:
-    return [{"step": step, "prompt_id": d.prompt_id, "samples": d.samples, "pass_rate": d.pass_rate, "gain": d.gain,
-             "cost": d.cost, "price": d.price, "fate": "sampled" if d.samples > 0 else "skipped"} for d in plan]
+def prompt_rows(step: int, plan: Sequence[PromptDecision] | PromptPlan) -> list[dict]:
+    plan = as_columnar(plan, PromptPlan)
+    return [{"step": step, "prompt_id": pid, "samples": n, "pass_rate": rate, "gain": gain, "cost": cost,
+             "price": price, "fate": "sampled" if n > 0 else "skipped"}
+            for pid, n, rate, gain, cost, price in zip(plan.prompt_ids, plan.samples.tolist(), plan.pass_rate.tolist(),
+                                                       plan.gain.tolist(), plan.cost.tolist(), plan.price.tolist(),
+                                                       strict=True)]
 
 
 class StepStore:

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from budget.config import POLICIES, BudgetConfig
-from budget.metrics import price_components, step_metrics
+from budget.metrics import COMPONENTS, price_components, step_metrics
 from budget.policies import (
     BudgetState,
     PromptStats,
     SampleLimits,
     plan_prompts,
+    planner_limits,
     price_trajectories,
     update_state,
 )
@@ -127,6 +128,20 @@ def test_marginal_plan_spends_the_sample_budget():
     assert all(d.price > 0 for d in plan if d.samples)
 
 
+def test_marginal_plan_caps_samples_under_a_token_budget():
+    # LIMITS: 4 prompts × 8 = 32 samples per step. Fixed prices: 32 samples, no token limit. With a token budget of
+    # 100 000 tokens (× slack 1.5) the sample cap binds: by default 1.5 × 32 = 48 samples, or max_samples_per_step
+    assert planner_limits(BudgetConfig(policy="marginal"), LIMITS) == (32, math.inf)
+    assert planner_limits(BudgetConfig(policy="marginal", token_budget=100_000), LIMITS) == (48, 150_000)
+    assert planner_limits(BudgetConfig(policy="marginal", token_budget=100_000, max_samples_per_step=10),
+                          LIMITS) == (10, 150_000)
+    cands = [f"p{i}" for i in range(16)]
+    for cap, expected in ((0, 48), (10, 10)):
+        cfg = BudgetConfig(policy="marginal", token_budget=100_000, max_samples_per_step=cap, thompson=False)
+        plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
+        assert sum(d.samples for d in plan) == expected  # unseen prompts (p = 0.5) are all worth sampling
+
+
 def test_prior_plan_skips_zero_variance_history():
     cfg = BudgetConfig(policy="prior", explore_prob=0.0)
     state = BudgetState(prompts={f"p{i}": PromptStats(1.0, 9.0, zero_var_streak=1) for i in (0, 2, 3)})
@@ -193,12 +208,12 @@ def test_cvar_prices_more_risk_than_std():
 @pytest.mark.parametrize("policy", POLICIES)
 def test_empty_step(policy):
     cfg, state = BudgetConfig(policy=policy), BudgetState()
-    assert price_trajectories(cfg, state, [], 0) == []
+    assert list(price_trajectories(cfg, state, [], 0)) == []
     update_state(cfg, state, [], step=0, current_version=0, decisions=[])
-    assert plan_prompts(cfg, state, [], 0, np.random.default_rng(0), LIMITS) == []
+    assert list(plan_prompts(cfg, state, [], 0, np.random.default_rng(0), LIMITS)) == []
     metrics = step_metrics([], [], [], state, cfg=cfg)
     assert metrics["budget/prompts_sampled"] == 0 and math.isnan(metrics["budget/admitted_fraction"])
-    assert price_components([]) == {k: [] for k in price_components([])}
+    assert {k: v.tolist() for k, v in price_components([]).items()} == {k: [] for k in COMPONENTS}
 
 
 def test_all_groups_zero_variance():
@@ -224,8 +239,9 @@ def _simulated_step(cfg, state, step, rng, prompts):
 
 def test_controller_converges_to_the_token_budget():
     # budget 1500 tokens/step (rollout + training); at the default κ the planner would spend the slack cap (2250),
-    # so κ must rise until the marginal sample's price is zero at the budget (the dual variable)
-    cfg = BudgetConfig(policy="marginal", token_budget=1500, controller_rate=0.2)
+    # so κ must rise until the marginal sample's price is zero at the budget (the dual variable). The sample cap is
+    # lifted so that only the token budget binds (its default, 1.5 × 32 = 48 samples ≈ 1300 tokens, would bind first)
+    cfg = BudgetConfig(policy="marginal", token_budget=1500, controller_rate=0.2, max_samples_per_step=1000)
     rng = np.random.default_rng(0)
     prompts = {f"p{i}": float(p) for i, p in enumerate(rng.uniform(0.05, 0.95, 200))}
     state = BudgetState()
@@ -311,6 +327,7 @@ def test_plan_invariants(n_cands, per_step, size, seed, policy, budget):
         assert sum(d.samples for d in plan) <= limits.samples_per_step
     elif policy == "marginal":
         assert sum(d.tokens for d in plan if d.samples) <= budget * cfg.budget_slack + 1e-6
+        assert sum(d.samples for d in plan) <= limits.samples_per_step * cfg.budget_slack  # the default sample cap
 
 
 def test_config_validation():
@@ -318,6 +335,8 @@ def test_config_validation():
         BudgetConfig(risk_measure="var")
     with pytest.raises(ValueError, match="token_budget: expected"):
         BudgetConfig(token_budget=-1)
+    with pytest.raises(ValueError, match="max_samples_per_step: expected"):
+        BudgetConfig(max_samples_per_step=-1)
     with pytest.raises(ValueError, match="cvar_alpha: expected"):
         BudgetConfig(cvar_alpha=0.0)
     with pytest.raises(ValueError, match="kappa_scale_max: expected"):

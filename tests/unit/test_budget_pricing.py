@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from budget.pricing import (
     expected_group_tokens,
     fade_posterior,
     informative_prob,
+    max_variance_keep,
     max_variance_subset,
     price_arrays,
     risk_factor,
@@ -138,32 +140,124 @@ def _tables():
     return gain, np.zeros_like(gain), np.tile(10.0 * np.arange(5), (2, 1))
 
 
+def test_max_variance_keep_equals_the_subsets_group_by_group():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        sizes = rng.integers(1, 10, rng.integers(1, 8))
+        group = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))  # members interleaved, dense ids
+        rewards = rng.choice([0.0, 0.25, 0.5, 1.0], len(group)) if rng.random() < 0.5 else rng.random(len(group))
+        keep = np.array([rng.integers(1, n + 1) for n in sizes])
+        expected = np.zeros(len(group), dtype=bool)
+        for g, m in enumerate(keep):
+            members = np.flatnonzero(group == g)
+            expected[members[max_variance_subset(rewards[members], int(m))]] = True
+        assert max_variance_keep(rewards, group, keep).tolist() == expected.tolist()
+
+
 def test_greedy_spends_sample_budget_exactly():
     # entry blocks (price per token): A: 1/20 = .05, 1.3/30 = .043, 1.45/40 = .036 → n=2; B: .8/20 = .04 → n=2
     # pops: A→2 (.05, left 5), B→2 (.04, left 3), A→3 (.3/10 = .03, left 2), B→3 (.02, left 1), A→4 (.015, left 0),
     # B→4 (.01) does not fit. 4 + 3 = 7 samples = the budget.
     gain, cost, tokens = _tables()
-    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=7, by_tokens=False).tolist() == [4, 3]
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_samples=7).tolist() == [4, 3]
     # budget 5: A→2, B→2, A→3 → 3 + 2 = 5
-    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=5, by_tokens=False).tolist() == [3, 2]
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_samples=5).tolist() == [3, 2]
     # budget 3: A→2 (left 1); B's block of 2 does not fit (no smaller block exists), A→3 does → [3, 0], 3 spent
-    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=3, by_tokens=False).tolist() == [3, 0]
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_samples=3).tolist() == [3, 0]
 
 
 def test_greedy_token_budget_and_refit():
     gain, cost, tokens = _tables()
     # 45 tokens: A→2 (20, left 25), B→2 (20, left 5), nothing else fits (10 each) → 40 tokens
-    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=45, by_tokens=True).tolist() == [2, 2]
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_tokens=45).tolist() == [2, 2]
     # entries .2/20 = .01, 1.5/30 = .05, 1.6/40 = .04 → best block 3 (30 tokens) does not fit 25; re-enter with 2
     gain2 = np.array([[0, 0, 0.2, 1.5, 1.6]])
-    assert allocate_greedy(gain2, np.zeros_like(gain2), tokens[:1], 2, 4, budget=25, by_tokens=True).tolist() == [2]
+    assert allocate_greedy(gain2, np.zeros_like(gain2), tokens[:1], 2, 4, max_tokens=25).tolist() == [2]
+
+
+def test_greedy_sample_cap_binds_before_the_token_budget():
+    gain, cost, tokens = _tables()
+    # pops as above: A→2 (left 3 samples, 80 tokens), B→2 (1, 60), A→3 (0, 50): the 5 samples are spent, 50 of the
+    # 100 tokens are not
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_samples=5, max_tokens=100).tolist() == [3, 2]
+    # re-entry under both limits: gain2's best block (3, 30 tokens) does not fit 25 tokens; of the blocks within 3
+    # samples and 25 tokens only n=2 fits (20 tokens) → [2]; with 1 sample left no block fits at all → [0]
+    gain2 = np.array([[0, 0, 0.2, 1.5, 1.6]])
+    assert allocate_greedy(gain2, np.zeros_like(gain2), tokens[:1], 2, 4, max_samples=3, max_tokens=25).tolist() == [2]
+    assert allocate_greedy(gain2, np.zeros_like(gain2), tokens[:1], 2, 4, max_samples=1, max_tokens=25).tolist() == [0]
+
+
+def test_greedy_token_budget_binds_before_the_sample_cap():
+    gain, cost, tokens = _tables()
+    # 45 tokens, 7 samples: A→2 (left 25 tokens, 5 samples), B→2 (5, 3), A→3 needs 10 tokens > 5: dropped, and so
+    # is every other increment → 4 samples of the 7, 40 of the 45 tokens
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_samples=7, max_tokens=45).tolist() == [2, 2]
+    # no limit at all: every sample whose price is positive, up to max_n
+    assert allocate_greedy(gain, cost, tokens, 2, 4).tolist() == [4, 4]
+
+
+def _allocate_reference(gain, cost, tokens, min_n, max_n, max_samples=math.inf, max_tokens=math.inf):
+    """The greedy allocation written plainly (numpy scalars, every option pushed, stop at the first non-positive
+    price): what allocate_greedy must reproduce exactly."""
+    alloc = np.zeros(gain.shape[0], dtype=np.int64)
+    if gain.shape[0] == 0 or max_n < min_n or min_n < 1:
+        return alloc
+    sizes = np.arange(min_n, max_n + 1)
+    block_ppt = (gain[:, sizes] - cost[:, sizes]) / np.maximum(tokens[:, sizes], 1e-12)
+    heap = []
+    for c in range(gain.shape[0]):
+        k = int(np.argmax(block_ppt[c]))
+        heap.append((-float(block_ppt[c, k]), c, int(sizes[k])))
+    heapq.heapify(heap)
+    left = [float(max_samples), float(max_tokens)]
+    while heap:
+        neg_ppt, c, to = heapq.heappop(heap)
+        if -neg_ppt <= 0:
+            break
+        frm = int(alloc[c])
+        need = [float(to - frm), float(tokens[c, to] - tokens[c, frm])]
+        if need[0] > left[0] + 1e-9 or need[1] > left[1] + 1e-9:
+            if frm == 0:
+                fits = (sizes <= left[0] + 1e-9) & (tokens[c, sizes] <= left[1] + 1e-9)
+                if fits.any():
+                    k = int(np.argmax(np.where(fits, block_ppt[c], -np.inf)))
+                    heapq.heappush(heap, (-float(block_ppt[c, k]), c, int(sizes[k])))
+            continue
+        left = [left[0] - need[0], left[1] - need[1]]
+        alloc[c] = to
+        if to < max_n:
+            d_tok = max(float(tokens[c, to + 1] - tokens[c, to]), 1e-12)
+            heapq.heappush(heap, (-float((gain[c, to + 1] - gain[c, to] - cost[c, to + 1] + cost[c, to]) / d_tok), c,
+                                  to + 1))
+    return alloc
+
+
+def test_greedy_equals_the_reference_on_random_tables():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        num, min_n = int(rng.integers(0, 12)), int(rng.integers(1, 4))
+        max_n = min_n + int(rng.integers(0, 8))
+        ns = np.arange(max_n + 1)
+        p = rng.random((num, 1))
+        tokens = np.cumsum(np.concatenate([np.zeros((num, 1)), rng.uniform(5, 30, (num, max_n))], axis=1), axis=1)
+        if trial % 2:  # the planner's shape: concave gains, costs per token
+            gain = expected_group_gain(p, ns, 1.0, 8.0)
+            cost = rng.uniform(0, 3e-3) * tokens
+        else:  # anything, with ties: prices need not fall with n
+            gain = np.round(rng.uniform(-0.2, 1.0, (num, max_n + 1)), 1)
+            cost = np.round(rng.uniform(0, 0.2, (num, max_n + 1)), 1)
+        limits = [dict(), dict(max_samples=int(rng.integers(0, 40))), dict(max_tokens=float(rng.uniform(0, 600))),
+                  dict(max_samples=int(rng.integers(0, 40)), max_tokens=float(rng.uniform(0, 600)))]
+        for kw in limits:
+            expected = _allocate_reference(gain, cost, tokens, min_n, max_n, **kw)
+            assert allocate_greedy(gain, cost, tokens, min_n, max_n, **kw).tolist() == expected.tolist(), (trial, kw)
 
 
 def test_greedy_stops_when_no_price_is_positive():
     gain, _, tokens = _tables()
     cost = 0.045 * tokens  # κ = .045/token: A's entry .05 − .045 > 0, A→3 .03 − .045 < 0, B .04 − .045 < 0
-    assert allocate_greedy(gain, cost, tokens, 2, 4, budget=100, by_tokens=False).tolist() == [2, 0]
-    assert allocate_greedy(gain, 1.0 * tokens, tokens, 2, 4, budget=100, by_tokens=False).tolist() == [0, 0]
+    assert allocate_greedy(gain, cost, tokens, 2, 4, max_samples=100).tolist() == [2, 0]
+    assert allocate_greedy(gain, 1.0 * tokens, tokens, 2, 4, max_samples=100).tolist() == [0, 0]
 
 
 def test_controller_step():

@@ -117,7 +117,7 @@ def test_step_metrics_by_hand():
     assert m["budget/admitted_fraction"] == 0.5 and m["budget/fraction_zero_signal"] == 0.5
     assert m["budget/price_mean"] == pytest.approx((0.24 + 0.04 - 0.02) / 4)  # 0.065
     assert m["budget/risk_mean"] == pytest.approx((0.05 + 0.05) / 4) and m["budget/kappa_scale"] == 2.0 and m["budget/drift"] == 0.01
-    assert price_components(decs)["price"] == [0.24, 0.04, -0.01, -0.01]
+    assert price_components(decs)["price"].tolist() == [0.24, 0.04, -0.01, -0.01]
 
 
 @st.composite
