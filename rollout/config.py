@@ -80,6 +80,10 @@ class RolloutConfig:
     max_staleness: int = field(
         default=0, metadata={"help": "rollouts may run ahead of training by up to this many policy versions (0 = on-policy)"}
     )
+    async_rollout: bool = field(
+        default=False, metadata={"help": "generate the next step's rollouts in a background thread, from the lagging "
+                                         "snapshot, while this step trains (needs max_staleness >= 1)"}
+    )
 
     def __post_init__(self) -> None:
         for key in ("prompts_per_step", "group_size", "min_group_size", "max_group_size", "max_new_tokens", "max_turns",
@@ -94,5 +98,8 @@ class RolloutConfig:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: expected an integer >= 0, got {self.max_staleness}")
+        if self.async_rollout and self.max_staleness < 1:
+            raise ValueError("async_rollout: the next step's rollouts are generated before this step's update, so "
+                             "they are at least one version stale: set rollout.max_staleness >= 1")
         if self.eval_temperature < 0:
             raise ValueError(f"eval_temperature: expected a number >= 0, got {self.eval_temperature}")

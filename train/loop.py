@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -217,121 +218,157 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    for step in range(start_step, cfg.train.max_steps):
-        t0 = time.time()
+    def plan_step(step: int):
+        """The budget's plan for `step` (the same on every rank): a seeded pool of candidates, samples for each."""
         step_rng = np.random.default_rng([cfg.seed, step])
-        metrics: dict[str, float] = {}
-
-        # 1. Plan: the budget decides how many samples each candidate prompt gets (same on every rank).
-        tb = time.time()
         pool_size = min(len(task.train), cfg.budget.pool_factor * limits.prompts_per_step)
         pool = step_rng.choice(len(task.train), size=pool_size, replace=False)
-        plan = plan_prompts(cfg.budget, state, [task.train[i].prompt_id for i in pool], step, step_rng, limits)
-        budget_s = time.time() - tb
+        return plan_prompts(cfg.budget, state, [task.train[i].prompt_id for i in pool], step, step_rng, limits)
+
+    def generate(step: int, plan, sampler, sampler_version: int):
+        """This rank's share of the planned groups, sampled from `sampler` (the policy or the lagging snapshot)."""
         allocation = [(by_id[pid], n) for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True) if n > 0]
+        with generation_context(model if sampler is policy else None, accelerator):
+            return task.rollout(sampler, tokenizer, allocation[rank::world], cfg.rollout, step=step,
+                                version=sampler_version, temperature=cfg.rollout.temperature, id_prefix=f"r{rank}-")
 
-        # 2. Rollout: each rank generates its share of the groups; then every rank sees every trajectory.
-        tr = time.time()
-        if version - behaviour_version > cfg.rollout.max_staleness:
-            sync_snapshot(behaviour, model, accelerator)
-            behaviour_version = version
-        with generation_context(model if behaviour is policy else None, accelerator):
-            mine = task.rollout(behaviour, tokenizer, allocation[rank::world], cfg.rollout, step=step,
-                                version=behaviour_version, temperature=cfg.rollout.temperature, id_prefix=f"r{rank}-")
-        trajectories = [t for part in gather_object([mine]) for t in part]
-        rollout_s = time.time() - tr
+    # Async rollouts: while step t trains, a background thread generates step t+1's rollouts from the snapshot (which
+    # is not trained, so the two never touch the same weights). Step t+1's plan is then made before step t's
+    # evidence reaches the budget, and its samples are at least one version stale. The producer is joined before
+    # anything that reads the global RNG (eval, checkpoint), and no step is started ahead across a checkpoint, so a
+    # resumed run follows the same schedule as an uninterrupted one.
+    producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.rollout.async_rollout else None
+    ahead = None  # (plan, future) of the next step's rollouts, when started ahead
 
-        # 3. Price: every trajectory gets a fate; only admitted ones are trained on. The budget reads the step's
-        # trajectories as columns, built once here.
-        tb = time.time()
-        columns = TrajectoryColumns.of(trajectories)
-        decisions = price_trajectories(cfg.budget, state, columns, version, num_iterations=cfg.algo.num_iterations)
-        budget_s += time.time() - tb
-        admitted = decisions.trained
+    try:
+        for step in range(start_step, cfg.train.max_steps):
+            t0 = time.time()
+            metrics: dict[str, float] = {}
 
-        # 4. Advantages (GRPO) over each group's admitted members; PPO computes GAE inside the update.
-        advantages = group_advantages(trajectories, admitted, cfg.algo.scale_rewards)
+            # 1-2. Plan and roll out: the budget decides how many samples each candidate prompt gets, each rank
+            # generates its share of the groups, then every rank sees every trajectory (started ahead if async).
+            tr = time.time()
+            if ahead is not None:
+                (plan, future), ahead = ahead, None
+                mine, budget_s, sampled_ahead = future.result(), 0.0, 1.0
+            else:
+                tb = time.time()
+                plan = plan_step(step)
+                budget_s, sampled_ahead = time.time() - tb, 0.0
+                if version - behaviour_version > cfg.rollout.max_staleness:
+                    sync_snapshot(behaviour, model, accelerator)
+                    behaviour_version = version
+                mine = generate(step, plan, behaviour, behaviour_version)
+            trajectories = [t for part in gather_object([mine]) for t in part]
+            rollout_s = time.time() - tr - budget_s
 
-        # 5. Update: token-balanced micro-batches, equal count per rank, loss normalised by the global token count.
-        tu = time.time()
-        train_idx = np.flatnonzero(admitted)
-        trained = [trajectories[i] for i in train_idx]
-        drift_kl = None
-        if not trained or columns.tokens_policy[train_idx].sum() == 0:
-            metrics["train/skipped_empty"] = 1.0  # every group filtered: nothing to learn from this step
-        else:
-            metrics.update(train_step(model, optimizer, trained, advantages[train_idx], cfg, tokenizer.pad_token_id,
-                                      accelerator, reference=reference, value_head=value_head))
-            nonfinite_in_row = nonfinite_in_row + 1 if metrics["train/nonfinite"] else 0
-            if not metrics["train/nonfinite"] and metrics["train/fp16_overflow"] < 1:  # the weights moved
-                version += 1
-                scheduler.step()
-            drift_kl = measure_drift(policy, trained, version, cfg, tokenizer.pad_token_id, accelerator.device)
-        train_s = time.time() - tu
+            # 3. Price: every trajectory gets a fate; only admitted ones are trained on. The budget reads the step's
+            # trajectories as columns, built once here.
+            tb = time.time()
+            columns = TrajectoryColumns.of(trajectories)
+            decisions = price_trajectories(cfg.budget, state, columns, version, num_iterations=cfg.algo.num_iterations)
+            budget_s += time.time() - tb
+            admitted = decisions.trained
 
-        # 6. Budget state, ledger, stores, eval, checkpoint, logs.
-        tb = time.time()
-        update_state(cfg.budget, state, columns, step, version, drift_kl, decisions=decisions,
-                     num_iterations=cfg.algo.num_iterations)
-        ledger.record_step(columns, decisions, cfg.algo.num_iterations,
-                           prompts_skipped=int((plan.samples == 0).sum()))
-        budget_s += time.time() - tb
-        if main:
-            traj_store.write(step, trajectory_rows(trajectories, decisions, advantages, cfg.algo.num_iterations))
-            prompt_store.write(step, prompt_rows(step, plan))
-        if nonfinite_in_row >= cfg.train.max_nonfinite:
-            raise FloatingPointError(
-                f"{nonfinite_in_row} non-finite losses or gradients in a row at step {step} "
-                f"(train.max_nonfinite={cfg.train.max_nonfinite}): lower train.lr or check the rewards; "
-                f"the stores under {out} hold every step so far")
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            metrics.update(run_eval(step + 1))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            from train.checkpoint import capture_rng_state, save_checkpoint
+            # 4. Advantages (GRPO) over each group's admitted members; PPO computes GAE inside the update.
+            advantages = group_advantages(trajectories, admitted, cfg.algo.scale_rewards)
 
-            rng_states = gather_object([capture_rng_state()])  # every rank's streams, in rank order
+            saves = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
+            if producer is not None and step + 1 < cfg.train.max_steps and not saves:
+                tb = time.time()
+                next_plan = plan_step(step + 1)
+                budget_s += time.time() - tb
+                if version + 1 - behaviour_version > cfg.rollout.max_staleness:  # step+1 trains after this update
+                    sync_snapshot(behaviour, model, accelerator)
+                    behaviour_version = version
+                ahead = (next_plan, producer.submit(generate, step + 1, next_plan, behaviour, behaviour_version))
+
+            # 5. Update: token-balanced micro-batches, equal count per rank, loss normalised by the global token count.
+            tu = time.time()
+            train_idx = np.flatnonzero(admitted)
+            trained = [trajectories[i] for i in train_idx]
+            drift_kl = None
+            if not trained or columns.tokens_policy[train_idx].sum() == 0:
+                metrics["train/skipped_empty"] = 1.0  # every group filtered: nothing to learn from this step
+            else:
+                metrics.update(train_step(model, optimizer, trained, advantages[train_idx], cfg, tokenizer.pad_token_id,
+                                          accelerator, reference=reference, value_head=value_head))
+                nonfinite_in_row = nonfinite_in_row + 1 if metrics["train/nonfinite"] else 0
+                if not metrics["train/nonfinite"] and metrics["train/fp16_overflow"] < 1:  # the weights moved
+                    version += 1
+                    scheduler.step()
+                drift_kl = measure_drift(policy, trained, version, cfg, tokenizer.pad_token_id, accelerator.device)
+            train_s = time.time() - tu
+
+            # 6. Budget state, ledger, stores, eval, checkpoint, logs.
+            tb = time.time()
+            update_state(cfg.budget, state, columns, step, version, drift_kl, decisions=decisions,
+                         num_iterations=cfg.algo.num_iterations)
+            ledger.record_step(columns, decisions, cfg.algo.num_iterations,
+                               prompts_skipped=int((plan.samples == 0).sum()))
+            budget_s += time.time() - tb
             if main:
-                save_checkpoint(out, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
-                                value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
-                                keep_last=cfg.train.keep_last, rng_states=rng_states, snapshot=snapshot,
-                                extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
-                                             "ledger": ledger.state_dict(), "evals": evals,
-                                             "nonfinite_in_row": nonfinite_in_row,
-                                             "behaviour_version": behaviour_version,
-                                             "elapsed_seconds": time.time() - t_start})
-        accelerator.wait_for_everyone()
+                traj_store.write(step, trajectory_rows(trajectories, decisions, advantages, cfg.algo.num_iterations))
+                prompt_store.write(step, prompt_rows(step, plan))
+            if nonfinite_in_row >= cfg.train.max_nonfinite:
+                raise FloatingPointError(
+                    f"{nonfinite_in_row} non-finite losses or gradients in a row at step {step} "
+                    f"(train.max_nonfinite={cfg.train.max_nonfinite}): lower train.lr or check the rewards; "
+                    f"the stores under {out} hold every step so far")
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
+                if ahead is not None:
+                    wait([ahead[1]])  # sampling draws from the global RNG, which eval re-seeds (and restores)
+                metrics.update(run_eval(step + 1))
+            if saves:
+                from train.checkpoint import capture_rng_state, save_checkpoint
 
-        tb = time.time()
-        budget_metrics = {**step_metrics(plan, decisions, columns, state, cfg=cfg.budget),
-                          **ledger.metrics(cfg.budget.target_reward)}
-        histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
-        budget_s += time.time() - tb
-        rewards = np.array([t.reward for t in trajectories] or [0.0])
-        step_s = time.time() - t0
-        metrics.update({
-            "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
-            "rollout/samples": len(trajectories), "rollout/groups": len(allocation),
-            "rollout/completion_tokens_mean": float(np.mean([t.tokens_completion for t in trajectories] or [0])),
-            "rollout/eos_fraction": float(np.mean([t.finish_reason == "eos" for t in trajectories] or [0])),
-            "rollout/staleness_mean": float(np.mean([version - t.behavior_version for t in trajectories] or [0])),
-            **budget_metrics, "optim/lr": scheduler.get_last_lr()[0],
-            "optim/policy_version": version, "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s,
-            "perf/train_seconds": train_s, "perf/budget_seconds": budget_s, "perf/budget_fraction": budget_s / step_s,
-            "perf/tokens_per_second": float(columns.tokens_rollout.sum()) / step_s,
-        })
-        if drift_kl is not None:
-            metrics["train/drift_kl"] = drift_kl
-        if main:
-            logger.log(metrics, step=step + 1)
-            logger.log_histograms(histograms, step=step + 1)
-            if cfg.log.table_every and step % cfg.log.table_every == 0:
-                logger.log_table("trajectories", TABLE_COLUMNS, [
-                    [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]
-                    for t, a, d in zip(trajectories, advantages, decisions, strict=True)], step=step + 1)
-            if bar is not None:
-                bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{evals[-1]['eval/reward']:.3f}",
-                                tokens=f"{ledger.total_tokens / 1e3:.0f}k")
-                bar.update(1)
+                rng_states = gather_object([capture_rng_state()])  # every rank's streams, in rank order
+                if main:
+                    save_checkpoint(out, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
+                                    value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
+                                    keep_last=cfg.train.keep_last, rng_states=rng_states, snapshot=snapshot,
+                                    extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
+                                                 "ledger": ledger.state_dict(), "evals": evals,
+                                                 "nonfinite_in_row": nonfinite_in_row,
+                                                 "behaviour_version": behaviour_version,
+                                                 "elapsed_seconds": time.time() - t_start})
+            accelerator.wait_for_everyone()
+
+            tb = time.time()
+            budget_metrics = {**step_metrics(plan, decisions, columns, state, cfg=cfg.budget),
+                              **ledger.metrics(cfg.budget.target_reward)}
+            histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
+            budget_s += time.time() - tb
+            rewards = np.array([t.reward for t in trajectories] or [0.0])
+            step_s = time.time() - t0
+            metrics.update({
+                "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
+                "rollout/samples": len(trajectories), "rollout/groups": int((plan.samples > 0).sum()),
+                "rollout/sampled_ahead": sampled_ahead,
+                "rollout/completion_tokens_mean": float(np.mean([t.tokens_completion for t in trajectories] or [0])),
+                "rollout/eos_fraction": float(np.mean([t.finish_reason == "eos" for t in trajectories] or [0])),
+                "rollout/staleness_mean": float(np.mean([version - t.behavior_version for t in trajectories] or [0])),
+                **budget_metrics, "optim/lr": scheduler.get_last_lr()[0],
+                "optim/policy_version": version, "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s,
+                "perf/train_seconds": train_s, "perf/budget_seconds": budget_s, "perf/budget_fraction": budget_s / step_s,
+                "perf/tokens_per_second": float(columns.tokens_rollout.sum()) / step_s,
+            })
+            if drift_kl is not None:
+                metrics["train/drift_kl"] = drift_kl
+            if main:
+                logger.log(metrics, step=step + 1)
+                logger.log_histograms(histograms, step=step + 1)
+                if cfg.log.table_every and step % cfg.log.table_every == 0:
+                    logger.log_table("trajectories", TABLE_COLUMNS, [
+                        [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]
+                        for t, a, d in zip(trajectories, advantages, decisions, strict=True)], step=step + 1)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{evals[-1]['eval/reward']:.3f}",
+                                    tokens=f"{ledger.total_tokens / 1e3:.0f}k")
+                    bar.update(1)
+    finally:
+        if producer is not None:  # at the end or after an error: let a rollout in flight finish, start nothing new
+            producer.shutdown(wait=True, cancel_futures=True)
 
     if bar is not None:
         bar.close()

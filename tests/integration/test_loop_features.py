@@ -117,6 +117,33 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, 
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_async_rollouts_run_ahead_deterministically_and_resume_exactly(tmp_path, policy_cache, monkeypatch):
+    logged = []
+
+    class Keep(NoOpLogger):
+        def log(self, metrics, step):
+            if "rollout/sampled_ahead" in metrics:
+                logged.append((step, metrics["rollout/sampled_ahead"]))
+
+    monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: Keep())
+    common = ["rollout.max_staleness=2", "rollout.async_rollout=true", "budget.policy=marginal", "train.max_steps=5",
+              "train.save_every=3", "train.lr=1e-3"]
+    _run(_cfg(tmp_path, policy_cache, common, "a"))
+    # step 0 has nothing before it; step 3 follows a checkpoint, which nothing is started across
+    assert logged == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0), (5, 1.0)]
+    df = pd.read_parquet(tmp_path / "a" / "trajectories")
+    ahead = df[df.step.isin([1, 2, 4])]
+    assert (ahead.groupby("step").behavior_version.first() < [1, 2, 4]).all()  # sampled before the step's update
+    _run(_cfg(tmp_path, policy_cache, common, "b"))
+    _run(_cfg(tmp_path, policy_cache, common + ["train.max_steps=3"], "c"))
+    _run(_cfg(tmp_path, policy_cache, common + ["train.resume_from=latest"], "c"))
+    for other in ("b", "c"):  # a second run, and a run resumed from step 3, reproduce the first exactly
+        pd.testing.assert_frame_equal(df.drop(columns=["actions"]),
+                                      pd.read_parquet(tmp_path / other / "trajectories").drop(columns=["actions"]))
+        wa, wb = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("a", other))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_lora_with_kl_to_the_adapter_free_reference(tmp_path, policy_cache):
     cfg = _cfg(tmp_path, policy_cache, ["model.lora_r=4", "algo.kl_coef=0.1", "budget.policy=none",
                                         "train.max_steps=2", "train.lr=1e-2"])
