@@ -52,6 +52,28 @@ def test_posterior_update_binary_and_graded():
     assert state.step == 1
 
 
+def test_a_prompt_with_two_groups_in_one_step_is_updated_twice_in_order():
+    cfg = BudgetConfig(policy="marginal", ema=0.5)
+    state = BudgetState()
+    steps = group("a1", [1, 0], prompt="a", n_completion=4) + group("b", [1, 1]) + \
+        group("a2", [1, 1], prompt="a", n_completion=8)
+    update_state(cfg, state, steps, step=0, current_version=0)
+    s = state.prompts["a"]
+    # Beta(1, 1) + (1 success, 1 failure) + (2 successes): Beta(4, 2); two groups; the last one was flat
+    assert (s.alpha, s.beta, s.groups, s.zero_var_streak) == (4.0, 2.0, 2, 1)
+    # rollout tokens per sample: 14 for the first group, then EMA 0.5·14 + 0.5·18 = 16
+    assert s.tok_rollout == 16.0 and len(state.prompts) == 2
+
+
+def test_state_round_trips_through_json():
+    cfg = BudgetConfig(policy="marginal")
+    state = BudgetState()
+    update_state(cfg, state, group("a", [1, 0, 1]) + group("b", [0, 0]), step=3, current_version=2, drift_kl=0.01)
+    back = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert back.state_dict() == state.state_dict()
+    assert back.prompts["b"] == PromptStats(1.0, 3.0, 0, 3, 1, 1, 17.0, 0.0, 17.0)
+
+
 def test_posterior_fades_with_drift():
     cfg = BudgetConfig(policy="marginal", drift_scale=0.1, ema=0.0)
     state = BudgetState()
