@@ -1,6 +1,8 @@
 """The trainer on a CUDA GPU: half-precision weights, mixed precision (bf16 and fp16 with its loss scaler), LoRA in
 bf16, and FSDP under `accelerate launch`. Skipped without a GPU (CI has none); run on one with
-`python -m pytest -q tests/integration/test_gpu.py`."""
+`python -m pytest -q tests/integration/test_gpu.py`, or one test per process
+(`for t in $(pytest --collect-only -q tests/integration/test_gpu.py | grep ::); do pytest -q "$t"; done`): a CUDA
+device-side assert in one test poisons the CUDA context of every later test in the same process."""
 
 from __future__ import annotations
 
