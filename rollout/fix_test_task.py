@@ -15,6 +15,7 @@ import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from rollout.agent import plain_demonstration_pairs, run_episodes
 from rollout.config import RolloutConfig, TaskConfig
@@ -87,6 +88,7 @@ class FixTestTaskSet(TaskSet):
     step_cost: float = 0.0
     defer_reward: float = 0.0
     few_shot: bool = True
+    finish_reasons: ClassVar[tuple[str, ...]] = ("submit", "defer", "turns", "length")
 
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
                 version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:

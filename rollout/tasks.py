@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rollout.config import RolloutConfig, TaskConfig
 from rollout.generator import rollout_groups
@@ -106,6 +107,7 @@ class TaskSet:
     reward: Callable[[Sequence[Prompt], Sequence[str]], list[float]]
     demonstrations: Callable[[], list[tuple[str, str]]]  # (prompt, ideal completion) pairs for a warm start
     key: dict  # what identifies the task, for caching a policy warm-started on it
+    finish_reasons: ClassVar[tuple[str, ...]] = ("eos", "length")  # how an episode can end (Trajectory.finish_reason)
 
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
                 version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:

@@ -346,7 +346,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 "rollout/samples": len(trajectories), "rollout/groups": int((plan.samples > 0).sum()),
                 "rollout/sampled_ahead": sampled_ahead,
                 "rollout/completion_tokens_mean": float(np.mean([t.tokens_completion for t in trajectories] or [0])),
-                "rollout/eos_fraction": float(np.mean([t.finish_reason == "eos" for t in trajectories] or [0])),
+                **{f"rollout/finish_{reason}": float(np.mean([t.finish_reason == reason for t in trajectories] or [0]))
+                   for reason in task.finish_reasons},
                 "rollout/staleness_mean": float(np.mean([version - t.behavior_version for t in trajectories] or [0])),
                 **budget_metrics, "optim/lr": scheduler.get_last_lr()[0],
                 "optim/policy_version": version, "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s,

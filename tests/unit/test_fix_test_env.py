@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from rollout.fix_test import (
-    EXAMPLE_TASK,
     ACTIONS,
+    EXAMPLE_TASK,
     FAMILIES,
     Action,
     FixTask,
