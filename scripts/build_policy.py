@@ -17,19 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.config import ConfigError, load_config  # noqa: E402
+from train.config import ConfigError, add_config_arguments, load_cli_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", default=[], help="YAML config file; repeat to layer overlays")
+    add_config_arguments(p, "config overrides")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt at the rollout temperature")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = load_cli_config(args)
+    if cfg is None:
         return 2
 
     import numpy as np

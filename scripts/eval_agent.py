@@ -19,20 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
-from train.config import ConfigError, load_config  # noqa: E402  (torch-free)
+from train.config import add_config_arguments, load_cli_config  # noqa: E402  (torch-free)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", action="append", default=[], help="YAML config file; repeat to layer overlays")
+    add_config_arguments(p, "config overrides")
     p.add_argument("--samples", type=int, default=4, help="episodes per eval prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = load_cli_config(args)
+    if cfg is None:
         return 2
 
     import torch
@@ -45,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     task = build_task(cfg.task, cfg.rollout)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, tokenizer = build_policy(cfg, task, accelerator)
-    model.to(accelerator.device)
     t0 = time.time()
     episodes = task.rollout(model, tokenizer, [(q, args.samples) for q in task.eval], cfg.rollout, step=-1, version=0,
                             temperature=args.temperature)

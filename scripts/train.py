@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
-from train.config import ConfigError, config_to_dict, describe_keys, load_config  # noqa: E402  (torch-free)
+from train.config import ConfigError, add_config_arguments, config_to_dict, describe_keys, load_cli_config  # noqa: E402  (torch-free)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,18 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"config keys (set in YAML or as key=value):\n{keys}",
     )
-    p.add_argument("--config", action="append", default=[], help="YAML config file; repeat to layer overlays")
+    add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = load_cli_config(args)
+    if cfg is None:
         return 2
     if args.dry_run:
         import yaml

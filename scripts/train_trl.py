@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.config import ConfigError, RunConfig, load_config  # noqa: E402  (torch-free)
+from train.config import ConfigError, RunConfig, add_config_arguments, load_cli_config  # noqa: E402  (torch-free)
 
 
 def check_supported(cfg: RunConfig) -> None:
@@ -177,12 +177,13 @@ def train_trl(cfg: RunConfig, task) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", action="append", default=[], help="YAML config file; repeat to layer overlays")
+    add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the GRPOConfig arguments and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50")
     args = p.parse_args(argv)
+    cfg = load_cli_config(args)
+    if cfg is None:
+        return 2
     try:
-        cfg = load_config(args.config, args.overrides)
         check_supported(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

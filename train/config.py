@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -285,6 +286,22 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys at the top level")
     return data
+
+
+def add_config_arguments(parser, overrides_help: str = "config overrides, e.g. train.max_steps=50") -> None:
+    """The command-line shape every script shares: repeatable `--config FILE` and trailing `key=value` overrides."""
+    parser.add_argument("--config", action="append", default=[], help="YAML config file; repeat to layer overlays")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
+def load_cli_config(args) -> RunConfig | None:
+    """load_config from parsed `add_config_arguments`; a bad config prints its one-line error to stderr and gives None
+    (the script then exits with status 2)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
 
 
 def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
