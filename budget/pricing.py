@@ -124,25 +124,11 @@ def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarr
     return admit & ok[group]
 
 
-def max_variance_subset(rewards: np.ndarray, m: int) -> np.ndarray:
-    """Indices of the size-m subset with the largest reward variance (PODS, arXiv 2504.13818: it is always the top k
-    and bottom m − k rewards for some k, so m + 1 candidates are checked). Ties keep the most balanced split."""
-    n = len(rewards)
-    if m >= n:
-        return np.arange(n)
-    order = np.argsort(rewards, kind="stable")
-    best_k, best_var = 0, -1.0
-    for k in sorted(range(m + 1), key=lambda k: abs(2 * k - m)):
-        pick = np.concatenate([order[n - k:], order[: m - k]])
-        v = float(np.var(rewards[pick]))
-        if v > best_var + 1e-12:
-            best_k, best_var = k, v
-    return np.sort(np.concatenate([order[n - best_k:], order[: m - best_k]]))
-
-
 def max_variance_keep(rewards: np.ndarray, group: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """(N,) mask of the members of every group's max_variance_subset of keep[g] members, all groups at once: the same
-    subsets as max_variance_subset group by group (groups of one size and keep are searched together)."""
+    """(N,) mask of the members of every group's size-keep[g] subset with the largest reward variance (PODS, arXiv
+    2504.13818: it is always the top k and bottom m − k rewards for some k, so the m + 1 candidates are checked, the
+    most balanced split first; ties keep the earlier). All groups at once: groups of one size and keep are searched
+    together."""
     num_groups = len(keep)
     count = np.bincount(group, minlength=num_groups)
     order = np.lexsort((rewards, group))  # by group, then reward; ties in index order, as argsort(kind="stable")

@@ -18,7 +18,6 @@ from budget.pricing import (
     fade_posterior,
     informative_prob,
     max_variance_keep,
-    max_variance_subset,
     price_arrays,
     risk_factor,
 )
@@ -126,12 +125,33 @@ def test_consistent_admission_drops_subsets_without_signal():
     assert consistent_admission(admit, rewards, group).tolist() == [False, False, False, True, True, False, False]
 
 
+def max_variance_subset(rewards: np.ndarray, m: int) -> np.ndarray:
+    """Reference, one group at a time (the definition max_variance_keep vectorises): indices of the size-m subset with the largest reward variance (PODS, arXiv 2504.13818: it is always the top k
+    and bottom m − k rewards for some k, so m + 1 candidates are checked). Ties keep the most balanced split."""
+    n = len(rewards)
+    if m >= n:
+        return np.arange(n)
+    order = np.argsort(rewards, kind="stable")
+    best_k, best_var = 0, -1.0
+    for k in sorted(range(m + 1), key=lambda k: abs(2 * k - m)):
+        pick = np.concatenate([order[n - k:], order[: m - k]])
+        v = float(np.var(rewards[pick]))
+        if v > best_var + 1e-12:
+            best_k, best_var = k, v
+    return np.sort(np.concatenate([order[n - best_k:], order[: m - best_k]]))
+
+
 def test_max_variance_subset():
     # [0, 0, 1, 0.5], m = 2: best is one top and one bottom reward, {1, 0}, variance 0.25
     assert max_variance_subset(np.array([0.0, 0.0, 1.0, 0.5]), 2).tolist() == [0, 2]
     # m = 3 of [0.1, 0.9, 0.5, 0.3]: k=1 {0.9, 0.1, 0.3} var 0.1156; k=2 {0.9, 0.5, 0.1} var 0.1067 → k=1
     assert max_variance_subset(np.array([0.1, 0.9, 0.5, 0.3]), 3).tolist() == [0, 1, 3]
     assert max_variance_subset(np.array([0.2, 0.4]), 3).tolist() == [0, 1]
+    # the same through the vectorised version, one group each
+    for rewards, m, expected in (([0.0, 0.0, 1.0, 0.5], 2, [0, 2]), ([0.1, 0.9, 0.5, 0.3], 3, [0, 1, 3]),
+                                 ([0.2, 0.4], 3, [0, 1])):
+        mask = max_variance_keep(np.array(rewards), np.zeros(len(rewards), dtype=np.int64), np.array([m]))
+        assert np.flatnonzero(mask).tolist() == expected
 
 
 def _tables():
