@@ -50,6 +50,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
 
 
 def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
+    """The starting policy (built and cached first if `tiny`), with LoRA adapters if asked, on the device."""
     from train.model import load_policy, resolve_policy_path
 
     if accelerator.is_main_process:  # a tiny policy is built once, by the main process; the others load the cache
@@ -60,7 +61,7 @@ def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
         from train.lora import apply_lora
 
         model = apply_lora(model, cfg.model)
-    return model, tokenizer
+    return model.to(accelerator.device), tokenizer
 
 
 def build_reference(cfg: RunConfig, model: torch.nn.Module):
@@ -154,7 +155,6 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     torch.manual_seed(cfg.seed + rank)
 
     model, tokenizer = build_policy(cfg, task, accelerator)
-    model.to(accelerator.device)
     reference = build_reference(cfg, model)
     value_head = build_value_head(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
@@ -339,16 +339,16 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                               **ledger.metrics(cfg.budget.target_reward)}
             histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
             budget_s += time.time() - tb
-            rewards = np.array([t.reward for t in trajectories] or [0.0])
+            rewards = columns.reward if len(columns) else np.zeros(1)  # the step's columns, read once above
             step_s = time.time() - t0
             metrics.update({
                 "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
                 "rollout/samples": len(trajectories), "rollout/groups": int((plan.samples > 0).sum()),
                 "rollout/sampled_ahead": sampled_ahead,
-                "rollout/completion_tokens_mean": float(np.mean([t.tokens_completion for t in trajectories] or [0])),
+                "rollout/completion_tokens_mean": float(columns.tokens_completion.mean()) if len(columns) else 0.0,
                 **{f"rollout/finish_{reason}": float(np.mean([t.finish_reason == reason for t in trajectories] or [0]))
                    for reason in task.finish_reasons},
-                "rollout/staleness_mean": float(np.mean([version - t.behavior_version for t in trajectories] or [0])),
+                "rollout/staleness_mean": float(version - columns.behavior_version.mean()) if len(columns) else 0.0,
                 **budget_metrics, "optim/lr": scheduler.get_last_lr()[0],
                 "optim/policy_version": version, "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s,
                 "perf/train_seconds": train_s, "perf/budget_seconds": budget_s, "perf/budget_fraction": budget_s / step_s,
