@@ -50,5 +50,10 @@ def updated_weights(micro_batch_tokens: int) -> dict[str, torch.Tensor]:
 
 if __name__ == "__main__":
     weights = updated_weights(int(sys.argv[2]))
-    if Accelerator(cpu=True).is_main_process:
+    accelerator = Accelerator(cpu=True)
+    if accelerator.is_main_process:
         torch.save(weights, sys.argv[1])
+    # tear the process group down before exit: a process leaving with it alive can die in its C++ destructor
+    # ("terminate called without an active exception", SIGABRT), which failed this test now and then
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

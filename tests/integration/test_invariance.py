@@ -27,9 +27,10 @@ def test_one_microbatch_equals_many():
 
 def _torchrun(nproc: int, out: Path, mbt: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    str(HERE / "ddp_update.py"), str(out), str(mbt)], check=True, env=env, timeout=300,
-                   capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        str(HERE / "ddp_update.py"), str(out), str(mbt)], env=env, timeout=300, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 
 
