@@ -45,6 +45,7 @@ def test_override_values_are_yaml():
         ("log.progress=maybe", "log.progress: expected true or false"),
         ("train=5", "train: expected a mapping"),
         ("model.dtype=float16", "model.dtype: float16 weights cannot be trained stably"),
+        ("rollout.async_rollout=true", "rollout.async_rollout: the next step's rollouts are generated before"),
     ],
 )
 def test_bad_config_names_key(override, needle):
