@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from budget.policies import FATES, TrajectoryDecision, TrajectoryPrices, as_columnar
-from budget.pricing import group_range
 from rollout.types import Trajectory, TrajectoryColumns
 
 USES = ("prefill", "decode", "observation", "verify", "train")
@@ -71,8 +70,7 @@ class Ledger:
             self.trajectories_by_fate[fate] += count
         if len(cols):
             self.reward_sum += float(np.cumsum(cols.reward)[-1])  # left to right, as summing the records one by one
-        lo, hi = group_range(cols.reward, cols.group, cols.num_groups)
-        flat_group = lo == hi  # the group's rewards were all equal: it carried no signal
+        flat_group = cols.group_flat  # the group's rewards were all equal: it carried no signal
         flat = flat_group[cols.group]
         self.groups += cols.num_groups
         self.zero_signal_groups += int(flat_group.sum())

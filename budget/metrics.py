@@ -17,7 +17,6 @@ from budget.policies import (
     as_columnar,
     current_drift,
 )
-from budget.pricing import group_range
 from rollout.types import Trajectory, TrajectoryColumns
 
 COMPONENTS = ("gain", "cost", "risk", "price", "advantage", "depreciation", "risk_variance", "risk_staleness")
@@ -50,7 +49,6 @@ def step_metrics(plan: Sequence[PromptDecision] | PromptPlan,
     gain, cost, price, pass_rate, informative, samples = plan_rows.compress(sampled, axis=1).sum(axis=1).tolist()
     price_rows = np.stack([prices.price, prices.gain, prices.cost, prices.risk, prices.staleness, prices.depreciation])
     t_price, t_gain, t_cost, t_risk, t_staleness, t_depreciation = price_rows.sum(axis=1).tolist()
-    lo, hi = group_range(cols.reward, cols.group, cols.num_groups)
     fates = np.bincount(prices.fate_code, minlength=len(FATES)).tolist()
     out: dict[str, float] = {
         "budget/prompts_candidates": float(n_plan),
@@ -66,7 +64,8 @@ def step_metrics(plan: Sequence[PromptDecision] | PromptPlan,
         "budget/prompt_price_skipped_mean": _mean(plan.price[~sampled].sum(), n_plan - n_sampled),
         "budget/prompt_pass_rate_mean": _mean(pass_rate, n_sampled),
         "budget/prompt_informative_pred": _mean(informative, n_sampled),
-        "budget/groups_informative_fraction": _mean(int(np.count_nonzero(lo != hi)), cols.num_groups),
+        "budget/groups_informative_fraction": _mean(cols.num_groups - int(np.count_nonzero(cols.group_flat)),
+                                                         cols.num_groups),
         "budget/admitted_fraction": _mean(fates[0], n),
         "budget/price_mean": _mean(t_price, n),
         "budget/gain_mean": _mean(t_gain, n),

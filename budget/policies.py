@@ -31,11 +31,8 @@ from budget.pricing import (
     allocate_greedy,
     consistent_admission,
     controller_step,
-    expected_group_gain,
-    expected_group_tokens,
     fade_posterior,
-    group_range,
-    informative_prob,
+    group_economics,
     max_variance_keep,
     price_arrays,
     risk_factor,
@@ -192,7 +189,7 @@ def as_columnar(records: Sequence | Columnar, cls: type[Columnar]) -> Columnar:
     return records if isinstance(records, cls) else cls.of(records)
 
 
-@dataclass
+@dataclass(slots=True)
 class PromptStats:
     """What the budget knows about one prompt. alpha/beta: Beta pseudo-counts as of policy version `version`."""
 
@@ -264,40 +261,35 @@ _STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout"
 def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str]) -> dict[str, np.ndarray]:
     """Per candidate (P,): faded posterior (alpha, beta), expected tokens per sample by use, zero-variance streak."""
     num = len(candidates)
-    alpha, beta = np.full(num, cfg.prior_alpha), np.full(num, cfg.prior_beta)
-    age = np.zeros(num)
-    streak = np.zeros(num, dtype=np.int64)
-    tr = np.full(num, cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout)
-    tv = np.full(num, 0.0 if state.tok_verify is None else state.tok_verify)
-    tu = np.full(num, cfg.prior_tokens if state.tok_update is None else state.tok_update)
-    stats = list(map(state.prompts.get, candidates))
-    idx = np.array([i for i, s in enumerate(stats) if s is not None], dtype=np.int64)
-    if len(idx):
-        known = np.fromiter(chain.from_iterable(map(_STATS, filter(None, stats))), dtype=float, count=7 * len(idx))
-        alpha[idx], beta[idx], version, streak[idx], tr[idx], tv[idx], tu[idx] = known.reshape(-1, 7).T
-        age[idx] = state.version - version
-    factor = np.exp(-current_drift(cfg, state) * np.maximum(age, 0) / cfg.drift_scale)
+    # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
+    unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0,
+              cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout,
+              0.0 if state.tok_verify is None else state.tok_verify,
+              cfg.prior_tokens if state.tok_update is None else state.tok_update)
+    rows = [unseen if s is None else _STATS(s) for s in map(state.prompts.get, candidates)]
+    table = np.fromiter(chain.from_iterable(rows), dtype=float, count=7 * num).reshape(num, 7).T  # (7, P): a row each
+    alpha, beta, version, streak, tr, tv, tu = table
+    factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
     return {"alpha": alpha, "beta": beta, "tok_rollout": tr, "tok_verify": tv, "tok_update": tu, "streak": streak}
 
 
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: dict[str, np.ndarray],
-                 n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,) and `arrays` of
-    prompt_arrays: (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,), an n per prompt."""
+                 n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """P_inf(n), expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,) and
+    `arrays` of prompt_arrays: (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,)."""
     table = n.ndim == 2
     p, col = (p[:, None], {k: v[:, None] for k, v in arrays.items()}) if table else (p, arrays)
-    gain = expected_group_gain(p, n, cfg.value, cfg.gain_half_samples)
-    tr, tv, tu = expected_group_tokens(p, n, col["tok_rollout"], col["tok_verify"], col["tok_update"])
-    cost = state.kappa_scale * (cfg.kappa_rollout * tr + cfg.kappa_verify * tv + cfg.kappa_update * tu)
-    return gain, cost, tr + tv + tu
+    return group_economics(p, n, col["tok_rollout"], col["tok_verify"], col["tok_update"], value=cfg.value,
+                           n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout, kappa_verify=cfg.kappa_verify,
+                           kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale)
 
 
-def _plan(candidates: Sequence[str], samples: np.ndarray, at: np.ndarray, p_mean: np.ndarray, p: np.ndarray,
+def _plan(candidates: Sequence[str], samples: np.ndarray, p_mean: np.ndarray, p: np.ndarray, informative: np.ndarray,
           gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray) -> PromptPlan:
-    """The plan, priced at group size `at` (the samples allocated, or the smallest group for a skipped prompt)."""
-    return PromptPlan(list(candidates), samples.astype(np.int64), p_mean, gain, cost, gain - cost, np.zeros(len(at)), p,
-                      informative_prob(p, at), tokens)
+    """The plan, priced at the group size allocated (or the smallest group, for a skipped prompt)."""
+    return PromptPlan(list(candidates), samples.astype(np.int64), p_mean, gain, cost, gain - cost,
+                      np.zeros(len(samples)), p, informative, tokens)
 
 
 def _smallest_group(samples: np.ndarray, limits: SampleLimits, max_n: int) -> np.ndarray:
@@ -310,7 +302,7 @@ def _priced_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str
     `arr`: prompt_arrays of the candidates."""
     p = arr["alpha"] / (arr["alpha"] + arr["beta"])
     at = _smallest_group(samples, limits, max(limits.max_group_size, limits.group_size, limits.min_group_size))
-    return _plan(candidates, samples, at, p, p, *group_tables(cfg, state, p, arr, at))
+    return _plan(candidates, samples, p, p, *group_tables(cfg, state, p, arr, at))
 
 
 def _uniform_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
@@ -327,7 +319,7 @@ def _prior_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str]
     still explored now and then), the others always; candidates are taken in order until prompts_per_step are kept.
     MoPPS (Qu et al. 2025, arXiv 2507.04632) predicts the same from a decayed Beta posterior; `marginal` prices that."""
     arr = prompt_arrays(cfg, state, candidates)
-    keep = rng.random(len(candidates)) < cfg.explore_prob ** arr["streak"].astype(float)
+    keep = rng.random(len(candidates)) < cfg.explore_prob ** arr["streak"]
     chosen = keep & (np.cumsum(keep) <= limits.prompts_per_step)
     return _priced_plan(cfg, state, candidates, np.where(chosen, limits.group_size, 0), limits, arr)
 
@@ -353,13 +345,14 @@ def _marginal_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[s
     p_mean = arr["alpha"] / (arr["alpha"] + arr["beta"])
     p = rng.beta(arr["alpha"], arr["beta"]) if cfg.thompson and len(candidates) else p_mean
     max_n = limits.max_group_size
-    gain, cost, tokens = group_tables(cfg, state, p, arr, np.arange(max_n + 1)[None, :])
+    informative, gain, cost, tokens = group_tables(cfg, state, p, arr, np.arange(max_n + 1)[None, :])
     max_samples, max_tokens = planner_limits(cfg, limits)
     samples = allocate_greedy(gain, cost, tokens, limits.min_group_size, max_n, max_samples=max_samples,
                               max_tokens=max_tokens)
     at = _smallest_group(samples, limits, max_n)
     rows = np.arange(len(candidates))
-    return _plan(candidates, samples, at, p_mean, p, gain[rows, at], cost[rows, at], tokens[rows, at])
+    return _plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
+                 tokens[rows, at])
 
 
 # ------------------------------------------------------------------------------------------------- after rollout
@@ -477,32 +470,36 @@ def update_state(cfg: BudgetConfig, state: BudgetState, trajectories: Sequence[T
     drift = current_drift(cfg, state)
     # per group (G,), in first-seen order; bincount sums each group's members in order, as a Python sum would
     num_groups, group, lengths = cols.num_groups, cols.group, cols.tokens_rollout
-    count = np.bincount(group, minlength=num_groups)
+    count = cols.group_size
     length_sum = np.bincount(group, weights=lengths, minlength=num_groups)
     verify_mean = np.bincount(group, weights=cols.tokens_verify, minlength=num_groups) / count
     successes = np.bincount(group, weights=np.clip(cols.reward, 0.0, 1.0), minlength=num_groups)
-    lo, hi = group_range(cols.reward, group, num_groups)
-    _, versions = group_range(cols.behavior_version, group, num_groups)
+    versions = np.full(num_groups, np.iinfo(np.int64).min)
+    np.maximum.at(versions, group, cols.behavior_version)
     per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),
                     (length_sum / count - verify_mean).tolist(), verify_mean.tolist(),
-                    (length_sum * num_iterations / count).tolist(), versions.tolist(), (lo == hi).tolist(), strict=True)
-    for pid, n, succ, tok_r, tok_v, tok_u, version, flat in per_group:
-        s = state.prompts.get(pid)
+                    (length_sum * num_iterations / count).tolist(), versions.tolist(), cols.group_flat.tolist(),
+                    strict=True)
+    w, prior_a, prior_b, prompts = cfg.ema, cfg.prior_alpha, cfg.prior_beta, state.prompts
+    for pid, n, succ, tok_r, tok_v, tok_u, version, flat in per_group:  # EMAs as _ema, written out: a hot loop
+        s = prompts.get(pid)
         if s is None:
-            s = state.prompts[pid] = PromptStats(cfg.prior_alpha, cfg.prior_beta, version, step, 0, 0, tok_r, tok_v,
-                                                 tok_u)
+            s = prompts[pid] = PromptStats(prior_a, prior_b, version, step, 0, 0, tok_r, tok_v, tok_u)
         factor = math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)
-        a, b = fade_posterior(s.alpha, s.beta, cfg.prior_alpha, cfg.prior_beta, factor)
-        s.alpha, s.beta = float(a) + succ, float(b) + (n - succ)
+        a, b = fade_posterior(s.alpha, s.beta, prior_a, prior_b, factor)
+        s.alpha, s.beta = a + succ, b + (n - succ)
         s.version, s.last_step, s.groups = max(version, s.version), step, s.groups + 1
         s.zero_var_streak = s.zero_var_streak + 1 if flat else 0
         if s.groups > 1:
-            s.tok_rollout, s.tok_verify, s.tok_update = (_ema(s.tok_rollout, tok_r, cfg.ema),
-                                                        _ema(s.tok_verify, tok_v, cfg.ema),
-                                                        _ema(s.tok_update, tok_u, cfg.ema))
-        state.tok_rollout = _ema(state.tok_rollout, tok_r, cfg.ema)
-        state.tok_verify = _ema(state.tok_verify, tok_v, cfg.ema)
-        state.tok_update = _ema(state.tok_update, tok_u, cfg.ema)
+            s.tok_rollout = w * s.tok_rollout + (1.0 - w) * tok_r
+            s.tok_verify = w * s.tok_verify + (1.0 - w) * tok_v
+            s.tok_update = w * s.tok_update + (1.0 - w) * tok_u
+        if state.tok_rollout is None:
+            state.tok_rollout, state.tok_verify, state.tok_update = tok_r, tok_v, tok_u
+        else:
+            state.tok_rollout = w * state.tok_rollout + (1.0 - w) * tok_r
+            state.tok_verify = w * state.tok_verify + (1.0 - w) * tok_v
+            state.tok_update = w * state.tok_update + (1.0 - w) * tok_u
     spend = float(lengths.sum() + lengths[trained].sum() * num_iterations)
     state.last_spend = spend
     if cfg.token_budget > 0:

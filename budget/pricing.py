@@ -46,10 +46,15 @@ def expected_group_gain(p: np.ndarray | float, n: np.ndarray | int, value: float
     return np.where(n >= 2, value * 4.0 * p * (1.0 - p) * (n - 1.0) / np.maximum(n + n0, 1e-12), 0.0)
 
 
-def expected_group_tokens(p, n, tok_rollout, tok_verify, tok_update) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Expected (rollout, verify, update) tokens of a group of n: update tokens only when the group is informative."""
+def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, n0: float, kappa_rollout: float,
+                    kappa_verify: float, kappa_update: float, kappa_scale: float = 1.0):
+    """(P_inf(n), G(n), C(n), T(n)) of groups of n at pass rate p, with expected tokens per sample by use: update
+    tokens only when the group is informative; every κ multiplied by kappa_scale (the controller's multiplier)."""
     n = np.asarray(n, dtype=float)
-    return n * tok_rollout, n * tok_verify, informative_prob(p, n.astype(int)) * n * tok_update
+    informative = informative_prob(p, n)
+    tr, tv, tu = n * tok_rollout, n * tok_verify, informative * n * tok_update
+    cost = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * tu)
+    return informative, expected_group_gain(p, n, value, n0), cost, tr + tv + tu
 
 
 def risk_factor(measure: str, alpha: float) -> float:
@@ -70,14 +75,16 @@ def fade_posterior(alpha, beta, prior_alpha: float, prior_beta: float, factor):
     return prior_alpha + (alpha - prior_alpha) * factor, prior_beta + (beta - prior_beta) * factor  # scalars or arrays
 
 
-def group_stats(rewards: np.ndarray, group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per group: (count, mean, population variance) of the rewards. `group` holds dense ids 0..num_groups-1."""
+def group_stats(rewards: np.ndarray, group: np.ndarray,
+                num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: (count, mean, population variance) of the rewards, and each reward's deviation from its group's
+    mean (N,). `group` holds dense ids 0..num_groups-1."""
     count = np.bincount(group, minlength=num_groups).astype(float)
     safe = np.maximum(count, 1.0)
     mean = np.bincount(group, weights=rewards, minlength=num_groups) / safe
     dev = rewards - mean[group]
     var = np.bincount(group, weights=dev * dev, minlength=num_groups) / safe
-    return count, mean, var
+    return count, mean, var, dev
 
 
 def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, staleness: np.ndarray, *,
@@ -87,24 +94,26 @@ def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarr
     risk, risk_variance, risk_staleness, depreciation, price, gain_fresh (g⁰), zero_var (bool)."""
     rewards = np.asarray(rewards, dtype=float)
     group = np.asarray(group, dtype=np.int64)
+    staleness = np.asarray(staleness)
     num_groups = int(group.max()) + 1 if group.size else 0
-    count, mean, var = group_stats(rewards, group, num_groups)
+    count, _, var, dev = group_stats(rewards, group, num_groups)
     std = np.sqrt(var)
     zero_var = (std <= eps)[group]
-    dev = rewards - mean[group]
     adv = np.where(zero_var, 0.0, dev / np.maximum(std, eps)[group])
     abs_adv = np.abs(adv)
     adv_mass = np.bincount(group, weights=abs_adv, minlength=num_groups)  # Σ_j |A_j| per group
     group_gain = value * 4.0 * var * count / (count + n0)
     share = abs_adv / np.maximum(adv_mass, eps)[group]
     gain0 = np.where(zero_var, 0.0, group_gain[group] * share)
-    n = count[group]
-    rel_err = np.minimum(1.0, 1.0 / np.maximum(np.sqrt(n) * abs_adv, eps))
-    dep = depreciation(staleness, drift, drift_scale)
+    rel_err = np.minimum(1.0, 1.0 / np.maximum(np.sqrt(count)[group] * abs_adv, eps))
     at_risk = risk_aversion * risk_k * gain0
     risk_variance = at_risk * rel_err
-    risk_staleness = at_risk * (1.0 - dep)
-    gain = gain0 * dep
+    if staleness.any():
+        dep = depreciation(staleness, drift, drift_scale)
+        risk_staleness = at_risk * (1.0 - dep)
+        gain = gain0 * dep
+    else:  # on-policy: D = 1 exactly, nothing lost to drift
+        dep, risk_staleness, gain = np.ones(len(rewards)), np.zeros(len(rewards)), gain0
     cost = kappa_update * np.asarray(tokens_update, dtype=float)
     risk = risk_variance + risk_staleness
     return {"advantage": adv, "gain": gain, "cost": cost, "risk": risk, "risk_variance": risk_variance,
@@ -119,7 +128,7 @@ def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarr
         return admit
     num_groups = int(group.max()) + 1
     sel = group[admit]
-    count, _, var = group_stats(rewards[admit], sel, num_groups)
+    count, _, var, _ = group_stats(rewards[admit], sel, num_groups)
     ok = (count >= 2) & (var > eps * eps)
     return admit & ok[group]
 
@@ -155,16 +164,6 @@ def max_variance_keep(rewards: np.ndarray, group: np.ndarray, keep: np.ndarray) 
             best.append(b)
         mask[order[np.take_along_axis(pos, picks[best], axis=1)]] = True
     return mask
-
-
-def group_range(values: np.ndarray, group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per group: (min, max) of `values`, in their dtype. `group` holds dense ids 0..num_groups-1, none empty."""
-    lo = np.empty(num_groups, dtype=values.dtype)
-    lo[group] = values  # start every group at one of its own values
-    hi = lo.copy()
-    np.minimum.at(lo, group, values)
-    np.maximum.at(hi, group, values)
-    return lo, hi
 
 
 def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_n: int, max_n: int, *,

@@ -89,9 +89,7 @@ class TrajectoryColumns:
         n = len(trajectories)
 
         def column(values: list, dtype=np.int64) -> np.ndarray:
-            arr = np.fromiter(values, dtype=dtype, count=n)
-            arr.flags.writeable = False
-            return arr
+            return _frozen(np.fromiter(values, dtype=dtype, count=n))
 
         return cls(reward=column([t.reward for t in trajectories], float),
                    group=column([ids[t.group_id] for t in trajectories]), group_ids=list(ids),
@@ -109,8 +107,24 @@ class TrajectoryColumns:
         return len(self.group_ids)
 
     @cached_property
+    def group_size(self) -> np.ndarray:
+        """(G,) int64: members of each group."""
+        return _frozen(np.bincount(self.group, minlength=self.num_groups))
+
+    @cached_property
+    def group_flat(self) -> np.ndarray:
+        """(G,) bool: every reward in the group is the same (its group-relative advantages are all zero)."""
+        lo, hi = np.full(self.num_groups, np.inf), np.full(self.num_groups, -np.inf)
+        np.minimum.at(lo, self.group, self.reward)
+        np.maximum.at(hi, self.group, self.reward)
+        return _frozen(lo == hi)
+
+    @cached_property
     def tokens_rollout(self) -> np.ndarray:
         """Prompt + completion tokens of each trajectory (prefill, decode, observation and verification)."""
-        total = self.tokens_prompt + self.tokens_completion
-        total.flags.writeable = False
-        return total
+        return _frozen(self.tokens_prompt + self.tokens_completion)
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr

@@ -219,11 +219,15 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def plan_step(step: int):
-        """The budget's plan for `step` (the same on every rank): a seeded pool of candidates, samples for each."""
+        """The budget's plan for `step` (the same on every rank): a seeded pool of candidates (the data sampler's
+        draw, as any trainer makes one), samples for each (the budget's decision). Returns (plan, seconds in the
+        budget)."""
         step_rng = np.random.default_rng([cfg.seed, step])
         pool_size = min(len(task.train), cfg.budget.pool_factor * limits.prompts_per_step)
         pool = step_rng.choice(len(task.train), size=pool_size, replace=False)
-        return plan_prompts(cfg.budget, state, [task.train[i].prompt_id for i in pool], step, step_rng, limits)
+        candidates = [task.train[i].prompt_id for i in pool]
+        tb = time.time()
+        return plan_prompts(cfg.budget, state, candidates, step, step_rng, limits), time.time() - tb
 
     def generate(step: int, plan, sampler, sampler_version: int):
         """This rank's share of the planned groups, sampled from `sampler` (the policy or the lagging snapshot)."""
@@ -252,9 +256,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 (plan, future), ahead = ahead, None
                 mine, budget_s, sampled_ahead = future.result(), 0.0, 1.0
             else:
-                tb = time.time()
-                plan = plan_step(step)
-                budget_s, sampled_ahead = time.time() - tb, 0.0
+                (plan, budget_s), sampled_ahead = plan_step(step), 0.0
                 if version - behaviour_version > cfg.rollout.max_staleness:
                     sync_snapshot(behaviour, model, accelerator)
                     behaviour_version = version
@@ -275,9 +277,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
             saves = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
             if producer is not None and step + 1 < cfg.train.max_steps and not saves:
-                tb = time.time()
-                next_plan = plan_step(step + 1)
-                budget_s += time.time() - tb
+                next_plan, next_plan_s = plan_step(step + 1)
+                budget_s += next_plan_s
                 if version + 1 - behaviour_version > cfg.rollout.max_staleness:  # step+1 trains after this update
                     sync_snapshot(behaviour, model, accelerator)
                     behaviour_version = version
@@ -306,6 +307,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                          num_iterations=cfg.algo.num_iterations)
             ledger.record_step(columns, decisions, cfg.algo.num_iterations,
                                prompts_skipped=int((plan.samples == 0).sum()))
+            budget_metrics = step_metrics(plan, decisions, columns, state, cfg=cfg.budget)
+            histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
             budget_s += time.time() - tb
             if main:
                 traj_store.write(step, trajectory_rows(trajectories, decisions, advantages, cfg.algo.num_iterations))
@@ -335,9 +338,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             accelerator.wait_for_everyone()
 
             tb = time.time()
-            budget_metrics = {**step_metrics(plan, decisions, columns, state, cfg=cfg.budget),
-                              **ledger.metrics(cfg.budget.target_reward)}
-            histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
+            budget_metrics.update(ledger.metrics(cfg.budget.target_reward))  # after the eval: tokens_to_target
             budget_s += time.time() - tb
             rewards = columns.reward if len(columns) else np.zeros(1)  # the step's columns, read once above
             step_s = time.time() - t0

@@ -14,8 +14,8 @@ from budget.pricing import (
     controller_step,
     depreciation,
     expected_group_gain,
-    expected_group_tokens,
     fade_posterior,
+    group_economics,
     informative_prob,
     max_variance_keep,
     price_arrays,
@@ -51,10 +51,13 @@ def test_expected_gain_is_the_mean_of_the_realised_gain(p, n, n0):
     assert float(informative_prob(p, n)) * teach * n / (n + n0) == pytest.approx(expect)
 
 
-def test_expected_group_tokens():
-    # n=4, p=0.5: rollout 4·17 = 68, verify 4·3 = 12, update P_inf·4·20 = (1 − 2/16)·80 = 70
-    r, v, u = expected_group_tokens(0.5, 4, 17.0, 3.0, 20.0)
-    assert (float(r), float(v), float(u)) == pytest.approx((68.0, 12.0, 70.0))
+def test_group_economics():
+    # n=4, p=0.5: rollout 4·17 = 68, verify 4·3 = 12, update P_inf·4·20 = (1 − 2/16)·80 = 70 tokens;
+    # cost 2·(0.001·68 + 0.002·12 + 0.003·70) = 2·0.302 = 0.604;  gain 1·4·0.25·3/(4 + 8) = 0.25
+    informative, gain, cost, tokens = group_economics(0.5, 4, 17.0, 3.0, 20.0, value=1.0, n0=8.0, kappa_rollout=0.001,
+                                                      kappa_verify=0.002, kappa_update=0.003, kappa_scale=2.0)
+    assert float(informative) == pytest.approx(0.875) and float(gain) == pytest.approx(0.25)
+    assert float(cost) == pytest.approx(0.604) and float(tokens) == pytest.approx(68.0 + 12.0 + 70.0)
 
 
 def test_posterior_fading():
