@@ -45,9 +45,9 @@ def step_metrics(plan: Sequence[PromptDecision] | PromptPlan,
     sampled = plan.samples > 0
     n_plan, n_sampled, n = len(plan), int(np.count_nonzero(sampled)), len(prices)
     # several columns summed at once, one C-contiguous row each: a row sums as its column alone would (as np.mean)
-    plan_rows = np.stack([plan.gain, plan.cost, plan.price, plan.pass_rate, plan.informative, plan.samples])
+    plan_rows = np.array([plan.gain, plan.cost, plan.price, plan.pass_rate, plan.informative, plan.samples])
     gain, cost, price, pass_rate, informative, samples = plan_rows.compress(sampled, axis=1).sum(axis=1).tolist()
-    price_rows = np.stack([prices.price, prices.gain, prices.cost, prices.risk, prices.staleness, prices.depreciation])
+    price_rows = np.array([prices.price, prices.gain, prices.cost, prices.risk, prices.staleness, prices.depreciation])
     t_price, t_gain, t_cost, t_risk, t_staleness, t_depreciation = price_rows.sum(axis=1).tolist()
     fates = np.bincount(prices.fate_code, minlength=len(FATES)).tolist()
     out: dict[str, float] = {

@@ -88,8 +88,8 @@ class _Columnar(Sequence):
     record: ClassVar[type]
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # frozen all the way down: consumers get the arrays themselves, not copies
-            value = getattr(self, f.name)
+        for name in self.__dataclass_fields__:  # frozen all the way down: consumers get the arrays, not copies
+            value = getattr(self, name)
             if isinstance(value, np.ndarray):
                 value.flags.writeable = False
 
