@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 def test_one_microbatch_equals_many():
     trajs, _ = fixed_batch()
     longest = max(t.tokens_prompt + t.tokens_completion for t in trajs)
-    one = updated_weights(10_000)  # the whole batch in one micro-batch
-    many = updated_weights(longest)  # about one sequence per micro-batch
+    one = updated_weights(10_000)[0]  # the whole batch in one micro-batch
+    many = updated_weights(longest)[0]  # about one sequence per micro-batch
     start = tiny_model().state_dict()
     assert all(not torch.equal(start[k], one[k]) for k in one if "embed" not in k)  # the update did something
     for k in one:
