@@ -56,8 +56,9 @@ def configure(accelerator: Accelerator, cfg: RunConfig) -> None:
         raise ConfigError("algo.name=ppo: the value head is a second module, and the DeepSpeed engine trains one; "
                           "use GRPO under DeepSpeed, or PPO under DDP or FSDP")
     if plugin.zero_stage == 3 and plugin.zero3_init_flag:
-        raise ConfigError("zero3_init_flag: true partitions the weights while they load, but the KL reference and "
-                          "the rollout snapshot are full copies made before accelerator.prepare; set it to false")
+        raise ConfigError("zero3_init_flag: true asks for the weights to be partitioned while they load; the trainer "
+                          "loads them whole on every rank (the KL reference and the rollout snapshot are copies made "
+                          "before accelerator.prepare, which then partitions them): set it to false")
     gas = ds.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1):
         raise ConfigError(f"deepspeed gradient_accumulation_steps: {gas}; the trainer accumulates its own "
@@ -73,6 +74,19 @@ def configure(accelerator: Accelerator, cfg: RunConfig) -> None:
         ds["train_micro_batch_size_per_gpu"] = 1
     if plugin.zero_stage == 3:  # `final/` gathers the full weights from the shards (accelerator.get_state_dict)
         ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        hide_from_transformers()
+
+
+def hide_from_transformers() -> None:
+    """Under ZeRO-3 accelerate registers its DeepSpeed config with transformers (whatever zero3_init_flag says), and
+    transformers then (a) builds every model inside `zero.Init`, partitioning the weights as they load, so the KL
+    reference and the rollout snapshot (copies made before `accelerator.prepare`) would be empty; and (b) generates
+    with `synced_gpus`, an all-reduce per token, which deadlocks against the training collectives when the async
+    producer generates in its thread. The trainer needs neither: it loads whole weights (prepare partitions them)
+    and generates from whole weights (the snapshot, or the gathered policy: `generation_context`)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def backward(loss: torch.Tensor, accelerator: Accelerator, boundary: bool) -> None:
