@@ -25,11 +25,14 @@ def test_one_microbatch_equals_many():
         torch.testing.assert_close(one[k], many[k], rtol=1e-5, atol=1e-6)
 
 
-def _torchrun(nproc: int, out: Path, mbt: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+def _torchrun(nproc: int, out: Path, mbt: int, *mode: str) -> dict:
+    """The weights after ddp_update.py's one train_step on `nproc` processes; `mode`: [ddp|zero2|zero3] [nonfinite]."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not mode or mode[0] == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(HERE / "ddp_update.py"), str(out), str(mbt)], env=env, timeout=300, capture_output=True,
-                       text=True)
+                        str(HERE / "ddp_update.py"), str(out), str(mbt), *mode], env=env, timeout=300,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 
