@@ -72,6 +72,8 @@ def configure(accelerator: Accelerator, cfg: RunConfig) -> None:
     # micro-batches are token-balanced, not counted in samples: this number only feeds DeepSpeed's throughput logs
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = 1
+    if ds.get("bf16", {}).get("enabled") is True:  # the non-finite skip (train/update.py) relies on this check
+        ds["bf16"]["check_grad_overflow"] = True
     if plugin.zero_stage == 3:  # `final/` gathers the full weights from the shards (accelerator.get_state_dict)
         ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
         hide_from_transformers()

@@ -29,6 +29,12 @@ def test_fills_what_accelerate_cannot_and_what_the_update_needs(stage):
     assert ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False) == (stage == 3)
 
 
+def test_bf16_engine_checks_for_non_finite_gradients():
+    acc = _accelerator(bf16={"enabled": True})
+    zero.configure(acc, load_config([], []))
+    assert acc.state.deepspeed_plugin.deepspeed_config["bf16"]["check_grad_overflow"] is True
+
+
 def test_clipping_off_and_an_explicit_matching_value_are_kept():
     acc = _accelerator(gradient_clipping=1.0, train_micro_batch_size_per_gpu=4)
     zero.configure(acc, load_config([], []))  # train.max_grad_norm defaults to 1.0
