@@ -186,7 +186,9 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         if load_snapshot(ckpt, snapshot):  # resume sampling from the same lagging weights as the interrupted run
             behaviour_version = extra["behaviour_version"]
-    if value_head is not None:
+    if value_head is not None and zero.active(accelerator):  # the engine trains one module: the head joins the policy
+        model, optimizer = accelerator.prepare(zero.with_value_head(model, value_head), optimizer)
+    elif value_head is not None:
         model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -392,6 +394,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         "wall_seconds": round(time.time() - t_start, 2),
     }
     weights = accelerator.get_state_dict(model)  # a collective under FSDP and ZeRO-3: full weights on the main rank
+    if zero.active(accelerator):
+        weights = zero.policy_weights(weights)
     if main:
         write_final(out, policy, tokenizer, summary, state_dict=weights)
     logger.finish()

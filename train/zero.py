@@ -52,9 +52,6 @@ def configure(accelerator: Accelerator, cfg: RunConfig) -> None:
     if cfg.train.save_every or cfg.train.resume_from:
         raise ConfigError("train.save_every / train.resume_from: checkpoints hold full weights and optimiser state "
                           "from the main process, but ZeRO shards them; set train.save_every=0 under DeepSpeed")
-    if cfg.algo.name == "ppo":
-        raise ConfigError("algo.name=ppo: the value head is a second module, and the DeepSpeed engine trains one; "
-                          "use GRPO under DeepSpeed, or PPO under DDP or FSDP")
     if plugin.zero_stage == 3 and plugin.zero3_init_flag:
         raise ConfigError("zero3_init_flag: true asks for the weights to be partitioned while they load; the trainer "
                           "loads them whole on every rank (the KL reference and the rollout snapshot are copies made "
@@ -89,6 +86,25 @@ def hide_from_transformers() -> None:
     from transformers.integrations import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+
+
+VALUE_HEAD = "rl_value_head"  # PPO's value head, as a submodule of the policy under DeepSpeed
+
+
+def with_value_head(model: torch.nn.Module, value_head: torch.nn.Module) -> torch.nn.Module:
+    """PPO under DeepSpeed: the engine trains one module, so the value head becomes a submodule of the policy (its
+    parameters are then sharded, reduced, clipped and stepped with the policy's). The policy's forward never calls
+    it; `forward_policy_and_values` calls it on the last hidden state as before (under ZeRO-3 its own hooks gather
+    its weights). `final/` leaves it out (`policy_weights`)."""
+    model.add_module(VALUE_HEAD, value_head)
+    return model
+
+
+def policy_weights(state_dict: dict | None) -> dict | None:
+    """The policy's weights without the value head a DeepSpeed PPO run attached to it."""
+    if state_dict is None:
+        return None
+    return {k: v for k, v in state_dict.items() if not k.startswith(VALUE_HEAD + ".")}
 
 
 def backward(loss: torch.Tensor, accelerator: Accelerator, boundary: bool) -> None:

@@ -27,23 +27,37 @@ ROOT = HERE.parents[1]
 
 @pytest.fixture(scope="module")
 def ddp_one_process(tmp_path_factory):
-    return _torchrun(1, tmp_path_factory.mktemp("ddp") / "one.pt", 10_000)
+    cache = {}
+
+    def weights(*algo: str) -> dict:  # () GRPO, ("ppo",)
+        if algo not in cache:
+            cache[algo] = _torchrun(1, tmp_path_factory.mktemp("ddp") / "one.pt", 10_000, "ddp", *algo)
+        return cache[algo]
+
+    return weights
 
 
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
-def test_one_zero_update_equals_the_ddp_update(mode, ddp_one_process, tmp_path):
+@pytest.mark.parametrize(("mode", "algo"), [
+    ("zero2", ()), ("zero3", ()),
+    pytest.param("zero2", ("ppo",), marks=pytest.mark.slow), pytest.param("zero3", ("ppo",), marks=pytest.mark.slow),
+])
+def test_one_zero_update_equals_the_ddp_update(mode, algo, ddp_one_process, tmp_path):
     """2 processes, several token-balanced micro-batches each, 2 epochs (two engine steps), the update clipped by the
-    engine: the same weights as one DDP process taking the whole batch in one micro-batch."""
+    engine: the same weights as one DDP process taking the whole batch in one micro-batch. PPO: the value head, a
+    submodule of the policy under DeepSpeed, gets the same update as DDP's separate head."""
     trajs, _ = fixed_batch()
     longest = max(t.tokens_prompt + t.tokens_completion for t in trajs)
-    zero = _torchrun(2, tmp_path / "zero.pt", longest, mode)
+    zero = _torchrun(2, tmp_path / "zero.pt", longest, mode, *algo)
+    ddp = ddp_one_process(*algo)
     metrics = json.loads((tmp_path / "zero.json").read_text())
     start = tiny_model().state_dict()
-    assert sorted(zero) == sorted(ddp_one_process)
-    assert all(not torch.equal(start[k], zero[k]) for k in zero if "embed" not in k)  # the engine stepped
+    assert sorted(zero) == sorted(ddp)
+    assert all(not torch.equal(start[k], zero[k]) for k in start if "embed" not in k)  # the engine stepped
     assert metrics["train/nonfinite"] == 0.0 and metrics["optim/grad_norm"] > 0.05  # clipped (train.max_grad_norm)
     for k in zero:
-        torch.testing.assert_close(zero[k], ddp_one_process[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(zero[k], ddp[k], rtol=1e-5, atol=1e-6)
+    if algo:
+        assert any(v.abs().sum() > 0 for k, v in zero.items() if k.startswith("rl_value_head."))  # the head learnt
 
 
 @pytest.mark.slow

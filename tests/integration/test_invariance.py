@@ -27,9 +27,9 @@ def test_one_microbatch_equals_many():
 
 def _torchrun(nproc: int, out: Path, mbt: int, *mode: str) -> dict:
     """The weights after ddp_update.py's one train_step on `nproc` processes; `mode`: [ddp|zero2|zero3] [nonfinite]."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not mode or mode[0] == "ddp":
-        env["ACCELERATE_USE_CPU"] = "true"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    if mode and mode[0] != "ddp":
+        del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed into plain DDP (train/zero.py refuses it)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         str(HERE / "ddp_update.py"), str(out), str(mbt), *mode], env=env, timeout=300,
                        capture_output=True, text=True)

@@ -47,7 +47,6 @@ def test_clipping_off_and_an_explicit_matching_value_are_kept():
 @pytest.mark.parametrize(("accelerator", "overrides", "names"), [
     (_accelerator(), ["train.save_every=5"], "train.save_every"),
     (_accelerator(), ["train.resume_from=latest"], "train.resume_from"),
-    (_accelerator(), ["algo.name=ppo"], "algo.name=ppo"),
     (_accelerator(3, zero3_init=True), [], "zero3_init_flag"),
     (_accelerator(gradient_accumulation_steps=4), [], "gradient_accumulation_steps"),
     (_accelerator(gradient_clipping=0.3), [], "gradient_clipping"),
@@ -61,3 +60,13 @@ def test_use_cpu_would_silently_drop_deepspeed(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU"):
         zero.build_accelerator(cpu=True)
+
+
+def test_ppo_value_head_joins_the_policy_and_stays_out_of_final_weights():
+    import torch
+
+    policy, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    model = zero.with_value_head(policy, head)
+    assert model is policy and {id(p) for p in head.parameters()} <= {id(p) for p in model.parameters()}
+    assert sorted(zero.policy_weights(model.state_dict())) == ["bias", "weight"]
+    assert zero.policy_weights(None) is None  # ranks other than the main one get no state dict under ZeRO-3
