@@ -38,8 +38,9 @@ def ddp_one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("mode", "algo"), [
-    ("zero2", ()), ("zero3", ()),
-    pytest.param("zero2", ("ppo",), marks=pytest.mark.slow), pytest.param("zero3", ("ppo",), marks=pytest.mark.slow),
+    pytest.param("zero2", (), id="zero2-grpo"), pytest.param("zero3", (), id="zero3-grpo"),
+    pytest.param("zero2", ("ppo",), marks=pytest.mark.slow, id="zero2-ppo"),
+    pytest.param("zero3", ("ppo",), marks=pytest.mark.slow, id="zero3-ppo"),
 ])
 def test_one_zero_update_equals_the_ddp_update(mode, algo, ddp_one_process, tmp_path):
     """2 processes, several token-balanced micro-batches each, 2 epochs (two engine steps), the update clipped by the
