@@ -25,6 +25,7 @@ from budget.metrics import price_components, step_metrics
 from budget.policies import BudgetState, SampleLimits, plan_prompts, price_trajectories, update_state
 from rollout.tasks import TaskSet
 from rollout.types import TrajectoryColumns
+from train import zero
 from train.config import ConfigError, RunConfig, config_to_dict
 from train.logger import NoOpLogger, WandbLogger
 from train.store import StepStore, prompt_rows, trajectory_rows, write_final
@@ -39,11 +40,11 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     # On a machine without CUDA the CPU flag must be set here: `accelerate launch --cpu` silently starts one process.
     if cfg.model.dtype != "float32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype: {cfg.model.dtype} needs a GPU; use float32 on CPU")
+    if zero.requested():  # DeepSpeed: cpu=True would drop it for plain DDP; the engine is configured before prepare
+        accelerator = zero.build_accelerator(cpu=not torch.cuda.is_available())
+        zero.configure(accelerator, cfg)
+        return accelerator
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed's engine steps inside backward() on every synced micro-batch; this trainer accumulates a
-        # variable number of token-balanced micro-batches per update, which the engine cannot express yet.
-        raise ConfigError("the DeepSpeed launcher configs are not supported by the trainer yet: use DDP or FSDP")
     if cfg.train.save_every and accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("train.save_every: checkpoints do not gather FSDP shards yet; set train.save_every=0 under FSDP")
     return accelerator
@@ -119,8 +120,13 @@ def _fsdp(accelerator: Accelerator) -> bool:
 
 def generation_context(model, accelerator: Accelerator):
     """Generating with the trained model itself: under FSDP the root unit's own weights (embeddings, final norm,
-    head) are gathered for the duration (the nested units gather theirs in their forward); a no-op otherwise."""
-    if model is None or not _fsdp(accelerator):
+    head) are gathered for the duration (the nested units gather theirs in their forward); under ZeRO-3 every
+    weight is gathered and the engine's fetch/release hooks are lifted; a no-op otherwise."""
+    if model is None:
+        return nullcontext()
+    if zero.active(accelerator):
+        return zero.generation_context(model, accelerator)
+    if not _fsdp(accelerator):
         return nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -129,8 +135,9 @@ def generation_context(model, accelerator: Accelerator):
 
 @torch.no_grad()
 def sync_snapshot(snapshot: torch.nn.Module, model, accelerator: Accelerator) -> None:
-    """Copy the trained weights into the rollout snapshot on every rank (under FSDP, gathered from the shards)."""
-    ctx = nullcontext()
+    """Copy the trained weights into the rollout snapshot on every rank (under FSDP and ZeRO-3, gathered from the
+    shards)."""
+    ctx = zero.gathered_parameters(model, accelerator)
     if _fsdp(accelerator):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -179,7 +186,9 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
         if load_snapshot(ckpt, snapshot):  # resume sampling from the same lagging weights as the interrupted run
             behaviour_version = extra["behaviour_version"]
-    if value_head is not None:
+    if value_head is not None and zero.active(accelerator):  # the engine trains one module: the head joins the policy
+        model, optimizer = accelerator.prepare(zero.with_value_head(model, value_head), optimizer)
+    elif value_head is not None:
         model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -385,7 +394,9 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         "ledger": ledger.summary(cfg.budget.target_reward),
         "wall_seconds": round(time.time() - t_start, 2),
     }
-    weights = accelerator.get_state_dict(model)  # a collective under FSDP: gathers the full weights on the main rank
+    weights = accelerator.get_state_dict(model)  # a collective under FSDP and ZeRO-3: full weights on the main rank
+    if zero.active(accelerator):
+        weights = zero.policy_weights(weights)
     if main:
         write_final(out, policy, tokenizer, summary, state_dict=weights)
     logger.finish()

@@ -33,12 +33,14 @@ def apply_lora(model, cfg: ModelConfig):
 def reference_logprobs_context(model) -> Iterator[torch.nn.Module]:
     """Yield the reference policy of the KL penalty for a LoRA model: the same weights with the adapters disabled,
     under no_grad (the reference is never trained). `model` is the peft model, or a DDP wrapper of it: the
-    reference forward runs on the inner module, since it has no gradients for DDP to sync.
+    reference forward runs on the inner module, since it has no gradients for DDP to sync (a DeepSpeed engine's
+    inner module likewise).
 
         with reference_logprobs_context(model) as ref:
             ref_lp = token_logprobs(ref, ids, attn, temperature)
     """
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    inner = model.module if wrapped else model
     if not hasattr(inner, "disable_adapter"):
         raise TypeError(f"reference_logprobs_context: expected a peft model (model.lora_r > 0), got {type(inner).__name__}")
     with torch.no_grad(), inner.disable_adapter():

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from rollout.types import Trajectory
+from train import zero
 from train.algorithms import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -93,21 +94,31 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
     proximal: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # micro-batch -> first-epoch (logprobs, values)
     grad_norm, skipped, overflow = 0.0, 0.0, 0.0
     for epoch in range(cfg.algo.num_iterations):
+        finite_loss = True
         for m, mb in enumerate(microbatches):
             sync = m == len(microbatches) - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                stats = _microbatch(model, [trajectories[j] for j in mb], advantages[mb], cfg, pad_id, global_tokens,
-                                    world, accelerator, reference, value_head, proximal, m, first_epoch=epoch == 0)
-            for k in STAT_KEYS:
-                sums[k] += stats.get(k, 0.0)
-        norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                loss, stats = _microbatch(model, [trajectories[j] for j in mb], advantages[mb], cfg, pad_id,
+                                          global_tokens, world, accelerator, reference, value_head, proximal, m,
+                                          first_epoch=epoch == 0)
+                for k in STAT_KEYS:
+                    sums[k] += stats.get(k, 0.0)
+                if sync:  # one decision for every rank (a rank-local one would let the ranks' weights diverge)
+                    finite_loss = _finite_on_every_rank(sums, accelerator)
+                    if not finite_loss and zero.active(accelerator):
+                        # The engine steps inside this last backward and a step cannot be undone. A NaN loss makes
+                        # every gradient NaN, so the engine's overflow check skips the step and clears the
+                        # gradients, as it does for a non-finite gradient norm of its own.
+                        loss = loss * float("nan")
+                zero.backward(loss, accelerator, boundary=sync)
+        norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))  # DeepSpeed: reports
         grad_norm = float(norm)
-        finite_loss = all(math.isfinite(v) for v in sums.values())
-        if math.isfinite(grad_norm) and finite_loss:
-            optimizer.step()
-        elif finite_loss and accelerator.scaler is not None:
+        if math.isfinite(grad_norm) and finite_loss and not zero.step_skipped(optimizer, accelerator):
+            optimizer.step()  # a no-op under DeepSpeed, whose engine has stepped in the last backward
+        elif finite_loss and (accelerator.scaler is not None or zero.fp16(accelerator)):
             # fp16 mixed precision: the gradients overflowed the loss scale. The GradScaler skips this step and
             # lowers its scale (it must see the step to do so); that is its normal working, not a numerical failure.
+            # DeepSpeed's fp16 engine has done the same inside backward.
             optimizer.step()
             overflow += 1.0 / cfg.algo.num_iterations
         else:
@@ -129,12 +140,13 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
 
 def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarray, cfg: RunConfig, pad_id: int,
                 global_tokens: int, world: int, accelerator: Accelerator, reference, value_head,
-                proximal: dict, key: int, first_epoch: bool) -> dict[str, float]:
-    """Forward + backward of one micro-batch; returns its sums for the step's statistics."""
-    if not trajectories:  # this rank has fewer micro-batches' worth of data: a zero-loss step keeps DDP in step
-        accelerator.backward(sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0)
-        return {}
+                proximal: dict, key: int, first_epoch: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward of one micro-batch: its loss, to backward, and its sums for the step's statistics."""
     dev = accelerator.device
+    if not trajectories:  # this rank has fewer micro-batches' worth of data: a zero loss keeps DDP/ZeRO in step
+        if zero.active(accelerator):  # a real forward: under ZeRO-3 every forward gathers weights collectively
+            return model(input_ids=torch.full((1, 1), pad_id, device=dev)).logits.float().sum() * 0.0, {}
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0, {}
     b = make_batch(trajectories, advantages, pad_id)
     ids, attn, mask, behaviour = b.ids.to(dev), b.attn.to(dev), b.mask.to(dev), b.old_logprobs.to(dev)
     if value_head is None:
@@ -167,12 +179,12 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
             ref_lp = token_logprobs(ref_model, ids, attn, cfg.rollout.temperature)
         kl_sum = kl_penalty(lp, ref_lp, mask)
     # DDP averages gradients over ranks: scale by world so the update is the sum over all tokens / global_tokens.
+    # DeepSpeed averages over ranks too (its gradient_accumulation_steps is held at 1, so it divides by nothing else).
     loss = (policy_sum + cfg.algo.vf_coef * value_sum + cfg.algo.kl_coef * kl_sum) * world / global_tokens
-    accelerator.backward(loss)
     stats.update({"loss/policy": policy_sum.item() / global_tokens, "loss/value": value_sum.item() / global_tokens,
                   "loss/kl": kl_sum.item() / global_tokens,
                   "loss/clip_fraction": float(pst["clipped_tokens"]) / global_tokens})
-    return stats
+    return loss, stats
 
 
 def reference_context(model, reference):
@@ -199,6 +211,11 @@ def measure_drift(model, trajectories: Sequence[Trajectory], version: int, cfg: 
     # k3 with r = π_current / π_behaviour on samples from the behaviour policy: KL(behaviour || current)
     kl = kl_penalty(old, lp, mask).item() / max(mask.sum().item(), 1.0)
     return kl / max(float(np.mean([version - t.behavior_version for t in probe])), 1.0)
+
+
+def _finite_on_every_rank(stats: dict[str, float], accelerator: Accelerator) -> bool:
+    bad = torch.tensor([float(not all(math.isfinite(v) for v in stats.values()))], device=accelerator.device)
+    return accelerator.num_processes == 1 or accelerator.reduce(bad, reduction="sum").item() == 0
 
 
 def _reduce(stats: dict[str, float], accelerator: Accelerator) -> dict[str, float]:

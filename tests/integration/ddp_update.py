@@ -1,8 +1,18 @@
 """Run one `train_step` on a fixed batch and save the updated weights: launched by test_invariance.py with
-torchrun on 1 and on 2 processes, which must give the same update."""
+torchrun on 1 and on 2 processes, which must give the same update; with DeepSpeed ZeRO-2/3 too (test_deepspeed.py).
+
+    ddp_update.py OUT MICRO_BATCH_TOKENS [ddp|zero2|zero3] [nonfinite] [ppo]
+
+`nonfinite`: one behaviour log-probability is -inf, so the step's statistics are non-finite while its gradients
+are finite; the update must be skipped (on every rank, under every backend) and the weights left as they were.
+`ppo`: PPO with its value head (a separate DDP module; under DeepSpeed a submodule of the policy), whose weights are
+saved too, under the name DeepSpeed gives them.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +24,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rollout.types import Trajectory  # noqa: E402
+from train import zero  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.update import train_step  # noqa: E402
+from train.value import ValueHead  # noqa: E402
 
 
 def fixed_batch(n: int = 8, seed: int = 0) -> tuple[list[Trajectory], np.ndarray]:
@@ -37,22 +49,51 @@ def tiny_model() -> LlamaForCausalLM:
                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
 
 
-def updated_weights(micro_batch_tokens: int) -> dict[str, torch.Tensor]:
-    accelerator = Accelerator(cpu=True)
-    cfg = load_config([], [f"train.micro_batch_tokens={micro_batch_tokens}", "algo.num_iterations=2"])
+def build_accelerator(mode: str) -> Accelerator:
+    if mode == "ddp":
+        return Accelerator(cpu=True)
+    # what `accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml` sets for each process
+    os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": mode[-1],
+                       "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+                       "ACCELERATE_MIXED_PRECISION": "no"})
+    return zero.build_accelerator(cpu=not torch.cuda.is_available())
+
+
+def updated_weights(micro_batch_tokens: int, mode: str = "ddp", nonfinite: bool = False, ppo: bool = False):
+    """(weights after one train_step, its metrics)."""
+    accelerator = build_accelerator(mode)
+    # max_grad_norm below the gradient norm (about 0.12): the update is clipped, by the engine under DeepSpeed
+    cfg = load_config([], [f"train.micro_batch_tokens={micro_batch_tokens}", "algo.num_iterations=2",
+                           "train.max_grad_norm=0.05", f"algo.name={'ppo' if ppo else 'grpo'}"])
+    if mode != "ddp":
+        zero.configure(accelerator, cfg)
     model = tiny_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # SGD: the update is the gradient itself
-    model, optimizer = accelerator.prepare(model, optimizer)
+    head = ValueHead(model.config.hidden_size) if ppo else None
+    params = list(model.parameters()) + (list(head.parameters()) if ppo else [])
+    optimizer = torch.optim.SGD(params, lr=0.5)  # SGD: the update is the (clipped) gradient itself
+    if ppo and mode != "ddp":  # as train/loop.py does
+        model, optimizer = accelerator.prepare(zero.with_value_head(model, head), optimizer)
+    elif ppo:
+        model, head, optimizer = accelerator.prepare(model, head, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     trajs, adv = fixed_batch()
-    train_step(model, optimizer, trajs, adv, cfg, pad_id=0, accelerator=accelerator)
-    return {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    if nonfinite:
+        trajs[-1].behavior_logprobs[0] = float("-inf")  # the behaviour KL is inf; the loss and gradients are finite
+    metrics = train_step(model, optimizer, trajs, adv, cfg, pad_id=0, accelerator=accelerator, value_head=head)
+    weights = accelerator.get_state_dict(model) or {}  # a collective under ZeRO-3: the full weights on the main rank
+    if ppo and mode == "ddp":
+        weights.update({f"{zero.VALUE_HEAD}.{k}": v for k, v in accelerator.unwrap_model(head).state_dict().items()})
+    return {k: v.detach().cpu().clone() for k, v in weights.items()}, metrics, accelerator
 
 
 if __name__ == "__main__":
-    weights = updated_weights(int(sys.argv[2]))
-    accelerator = Accelerator(cpu=True)
+    mode = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    weights, metrics, accelerator = updated_weights(int(sys.argv[2]), mode, nonfinite="nonfinite" in sys.argv[4:],
+                                                    ppo="ppo" in sys.argv[4:])
     if accelerator.is_main_process:
         torch.save(weights, sys.argv[1])
+        Path(sys.argv[1]).with_suffix(".json").write_text(json.dumps(metrics))
     # tear the process group down before exit: a process leaving with it alive can die in its C++ destructor
     # ("terminate called without an active exception", SIGABRT), which failed this test now and then
     accelerator.wait_for_everyone()

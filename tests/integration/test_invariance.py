@@ -17,19 +17,22 @@ HERE = Path(__file__).resolve().parent
 def test_one_microbatch_equals_many():
     trajs, _ = fixed_batch()
     longest = max(t.tokens_prompt + t.tokens_completion for t in trajs)
-    one = updated_weights(10_000)  # the whole batch in one micro-batch
-    many = updated_weights(longest)  # about one sequence per micro-batch
+    one = updated_weights(10_000)[0]  # the whole batch in one micro-batch
+    many = updated_weights(longest)[0]  # about one sequence per micro-batch
     start = tiny_model().state_dict()
     assert all(not torch.equal(start[k], one[k]) for k in one if "embed" not in k)  # the update did something
     for k in one:
         torch.testing.assert_close(one[k], many[k], rtol=1e-5, atol=1e-6)
 
 
-def _torchrun(nproc: int, out: Path, mbt: int) -> dict:
+def _torchrun(nproc: int, out: Path, mbt: int, *mode: str) -> dict:
+    """The weights after ddp_update.py's one train_step on `nproc` processes; `mode`: [ddp|zero2|zero3] [nonfinite]."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    if mode and mode[0] != "ddp":
+        del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed into plain DDP (train/zero.py refuses it)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(HERE / "ddp_update.py"), str(out), str(mbt)], env=env, timeout=300, capture_output=True,
-                       text=True)
+                        str(HERE / "ddp_update.py"), str(out), str(mbt), *mode], env=env, timeout=300,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 

@@ -63,3 +63,5 @@ def test_deepspeed_settings(name, stage):
     assert (args.offload_optimizer_device, args.offload_param_device) == ("none", "none")
     # left to the trainer, which sets it from train.max_grad_norm before accelerator.prepare
     assert args.gradient_clipping is None
+    assert args.gradient_accumulation_steps == 1  # the trainer marks the accumulation boundary itself
+    assert args.zero3_init_flag is False  # the trainer loads whole weights (the reference and snapshot are copies)
