@@ -421,12 +421,22 @@ FATE_RULES: dict[str, FateFn] = {"none": fates_none, "zero_var": fates_zero_var,
                                  "prior": fates_zero_var, "marginal": fates_marginal}
 
 
+CHOOSING = ("prior", "marginal")  # the policies that choose among candidates before rollout
+
+
+def candidate_count(cfg: BudgetConfig, limits: SampleLimits) -> int:
+    """How many candidates the policy is offered per step: `pool_factor` × prompts_per_step for a policy that chooses
+    (prior, marginal); prompts_per_step for the uniform ones (none, zero_var, max_var), which sample every prompt
+    they are offered and skip none."""
+    return limits.prompts_per_step * (cfg.pool_factor if cfg.policy in CHOOSING else 1)
+
+
 def plan_prompts(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
                  rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
     """Before rollout: how many samples each candidate prompt gets (0 = skipped before rollout).
 
-    `candidates` is a shuffled pool of prompt ids, `budget.pool_factor` times `prompts_per_step` long, so that a
-    pricing policy can choose; it returns one entry per candidate, in the same order."""
+    `candidates` is a shuffled pool of prompt ids, `candidate_count` long (`budget.pool_factor` times
+    `prompts_per_step` for a policy that chooses); it returns one entry per candidate, in the same order."""
     return PLANNERS[cfg.policy](cfg, state, candidates, step, rng, limits)
 
 

@@ -42,6 +42,7 @@ def main() -> None:
     from budget.policies import (
         BudgetState,
         SampleLimits,
+        candidate_count,
         fates_marginal,
         plan_prompts,
         price_components_arrays,
@@ -108,7 +109,7 @@ def main() -> None:
         state, ledger, limits, times = BudgetState(), Ledger(), SampleLimits(32, 8, 2, 16), []
         for step in range(args.steps):
             step_rng = np.random.default_rng([args.seed, step])
-            cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)]
+            cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)[:candidate_count(cfg, limits)]]
             trajs = quickstart_step(step)
             t0 = time.perf_counter()
             plan = plan_prompts(cfg, state, cands, step, step_rng, limits)

@@ -22,7 +22,14 @@ from accelerate.utils import DistributedType, gather_object
 
 from budget.ledger import Ledger
 from budget.metrics import price_components, step_metrics
-from budget.policies import BudgetState, SampleLimits, plan_prompts, price_trajectories, update_state
+from budget.policies import (
+    BudgetState,
+    SampleLimits,
+    candidate_count,
+    plan_prompts,
+    price_trajectories,
+    update_state,
+)
 from rollout.tasks import TaskSet
 from rollout.types import TrajectoryColumns
 from train import zero
@@ -232,8 +239,10 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         draw, as any trainer makes one), samples for each (the budget's decision). Returns (plan, seconds in the
         budget)."""
         step_rng = np.random.default_rng([cfg.seed, step])
+        # every policy draws the same pool, so the arms of an ablation meet the same prompts first; a uniform policy
+        # is offered only its prompts_per_step (candidate_count)
         pool_size = min(len(task.train), cfg.budget.pool_factor * limits.prompts_per_step)
-        pool = step_rng.choice(len(task.train), size=pool_size, replace=False)
+        pool = step_rng.choice(len(task.train), size=pool_size, replace=False)[:candidate_count(cfg.budget, limits)]
         candidates = [task.train[i].prompt_id for i in pool]
         tb = time.time()
         return plan_prompts(cfg.budget, state, candidates, step, step_rng, limits), time.time() - tb
