@@ -247,6 +247,15 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         tb = time.time()
         return plan_prompts(cfg.budget, state, candidates, step, step_rng, limits), time.time() - tb
 
+    def refresh_behaviour(trains_after: int) -> None:
+        """Refresh the rollout snapshot if rollouts sampled now, trained `trains_after` updates from now, would be more
+        than max_staleness versions stale (on-policy: the behaviour is the policy itself, never behind)."""
+        nonlocal behaviour_version
+        if version + trains_after - behaviour_version > cfg.rollout.max_staleness:
+            if snapshot is not None:  # on-policy there is nothing to copy (or, sharded, to gather)
+                sync_snapshot(snapshot, model, accelerator)
+            behaviour_version = version
+
     def generate(step: int, plan, sampler, sampler_version: int):
         """This rank's share of the planned groups, sampled from `sampler` (the policy or the lagging snapshot)."""
         allocation = [(by_id[pid], n) for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True) if n > 0]
@@ -275,9 +284,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 mine, budget_s, sampled_ahead = future.result(), 0.0, 1.0
             else:
                 (plan, budget_s), sampled_ahead = plan_step(step), 0.0
-                if version - behaviour_version > cfg.rollout.max_staleness:
-                    sync_snapshot(behaviour, model, accelerator)
-                    behaviour_version = version
+                refresh_behaviour(trains_after=0)
                 mine = generate(step, plan, behaviour, behaviour_version)
             trajectories = [t for part in gather_object([mine]) for t in part]
             rollout_s = time.time() - tr - budget_s
@@ -297,9 +304,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             if producer is not None and step + 1 < cfg.train.max_steps and not saves:
                 next_plan, next_plan_s = plan_step(step + 1)
                 budget_s += next_plan_s
-                if version + 1 - behaviour_version > cfg.rollout.max_staleness:  # step+1 trains after this update
-                    sync_snapshot(behaviour, model, accelerator)
-                    behaviour_version = version
+                refresh_behaviour(trains_after=1)  # step + 1 trains after this step's update
                 ahead = (next_plan, producer.submit(generate, step + 1, next_plan, behaviour, behaviour_version))
 
             # 5. Update: token-balanced micro-batches, equal count per rank, loss normalised by the global token count.
