@@ -26,7 +26,7 @@ class WandbLogger(NoOpLogger):
     def __init__(self, project: str, name: str, group: str, config: dict, directory: Path):
         import wandb
 
-        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()) and "WANDB_MODE" not in os.environ:
+        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()) and not os.environ.get("WANDB_MODE"):  # unset or empty
             os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
         directory.mkdir(parents=True, exist_ok=True)
