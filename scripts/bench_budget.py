@@ -153,5 +153,6 @@ def main() -> None:
             f"{policy}{f' (token_budget {tb})' if tb else ''} {step_time(policy, tb, torch_step) * 1e3:.2f} ms"
             for policy, tb in arms))
 
+
 if __name__ == "__main__":
     main()
