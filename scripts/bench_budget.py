@@ -142,16 +142,18 @@ def main() -> None:
         return float(np.median(times[10:]))
 
     arms = [(policy, 0) for policy in POLICIES] + [("marginal", 2400)]
-    print("budget per quickstart step: " + ", ".join(
-        f"{policy}{f' (token_budget {tb})' if tb else ''} {step_time(policy, tb) * 1e3:.2f} ms" for policy, tb in arms))
+
+    def per_arm(between=lambda: None) -> str:
+        return ", ".join(f"{policy}{f' (token_budget {tb})' if tb else ''} {step_time(policy, tb, between) * 1e3:.2f} ms"
+                         for policy, tb in arms)
+
+    print("budget per quickstart step: " + per_arm())
     if args.loop_shaped:
         import torch
 
         model = torch.nn.Sequential(*(torch.nn.Linear(384, 384) for _ in range(6)))
         optimizer, batch = torch.optim.AdamW(model.parameters()), torch.randn(512, 384)
-        print("  with torch work between the phases, as in the trainer: " + ", ".join(
-            f"{policy}{f' (token_budget {tb})' if tb else ''} {step_time(policy, tb, torch_step) * 1e3:.2f} ms"
-            for policy, tb in arms))
+        print("  with torch work between the phases, as in the trainer: " + per_arm(torch_step))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
-from train.config import ConfigError, add_config_arguments, config_to_dict, describe_keys, load_cli_config  # noqa: E402  (torch-free)
+from train.config import (  # noqa: E402  (torch-free)
+    ConfigError,
+    add_config_arguments,
+    config_to_dict,
+    describe_keys,
+    load_cli_config,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,8 @@ class WandbLogger(NoOpLogger):
     def __init__(self, project: str, name: str, group: str, config: dict, directory: Path):
         import wandb
 
-        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()) and not os.environ.get("WANDB_MODE"):  # unset or empty
+        # no key and no mode chosen (WANDB_MODE unset or empty): offline, never a login prompt
+        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()) and not os.environ.get("WANDB_MODE"):
             os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
         directory.mkdir(parents=True, exist_ok=True)

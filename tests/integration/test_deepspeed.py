@@ -78,7 +78,8 @@ def test_a_nonfinite_step_is_skipped_on_every_rank(mode, tmp_path):
 def _launch(config: str, out: Path, cache: str, extra: list[str]) -> dict:
     from tests.conftest import tiny_overrides
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / config),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "configs/accelerate" / config),
            "--num_processes", "2", "--mixed_precision", "no", str(ROOT / "scripts/train.py"),
            "--config", str(ROOT / "configs/quickstart.yaml"), *tiny_overrides(cache, str(out)), *extra]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}

@@ -129,8 +129,9 @@ def test_consistent_admission_drops_subsets_without_signal():
 
 
 def max_variance_subset(rewards: np.ndarray, m: int) -> np.ndarray:
-    """Reference, one group at a time (the definition max_variance_keep vectorises): indices of the size-m subset with the largest reward variance (PODS, arXiv 2504.13818: it is always the top k
-    and bottom m − k rewards for some k, so m + 1 candidates are checked). Ties keep the most balanced split."""
+    """Reference, one group at a time (the definition max_variance_keep vectorises): indices of the size-m subset
+    with the largest reward variance (PODS, arXiv 2504.13818: it is always the top k and bottom m − k rewards for some
+    k, so m + 1 candidates are checked). Ties keep the most balanced split."""
     n = len(rewards)
     if m >= n:
         return np.arange(n)
