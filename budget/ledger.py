@@ -9,13 +9,12 @@ skipped before rollout cost no tokens and are counted as prompts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from budget.policies import FATES, TrajectoryDecision, TrajectoryPrices, as_columnar
-from rollout.types import Trajectory, TrajectoryColumns
+from marginal_rl.budget.records import FATES, TrajectoryPrices
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
 USES = ("prefill", "decode", "observation", "verify", "train")
 
@@ -49,10 +48,8 @@ class Ledger:
     hindsight_train: int = 0  # training tokens spent on such groups (policies that train on them)
     evals: list[list[float]] = field(default_factory=list)  # [step, eval reward, total tokens at that point]
 
-    def record_step(self, trajectories: Sequence[Trajectory] | TrajectoryColumns,
-                    decisions: Sequence[TrajectoryDecision] | TrajectoryPrices, num_iterations: int,
+    def record_step(self, cols: TrajectoryColumns, prices: TrajectoryPrices, num_iterations: int,
                     prompts_skipped: int = 0) -> None:
-        cols, prices = as_columnar(trajectories, TrajectoryColumns), as_columnar(decisions, TrajectoryPrices)
         if len(cols) != len(prices):
             raise ValueError(f"record_step: {len(prices)} decisions for {len(cols)} trajectories")
         rollout = cols.tokens_rollout  # = the sum of trajectory_tokens(t)

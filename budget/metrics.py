@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-from budget.config import BudgetConfig
-from budget.policies import (
-    FATES,
-    BudgetState,
-    PromptDecision,
-    PromptPlan,
-    TrajectoryDecision,
-    TrajectoryPrices,
-    as_columnar,
-    current_drift,
-)
-from rollout.types import Trajectory, TrajectoryColumns
+from marginal_rl.budget.config import BudgetConfig
+from marginal_rl.budget.records import FATES, PromptPlan, TrajectoryPrices
+from marginal_rl.budget.state import BudgetState, current_drift
+from marginal_rl.rollout.types import TrajectoryColumns
 
 COMPONENTS = ("gain", "cost", "risk", "price", "advantage", "depreciation", "risk_variance", "risk_staleness")
 
@@ -27,21 +17,16 @@ def _mean(total: float, n: int) -> float:
     return float(total / n) if n else float("nan")
 
 
-def price_components(decisions: Sequence[TrajectoryDecision] | TrajectoryPrices) -> dict[str, np.ndarray]:
+def price_histograms(prices: TrajectoryPrices) -> dict[str, np.ndarray]:
     """Every recorded price component, one read-only (N,) array per component over the step's trajectories (for
     histograms)."""
-    prices = as_columnar(decisions, TrajectoryPrices)
     return {k: getattr(prices, k) for k in COMPONENTS}
 
 
-def step_metrics(plan: Sequence[PromptDecision] | PromptPlan,
-                 decisions: Sequence[TrajectoryDecision] | TrajectoryPrices,
-                 trajectories: Sequence[Trajectory] | TrajectoryColumns, state: BudgetState, *,
+def step_metrics(plan: PromptPlan, prices: TrajectoryPrices, cols: TrajectoryColumns, state: BudgetState, *,
                  cfg: BudgetConfig | None = None) -> dict[str, float]:
     """This step's `budget/...` scalars. Means are NaN where there is nothing to average. Controller and drift
     values are those of `state` as passed (call after update_state to log the values the next step will use)."""
-    plan, prices = as_columnar(plan, PromptPlan), as_columnar(decisions, TrajectoryPrices)
-    cols = as_columnar(trajectories, TrajectoryColumns)
     sampled = plan.samples > 0
     n_plan, n_sampled, n = len(plan), int(np.count_nonzero(sampled)), len(prices)
     # several columns summed at once, one C-contiguous row each: a row sums as its column alone would (as np.mean)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import math
 from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 
@@ -87,11 +88,25 @@ def group_stats(rewards: np.ndarray, group: np.ndarray,
     return count, mean, var, dev
 
 
+class PriceComponents(NamedTuple):
+    """Every price component of N trajectories, (N,) each (see the module docstring for the formulas)."""
+
+    advantage: np.ndarray  # (r − r̄)/σ̂ over the whole group; 0 in a zero-variance group
+    gain: np.ndarray  # g⁰·D
+    cost: np.ndarray  # κ_u · update tokens
+    risk: np.ndarray  # risk_variance + risk_staleness
+    risk_variance: np.ndarray
+    risk_staleness: np.ndarray
+    depreciation: np.ndarray  # D
+    price: np.ndarray  # gain − cost − risk
+    gain_fresh: np.ndarray  # g⁰: the gain before staleness depreciation
+    zero_var: np.ndarray  # bool: the trajectory's group has rewards that are all equal
+
+
 def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, staleness: np.ndarray, *,
                  value: float, n0: float, kappa_update: float, drift: float, drift_scale: float,
-                 risk_aversion: float, risk_k: float, eps: float = 1e-6) -> dict[str, np.ndarray]:
-    """Price N trajectories at once (all arrays (N,)). Returns every component, each (N,): advantage, gain, cost,
-    risk, risk_variance, risk_staleness, depreciation, price, gain_fresh (g⁰), zero_var (bool)."""
+                 risk_aversion: float, risk_k: float, eps: float = 1e-6) -> PriceComponents:
+    """Price N trajectories at once (all arrays (N,))."""
     rewards = np.asarray(rewards, dtype=float)
     group = np.asarray(group, dtype=np.int64)
     staleness = np.asarray(staleness)
@@ -116,9 +131,9 @@ def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarr
         dep, risk_staleness, gain = np.ones(len(rewards)), np.zeros(len(rewards)), gain0
     cost = kappa_update * np.asarray(tokens_update, dtype=float)
     risk = risk_variance + risk_staleness
-    return {"advantage": adv, "gain": gain, "cost": cost, "risk": risk, "risk_variance": risk_variance,
-            "risk_staleness": risk_staleness, "depreciation": dep, "price": gain - cost - risk, "gain_fresh": gain0,
-            "zero_var": zero_var}
+    return PriceComponents(advantage=adv, gain=gain, cost=cost, risk=risk, risk_variance=risk_variance,
+                           risk_staleness=risk_staleness, depreciation=dep, price=gain - cost - risk, gain_fresh=gain0,
+                           zero_var=zero_var)
 
 
 def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarray, eps: float = 1e-6) -> np.ndarray:

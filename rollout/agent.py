@@ -28,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from rollout.config import RolloutConfig
-from rollout.fix_test import format_observation
-from rollout.generator import sample
-from rollout.types import Prompt, Trajectory
+from marginal_rl.rollout.config import RolloutConfig
+from marginal_rl.rollout.fix_test import format_observation
+from marginal_rl.rollout.generator import sample
+from marginal_rl.rollout.types import Prompt, Trajectory
 
 # The tiny policy's EOS string (train/model.py SPECIALS); its tokenizer maps it to the EOS id, so plain-text
 # demonstrations can spell out where a turn ends. A test pins the two together.

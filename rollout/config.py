@@ -3,59 +3,90 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-TASKS = ("arith", "fix_test", "dataset")
+from typing import ClassVar
 
 
 @dataclass
 class TaskConfig:
-    name: str = field(default="arith", metadata={"help": f"task source: one of {', '.join(TASKS)}"})
-    num_train: int = field(default=512, metadata={"help": "number of training prompts generated (built-in tasks)"})
-    num_eval: int = field(default=128, metadata={"help": "number of held-out eval prompts (built-in tasks)"})
-    seed: int = field(default=1234, metadata={"help": "seed of the task generator (independent of the run seed)"})
-    dataset: str = field(
-        default="", metadata={"help": "task=dataset: local .jsonl/.parquet file or datasets directory with a `prompt` column"}
-    )
-    eval_dataset: str = field(default="", metadata={"help": "task=dataset: optional held-out file; default: a split of `dataset`"})
-    reward_funcs: list[str] = field(
-        default_factory=list, metadata={"help": "task=dataset: dotted paths of TRL-style reward functions f(prompts, completions, **columns)"}
-    )
-    reward_weights: list[float] = field(
-        default_factory=list, metadata={"help": "weights of reward_funcs (default: all 1.0)"}
-    )
-    source: str = field(default="generated", metadata={"help": "task=fix_test: `generated` (small graded bugs) or `humaneval`"})
-    step_cost: float = field(
-        default=0.0, metadata={"help": "task=fix_test: reward charged per policy token, so the agent learns when verifying pays"}
-    )
-    defer_reward: float = field(default=0.0, metadata={"help": "task=fix_test: reward for giving up (defer)"})
-    few_shot: bool = field(
-        default=True, metadata={"help": "task=fix_test, chat models: show one worked episode (chat messages) before the "
-                                        "task; models without a chat template never see it"})
-    warm_start_episodes: int = field(
-        default=1000, metadata={"help": "task=fix_test: demonstration episodes (run in the sandbox) for the tiny policy's warm start"}
-    )
+    """Keys every task reads. Each task is a subclass chosen by `task.name` (its `name`) and reads only its own keys;
+    the loader (train/config.py) rejects a key of another task, naming the task that reads it."""
+
+    name: ClassVar[str]
+    seed: int = field(default=1234, metadata={"help": "seed of the task generator or split (independent of the run seed)"})
+
+
+@dataclass
+class _GeneratedSplits(TaskConfig):
+    """Keys of the built-in tasks, which generate their own train and eval splits."""
+
+    num_train: int = field(default=512, metadata={"help": "number of training prompts generated"})
+    num_eval: int = field(default=128, metadata={"help": "number of held-out eval prompts"})
 
     def __post_init__(self) -> None:
-        if self.name not in TASKS:
-            raise ValueError(f"name: expected one of {list(TASKS)}, got {self.name!r}")
         if self.num_train < 1:
             raise ValueError(f"num_train: expected an integer >= 1, got {self.num_train}")
         if self.num_eval < 0:
             raise ValueError(f"num_eval: expected an integer >= 0, got {self.num_eval}")
-        if self.name == "dataset" and not self.dataset:
-            raise ValueError("dataset: expected a path when task.name=dataset, got nothing")
-        if self.name == "dataset" and not self.reward_funcs:
-            raise ValueError("reward_funcs: expected at least one dotted path when task.name=dataset")
-        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights: expected {len(self.reward_funcs)} weights (one per reward_func), got {len(self.reward_weights)}"
-            )
+
+
+@dataclass
+class ArithTaskConfig(_GeneratedSplits):
+    """`arith`: generated arithmetic prompts with a spread of difficulty (rollout/tasks.py)."""
+
+    name: ClassVar[str] = "arith"
+
+
+@dataclass
+class FixTestTaskConfig(_GeneratedSplits):
+    """`fix_test`: the agent fixes a failing test in the sandbox (rollout/fix_test_task.py)."""
+
+    name: ClassVar[str] = "fix_test"
+    source: str = field(default="generated", metadata={"help": "`generated` (small graded bugs) or `humaneval`"})
+    step_cost: float = field(
+        default=0.0, metadata={"help": "reward charged per policy token, so the agent learns when verifying pays"}
+    )
+    defer_reward: float = field(default=0.0, metadata={"help": "reward for giving up (defer)"})
+    few_shot: bool = field(
+        default=True, metadata={"help": "chat models: show one worked episode (chat messages) before the task; models "
+                                        "without a chat template never see it"})
+    warm_start_episodes: int = field(
+        default=1000, metadata={"help": "demonstration episodes (run in the sandbox) for the tiny policy's warm start"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.warm_start_episodes < 1:
             raise ValueError(f"warm_start_episodes: expected an integer >= 1, got {self.warm_start_episodes}")
         if self.step_cost < 0:
             raise ValueError(f"step_cost: expected a number >= 0, got {self.step_cost}")
         if self.source not in ("generated", "humaneval"):
             raise ValueError(f"source: expected 'generated' or 'humaneval', got {self.source!r}")
+
+
+@dataclass
+class DatasetTaskConfig(TaskConfig):
+    """`dataset`: any local prompt dataset scored by TRL-style reward functions (rollout/dataset_task.py)."""
+
+    name: ClassVar[str] = "dataset"
+    dataset: str = field(
+        default="", metadata={"help": "local .jsonl/.parquet file or datasets directory with a `prompt` column"}
+    )
+    eval_dataset: str = field(default="", metadata={"help": "optional held-out file; default: a split of `dataset`"})
+    reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "dotted paths of TRL-style reward functions f(prompts, completions, "
+                                                "**columns); the Python API also takes the callables themselves"}
+    )
+    reward_weights: list[float] = field(
+        default_factory=list, metadata={"help": "weights of reward_funcs, one each (checked when the task is built, "
+                                                "with any callables of the Python API); default: all 1.0"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("dataset: expected a path when task.name=dataset, got nothing")
+
+
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {c.name: c for c in (ArithTaskConfig, FixTestTaskConfig, DatasetTaskConfig)}
 
 
 @dataclass

@@ -19,16 +19,17 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from rollout.config import RolloutConfig, TaskConfig
-from rollout.errors import TaskError
-from rollout.generator import decode_completion, sample
-from rollout.rewards import PromptValue, RewardFunc, load_reward_funcs, score_completions
-from rollout.tasks import TaskSet
-from rollout.types import Prompt, Trajectory
+from marginal_rl.rollout.config import DatasetTaskConfig, RolloutConfig
+from marginal_rl.rollout.errors import TaskError
+from marginal_rl.rollout.generator import decode_completion, sample
+from marginal_rl.rollout.rewards import PromptValue, RewardFunc, load_reward_funcs, score_completions
+from marginal_rl.rollout.tasks import TaskSet
+from marginal_rl.rollout.types import Prompt, Trajectory
 
 EVAL_FRACTION = 0.1
 NOT_REWARD_KWARGS = ("prompt", "completion", "completion_ids")  # as in TRL: the rest become keyword lists
@@ -166,8 +167,11 @@ def split_rows(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def build_dataset(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> DatasetTaskSet:
-    funcs = load_reward_funcs(cfg.reward_funcs, cfg.reward_weights)
+def build_dataset(cfg: DatasetTaskConfig, rollout_cfg: RolloutConfig,
+                  reward_funcs: Sequence[Callable[..., Any]] = ()) -> DatasetTaskSet:
+    """The dataset task; `reward_funcs` (callables, from the Python API) are scored after those that
+    `task.reward_funcs` names, with `task.reward_weights` over both."""
+    funcs = load_reward_funcs([*cfg.reward_funcs, *reward_funcs], cfg.reward_weights)
     splits = read_rows(cfg.dataset)
     name = Path(cfg.dataset).stem
     if cfg.eval_dataset:

@@ -31,8 +31,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rollout.sandbox import SandboxResult, run_sandboxed
-from rollout.types import Prompt
+from marginal_rl.rollout.sandbox import SandboxResult, run_sandboxed
+from marginal_rl.rollout.types import Prompt
 
 ACTIONS = ("plan", "edit", "run_tests", "submit", "defer")
 ACTION_FORMAT = "<plan>notes</plan>, <edit>the whole fixed code</edit>, <run_tests/>, <submit/> or <defer/>"

@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from rollout.agent import plain_demonstration_pairs, run_episodes
-from rollout.config import RolloutConfig, TaskConfig
-from rollout.errors import TaskError
-from rollout.fix_test import FixTask, FixTestEnv, example_conversation, generate_fix_tasks, to_prompt
-from rollout.tasks import TaskSet
-from rollout.types import Prompt, Trajectory
+from marginal_rl.rollout.agent import plain_demonstration_pairs, run_episodes
+from marginal_rl.rollout.config import FixTestTaskConfig, RolloutConfig
+from marginal_rl.rollout.errors import TaskError
+from marginal_rl.rollout.fix_test import FixTask, FixTestEnv, example_conversation, generate_fix_tasks, to_prompt
+from marginal_rl.rollout.tasks import TaskSet
+from marginal_rl.rollout.types import Prompt, Trajectory
 
 DEMO_VERSION = 1  # bump when the demonstration recipe changes, so cached tiny policies are rebuilt
 # Chance that the teacher's first edit leaves the bug in (it copies the code unchanged), by difficulty. Verifying
@@ -100,7 +100,7 @@ class FixTestTaskSet(TaskSet):
                             example=example_conversation() if self.few_shot else ())
 
 
-def build_fix_test(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> FixTestTaskSet:
+def build_fix_test(cfg: FixTestTaskConfig, rollout_cfg: RolloutConfig) -> FixTestTaskSet:
     n = cfg.num_train + cfg.num_eval
     if cfg.source == "generated":
         # One draw keeps train, eval and demonstration tasks distinct (the generator never repeats a task), and the
@@ -111,7 +111,7 @@ def build_fix_test(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> FixTestTaskSe
             raise TaskError(f"task.num_train + task.num_eval + task.warm_start_episodes: {e}") from None
         train, eval_, demo = drawn[: cfg.num_train], drawn[cfg.num_train : n], drawn[n:]
     else:
-        from rollout.humaneval_bugs import load_humaneval_fix_tasks
+        from marginal_rl.rollout.humaneval_bugs import load_humaneval_fix_tasks
 
         try:
             loaded = load_humaneval_fix_tasks(seed=cfg.seed, max_tasks=n)

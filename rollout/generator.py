@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from rollout.types import Prompt, Trajectory
+from marginal_rl.rollout.types import Prompt, Trajectory
 
 
 @dataclass

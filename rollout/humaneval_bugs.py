@@ -31,8 +31,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rollout.fix_test import FixTask
-from rollout.sandbox import run_sandboxed
+from marginal_rl.rollout.fix_test import FixTask
+from marginal_rl.rollout.sandbox import run_sandboxed
 
 MUTATION_KINDS = ("cmp", "const", "range", "arith", "branch", "boolop", "name", "bool")
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from rollout.errors import RewardFunctionError, TaskError
+from marginal_rl.rollout.errors import RewardFunctionError, TaskError
 
 PromptValue = str | list[dict[str, str]]  # plain text, or chat messages
 
@@ -76,14 +76,24 @@ def import_reward_func(path: str) -> Callable[..., Any]:
     return fn
 
 
-def load_reward_funcs(paths: Sequence[str], weights: Sequence[float] = ()) -> list[RewardFunc]:
-    """Import every reward function; `weights` default to 1.0 each."""
-    if not paths:
-        raise TaskError("task.reward_funcs: expected at least one dotted path")
-    if weights and len(weights) != len(paths):
-        raise TaskError(f"task.reward_weights: expected {len(paths)} weights (one per reward function), got {len(weights)}")
-    weights = list(weights) or [1.0] * len(paths)
-    return [RewardFunc(path, import_reward_func(path), float(w)) for path, w in zip(paths, weights, strict=True)]
+def load_reward_funcs(funcs: Sequence[str | Callable[..., Any]], weights: Sequence[float] = ()) -> list[RewardFunc]:
+    """Every reward function: a dotted path is imported, a callable (the Python API) taken as it is, named by its
+    qualified name. `weights` default to 1.0 each."""
+    if not funcs:
+        raise TaskError("task.reward_funcs: expected at least one reward function (a dotted path, or a callable "
+                        "through the Python API)")
+    if weights and len(weights) != len(funcs):
+        raise TaskError(f"task.reward_weights: expected {len(funcs)} weights (one per reward function), got {len(weights)}")
+    weights = list(weights) or [1.0] * len(funcs)
+    out = []
+    for f, w in zip(funcs, weights, strict=True):
+        if isinstance(f, str):
+            out.append(RewardFunc(f, import_reward_func(f), float(w)))
+        elif callable(f):
+            out.append(RewardFunc(getattr(f, "__qualname__", type(f).__name__), f, float(w)))  # partials have none
+        else:
+            raise TaskError(f"task.reward_funcs: {f!r} is a {type(f).__name__}, not a dotted path or a function")
+    return out
 
 
 def combine_rewards(values: Sequence[Sequence[float | None]], weights: Sequence[float]) -> list[float]:

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rollout.config import RolloutConfig, TaskConfig
-from rollout.generator import rollout_groups
-from rollout.types import Prompt, Trajectory
+from marginal_rl.rollout.config import ArithTaskConfig, RolloutConfig
+from marginal_rl.rollout.generator import rollout_groups
+from marginal_rl.rollout.types import Prompt, Trajectory
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class TaskSet:
 WARM_START_EXAMPLES = 50_000
 
 
-def build_arith(cfg: TaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:
+def build_arith(cfg: ArithTaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:
     train, eval_ = generate_arith(cfg.num_train, cfg.num_eval, cfg.seed)
     return TaskSet(train, eval_, exact_match, lambda: sample_demonstrations(WARM_START_EXAMPLES, cfg.seed + 1),
                    {"name": "arith", "seed": cfg.seed,

@@ -41,29 +41,29 @@ def main() -> None:
     args = parse_args()
     import numpy as np
 
-    from budget.config import POLICIES, BudgetConfig
-    from budget.ledger import Ledger
-    from budget.metrics import price_components, step_metrics
-    from budget.policies import (
-        BudgetState,
+    from marginal_rl.budget.allocator import Budget, Update
+    from marginal_rl.budget.policies import (
+        POLICIES,
         SampleLimits,
-        candidate_count,
-        fates_marginal,
+        budget_config,
         plan_prompts,
-        price_components_arrays,
         price_trajectories,
         update_state,
     )
-    from rollout.types import Trajectory, TrajectoryColumns
+    from marginal_rl.budget.policies.base import TrajectoryArrays, price_components
+    from marginal_rl.budget.policies.marginal import fates_marginal
+    from marginal_rl.budget.state import BudgetState
+    from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
-    cfg, state = BudgetConfig(policy="marginal"), BudgetState(drift=0.01)
+    cfg, state = budget_config("marginal"), BudgetState(drift=0.01)
     rng = np.random.default_rng(args.seed)
 
-    def synthetic(n: int) -> dict[str, np.ndarray]:
+    def synthetic(n: int) -> TrajectoryArrays:
         group = np.arange(n) // args.group_size
         p = rng.random(group[-1] + 1)
-        return {"reward": (rng.random(n) < p[group]).astype(float), "group": group,
-                "tokens_update": rng.integers(10, 41, n).astype(float), "staleness": rng.integers(0, 3, n).astype(float)}
+        return TrajectoryArrays(reward=(rng.random(n) < p[group]).astype(float), group=group,
+                                tokens_update=rng.integers(10, 41, n).astype(float),
+                                staleness=rng.integers(0, 3, n).astype(float))
 
     def median_time(fn) -> float:
         times = []
@@ -74,7 +74,7 @@ def main() -> None:
         return float(np.median(times))
 
     arrays = synthetic(args.trajectories)
-    core = median_time(lambda: fates_marginal(cfg, arrays, price_components_arrays(cfg, state, arrays)))
+    core = median_time(lambda: fates_marginal(cfg, arrays, price_components(cfg, state, arrays)))
     print(f"core (numpy):      {args.trajectories:>9,} trajectories in {core * 1e3:8.1f} ms = "
           f"{args.trajectories / core / 1e6:6.2f} M trajectories/s")
 
@@ -82,8 +82,8 @@ def main() -> None:
     trajs = [Trajectory(traj_id=str(i), prompt_id=f"p{g}", group_id=f"g{g}", step=0,
                         behavior_version=2 - int(s), prompt_ids=[0] * 10, completion_ids=[0] * (int(t) - 10),
                         completion_mask=[1] * (int(t) - 10), behavior_logprobs=[], reward=float(r), finish_reason="eos")
-             for i, (g, r, t, s) in enumerate(zip(small["group"], small["reward"], small["tokens_update"],
-                                                   small["staleness"], strict=True))]
+             for i, (g, r, t, s) in enumerate(zip(small.group, small.reward, small.tokens_update, small.staleness,
+                                                   strict=True))]
     e2e = median_time(lambda: price_trajectories(cfg, state, TrajectoryColumns.of(trajs), 2))
     print(f"end to end:        {args.objects:>9,} trajectories in {e2e * 1e3:8.1f} ms = "
           f"{args.objects / e2e / 1e6:6.2f} M trajectories/s  (objects in, TrajectoryPrices out)")
@@ -95,7 +95,7 @@ def main() -> None:
     limits = SampleLimits(args.candidates // 4, args.group_size, 2, 2 * args.group_size)
     cands = [f"p{i}" for i in range(args.candidates)]
     plan_state = BudgetState()
-    update_state(cfg, plan_state, trajs[: 4096], 0, 0)
+    update_state(cfg, plan_state, TrajectoryColumns.of(trajs[: 4096]), 0, 0)
     plan = median_time(lambda: plan_prompts(cfg, plan_state, cands, 1, rng, limits))
     print(f"plan_prompts:      {args.candidates:>9,} candidates   in {plan * 1e3:8.2f} ms")
 
@@ -118,27 +118,25 @@ def main() -> None:
             optimizer.zero_grad()
 
     def step_time(policy: str, token_budget: int, between=lambda: None) -> float:
-        cfg = BudgetConfig(policy=policy, token_budget=token_budget)
-        state, ledger, limits, times = BudgetState(), Ledger(), SampleLimits(32, 8, 2, 16), []
+        """The budget's seconds in one step, as the trainer's perf/budget_seconds counts them: Budget.plan, reading
+        the step's columns, Budget.settle (price, fold, ledger, metrics; the update it calls is `between`) and the
+        ledger's metrics."""
+        cfg = budget_config(policy, **({"token_budget": token_budget} if token_budget else {}))
+        budget, times = Budget(cfg, SampleLimits(32, 8, 2, 16)), []
         for step in range(args.steps):
             step_rng = np.random.default_rng([args.seed, step])
-            cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)[:candidate_count(cfg, limits)]]
+            cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)[:budget.candidates_per_step]]
             trajs = quickstart_step(step)
             between()  # the previous step's training and logging
-            t0 = time.perf_counter()
-            plan = plan_prompts(cfg, state, cands, step, step_rng, limits)
-            t1 = time.perf_counter()
+            budget.seconds = 0.0
+            plan = budget.plan(cands, step, step_rng)
             between()  # rollout
-            t2 = time.perf_counter()
+            t0 = time.perf_counter()
             columns = TrajectoryColumns.of(trajs)
-            prices = price_trajectories(cfg, state, columns, step)
-            t3 = time.perf_counter()
-            between()  # training
-            t4 = time.perf_counter()
-            update_state(cfg, state, columns, step, step + 1, 0.01, decisions=prices)
-            ledger.record_step(columns, prices, 1, prompts_skipped=int((plan.samples == 0).sum()))
-            step_metrics(plan, prices, columns, state, cfg=cfg), price_components(prices), ledger.metrics()
-            times.append(t1 - t0 + t3 - t2 + time.perf_counter() - t4)
+            columns_s = time.perf_counter() - t0
+            budget.settle(plan, columns, step, step, lambda prices, step=step: (between(), Update(step + 1, 0.01))[1])
+            budget.ledger_metrics()
+            times.append(budget.seconds + columns_s)
         return float(np.median(times[10:]))
 
     arms = [(policy, 0) for policy in POLICIES] + [("marginal", 2400)]

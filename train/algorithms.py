@@ -12,9 +12,15 @@ positions never reach a result (they are selected away before any exp), so garba
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from marginal_rl.train.config import AlgoConfig, PPOAlgoConfig
+from marginal_rl.train.value import token_rewards
 
 # ------------------------------------------------------------------------------------------------ GRPO
 
@@ -96,10 +102,6 @@ def clipped_policy_loss(
       clipped_tokens       tokens whose gradient the clip zeroes (= clipped_low_tokens + clipped_high_tokens)
       clipped_low_tokens   rho < 1 - clip_low with A < 0
       clipped_high_tokens  rho > 1 + clip_high with A > 0
-      ratio_sum            sum of rho          (mean = ratio_sum / tokens)
-      ratio_sq_sum         sum of rho^2        (std from the two sums)
-      neg_approx_kl_sum    sum of log rho      (k1 estimate of -KL(old || new))
-      approx_kl_k3_sum     sum of rho - 1 - log rho  (k3 estimate of KL(old || new), non-negative per token)
     """
     m = _as_bool(mask)
     log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
@@ -116,17 +118,11 @@ def clipped_policy_loss(
         mf = m.to(ratio.dtype)
         low = (ratio < 1.0 - clip_low) & (adv < 0) & m
         high = (ratio > 1.0 + clip_high) & (adv > 0) & m
-        r = ratio.detach()
-        lr = log_ratio.detach()
         stats = {
             "tokens": mf.sum(),
-            "clipped_tokens": (low | high).to(r.dtype).sum(),
-            "clipped_low_tokens": low.to(r.dtype).sum(),
-            "clipped_high_tokens": high.to(r.dtype).sum(),
-            "ratio_sum": (r * mf).sum(),
-            "ratio_sq_sum": (r * r * mf).sum(),
-            "neg_approx_kl_sum": (lr * mf).sum(),
-            "approx_kl_k3_sum": ((r - 1.0 - lr) * mf).sum(),
+            "clipped_tokens": (low | high).to(mf.dtype).sum(),
+            "clipped_low_tokens": low.to(mf.dtype).sum(),
+            "clipped_high_tokens": high.to(mf.dtype).sum(),
         }
     return loss_sum, stats
 
@@ -192,24 +188,6 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
     return torch.where(m, per_token, torch.zeros_like(per_token)).sum()
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) with mean and unbiased variance over masked entries; 0 where masked out.
-
-    As TRL's `masked_whiten`; `shift_mean=False` adds the mean back (scale only). Fewer than two masked
-    entries: the variance is taken as 0. Returns a tensor shaped like x, detached.
-    """
-    m = _as_bool(mask)
-    xd = x.detach()
-    mf = m.to(xd.dtype)
-    n = mf.sum()
-    mean = (xd * mf).sum() / n.clamp(min=1)
-    var = (((xd - mean) ** 2) * mf).sum() / (n - 1).clamp(min=1)
-    out = (xd - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, torch.zeros_like(out))
-
-
 # ------------------------------------------------------------------------------------------------ stale rollouts
 
 
@@ -260,8 +238,6 @@ def staleness_stats(
       kl_k3_sum            sum of rho - 1 - log rho: k3 estimate of KL(behaviour || current) (Schulman 2020)
       ratio_sum            sum of rho
       ratio_sq_sum         sum of rho^2 (std of rho = sqrt(ratio_sq_sum/n - (ratio_sum/n)^2))
-      outside_clip_tokens  tokens with rho outside [1 - clip_low, 1 + clip_high]: the clip zeroes their gradient
-                           for an advantage of the sign that pushes rho further out
       clip_zeroed_tokens   only with `advantages` (B,) or (B, T): tokens whose gradient the clip does zero
                            (rho > 1 + clip_high with A > 0, or rho < 1 - clip_low with A < 0)
     """
@@ -276,9 +252,70 @@ def staleness_stats(
         "kl_k3_sum": ((rho - 1.0 - lr) * mf).sum(),
         "ratio_sum": (rho * mf).sum(),
         "ratio_sq_sum": (rho * rho * mf).sum(),
-        "outside_clip_tokens": (above | below).to(rho.dtype).sum(),
     }
     if advantages is not None:
         adv = _token_advantages(advantages, rho)
         stats["clip_zeroed_tokens"] = ((above & (adv > 0)) | (below & (adv < 0))).to(rho.dtype).sum()
     return stats
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def group_relative_advantages(rewards: Tensor, group_index: Tensor, admitted: Tensor, cfg: AlgoConfig) -> Tensor:
+    """(N,) sequence advantages of a step: group-relative (grpo_advantages, `algo.scale_rewards`) over each group's
+    admitted members, 0 for the trajectories not trained on. rewards (N,), group_index (N,), admitted (N,) bool."""
+    adv = torch.zeros_like(rewards)
+    if admitted.any():
+        adv[admitted] = grpo_advantages(rewards[admitted], group_index[admitted], scale_rewards=cfg.scale_rewards)
+    return adv
+
+
+class LossInputs(NamedTuple):
+    """One micro-batch, as a loss function reads it. (B, T) tensors are aligned with the loss mask."""
+
+    logprobs: Tensor  # (B, T) current policy, with grad
+    old_logprobs: Tensor  # (B, T) the ratio's denominator: the proximal policy (or the behaviour, is_level=none)
+    mask: Tensor  # (B, T) policy tokens to train on
+    advantages: Tensor  # (B,) the step's sequence advantages (the algorithm's `advantages`)
+    rewards: Tensor  # (B,)
+    is_weights: Tensor | None  # (B, T) truncated importance weights, or None
+    values: Tensor | None  # (B, T) value-head outputs with grad (algorithms with a value head)
+    old_values: Tensor | None  # (B, T) the first epoch's values, detached
+
+
+def grpo_loss(x: LossInputs, cfg: AlgoConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO (arXiv 2402.03300): the clipped surrogate on one sequence advantage per trajectory, no value loss.
+    Returns (loss sum, stats): clipped_policy_loss's stats plus policy_sum and value_sum."""
+    policy_sum, stats = clipped_policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, cfg.clip_low,
+                                            cfg.clip_high, is_weights=x.is_weights)
+    return policy_sum, {**stats, "policy_sum": policy_sum.detach(), "value_sum": torch.zeros(())}
+
+
+def ppo_loss(x: LossInputs, cfg: PPOAlgoConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO (arXiv 1707.06347): GAE over the policy tokens from the first epoch's values, with the terminal reward on
+    the last policy token; the clipped surrogate on those token advantages plus vf_coef × the clipped value loss."""
+    adv, returns = gae_advantages(token_rewards(x.rewards, x.mask), x.old_values, x.mask, cfg.gamma, cfg.lam)
+    value_sum = clipped_value_loss(x.values, x.old_values, returns, x.mask, cfg.vf_clip)
+    policy_sum, stats = clipped_policy_loss(x.logprobs, x.old_logprobs, adv, x.mask, cfg.clip_low, cfg.clip_high,
+                                            is_weights=x.is_weights)
+    return policy_sum + cfg.vf_coef * value_sum, {**stats, "policy_sum": policy_sum.detach(),
+                                                  "value_sum": value_sum.detach()}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An RL algorithm as data: what the loop computes once per step, what each micro-batch minimises."""
+
+    advantages: Callable[[Tensor, Tensor, Tensor, AlgoConfig], Tensor]  # the step's (N,) sequence advantages
+    loss: Callable[[LossInputs, AlgoConfig], tuple[Tensor, dict[str, Tensor]]]  # (loss sum over tokens, stats)
+    value_head: bool  # the loss reads values: the trainer builds a value head and runs it in the forward
+
+
+# A new algorithm or loss: one function above, one entry here (its name in train.config.ALGO_CONFIGS), one test.
+ALGORITHMS: dict[str, Algorithm] = {
+    "grpo": Algorithm(group_relative_advantages, grpo_loss, value_head=False),
+    # PPO's loss computes its own token advantages (GAE); the group-relative sequence advantage is what the store
+    # and the price record for its trajectories.
+    "ppo": Algorithm(group_relative_advantages, ppo_loss, value_head=True),
+}

@@ -3,10 +3,16 @@
 Precedence: dataclass defaults < YAML files (in the order given) < `key=value` overrides on the command line.
 Unknown keys, wrong types and impossible values raise ConfigError naming the key and what was expected,
 before anything heavy is imported. This module must stay free of torch imports so that `--help` is instant.
+
+Variants: `task`, `budget` and `algo` are each one of several config classes, chosen by a name key (`task.name`,
+`budget.policy`, `algo.name`; see VARIANTS). The YAML stays flat (`budget.keep_fraction: 0.3`), each variant reads
+only its own keys, and a key that another variant reads is an error naming that variant. A key spelt as in TRL's
+GRPOConfig (`learning_rate`, `num_generations`, ...) gets a pointer to this project's key (TRL_KEYS).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import sys
@@ -14,12 +20,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from budget.config import BudgetConfig
-from rollout.config import RolloutConfig, TaskConfig
+from marginal_rl.budget.config import BudgetConfig
+from marginal_rl.budget.policies import POLICIES
+from marginal_rl.budget.policies.zero_var import ZeroVarConfig
+from marginal_rl.rollout.config import TASK_CONFIGS, ArithTaskConfig, RolloutConfig, TaskConfig
 
 
 class ConfigError(Exception):
@@ -68,29 +76,24 @@ class ModelConfig:
             raise ValueError(f"lora_r: expected an integer >= 0, got {self.lora_r}")
 
 
-ALGOS = ("grpo", "ppo")
-
-
 @dataclass
 class AlgoConfig:
-    name: str = field(default="grpo", metadata={"help": f"RL algorithm: one of {', '.join(ALGOS)}"})
+    """Keys every algorithm reads; each algorithm (train/algorithms.py ALGORITHMS) is a subclass chosen by
+    `algo.name`."""
+
+    name: ClassVar[str]
     clip_low: float = field(default=0.2, metadata={"help": "lower clip of the importance ratio: 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={"help": "upper clip: 1 + clip_high (> clip_low = DAPO clip-higher)"})
-    scale_rewards: bool = field(default=True, metadata={"help": "GRPO: divide group-centred rewards by the group std"})
+    scale_rewards: bool = field(default=True, metadata={"help": "group-relative advantages: divide group-centred "
+                                                                "rewards by the group std"})
     kl_coef: float = field(default=0.0, metadata={"help": "coefficient of the KL penalty to the frozen reference (0 = off)"})
     num_iterations: int = field(default=1, metadata={"help": "optimisation epochs over each step's batch"})
     is_level: str = field(
         default="token", metadata={"help": "truncated importance-sampling correction of stale samples: token | sequence | none"}
     )
     is_cap: float = field(default=2.0, metadata={"help": "truncation of the importance weight pi_proximal / pi_behaviour"})
-    gamma: float = field(default=1.0, metadata={"help": "PPO: discount"})
-    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda"})
-    vf_coef: float = field(default=0.5, metadata={"help": "PPO: value loss coefficient"})
-    vf_clip: float = field(default=0.2, metadata={"help": "PPO: value clip range"})
 
     def __post_init__(self) -> None:
-        if self.name not in ALGOS:
-            raise ValueError(f"name: expected one of {list(ALGOS)}, got {self.name!r}")
         for key in ("clip_low", "clip_high"):
             if not 0 < getattr(self, key) < 10:
                 raise ValueError(f"{key}: expected a number in (0, 10), got {getattr(self, key)}")
@@ -104,8 +107,32 @@ class AlgoConfig:
             raise ValueError(f"is_cap: expected a number > 0, got {self.is_cap}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations: expected an integer >= 1, got {self.num_iterations}")
+
+
+@dataclass
+class GRPOAlgoConfig(AlgoConfig):
+    """`grpo`: group-relative advantages, clipped surrogate (arXiv 2402.03300)."""
+
+    name: ClassVar[str] = "grpo"
+
+
+@dataclass
+class PPOAlgoConfig(AlgoConfig):
+    """`ppo`: a value head on the policy, GAE, clipped value loss (arXiv 1707.06347)."""
+
+    name: ClassVar[str] = "ppo"
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient"})
+    vf_clip: float = field(default=0.2, metadata={"help": "value clip range"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError("gamma/lam: expected numbers in [0, 1]")
+
+
+ALGO_CONFIGS: dict[str, type[AlgoConfig]] = {c.name: c for c in (GRPOAlgoConfig, PPOAlgoConfig)}
 
 
 @dataclass
@@ -158,10 +185,10 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seed of the run (sampling, init, shuffling)"})
     output_dir: str = field(default="runs/default", metadata={"help": "run directory: config, stores, checkpoints, summary"})
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=ArithTaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    budget: BudgetConfig = field(default_factory=ZeroVarConfig)
+    algo: AlgoConfig = field(default_factory=GRPOAlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -227,16 +254,85 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
 
 
+# A variant base class -> (its name key, name -> variant class, the default name).
+VARIANTS: dict[type, tuple[str, dict[str, type], str]] = {
+    TaskConfig: ("name", TASK_CONFIGS, ArithTaskConfig.name),
+    BudgetConfig: ("policy", {name: p.config for name, p in POLICIES.items()}, ZeroVarConfig.policy),
+    AlgoConfig: ("name", ALGO_CONFIGS, GRPOAlgoConfig.name),
+}
+
+# TRL's GRPOConfig names -> this project's keys (docs/configuration.md has the table; a test checks both sides).
+TRL_KEYS: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "num_generations": "rollout.group_size",
+    "generation_batch_size": "rollout.prompts_per_step",  # prompts, not samples: samples = prompts × group_size
+    "per_device_train_batch_size": "rollout.prompts_per_step",
+    "gradient_accumulation_steps": "train.micro_batch_tokens",  # a token budget per micro-batch, not a count
+    "max_completion_length": "rollout.max_new_tokens",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "beta": "algo.kl_coef",
+    "epsilon": "algo.clip_low",
+    "epsilon_high": "algo.clip_high",
+    "num_iterations": "algo.num_iterations",
+    "scale_rewards": "algo.scale_rewards",
+    "vllm_importance_sampling_cap": "algo.is_cap",
+    "reward_weights": "task.reward_weights",
+    "max_steps": "train.max_steps",
+    "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "resume_from_checkpoint": "train.resume_from",
+    "report_to": "log.report_to",
+    "run_name": "log.run_name",
+    "bf16": "model.dtype",  # model.dtype=bfloat16
+}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(name: str, key: str, known: list[str], prefix: str) -> ConfigError:
+    if name in TRL_KEYS and TRL_KEYS[name] != key:
+        return ConfigError(f"unknown key '{key}' (TRL's GRPOConfig name; here it is '{TRL_KEYS[name]}')")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(prefix + k for k in known)}"
+    return ConfigError(f"unknown key '{key}'{hint}")
+
+
+def _choose_variant(base: type, data: dict, prefix: str) -> tuple[type, dict]:
+    """The variant class that `data`'s name key chooses, and the rest of `data`; a key that only other variants read
+    is an error naming them."""
+    key, table, default = VARIANTS[base]
+    name = _coerce(f"{prefix}{key}", data.get(key, default), str)
+    if name not in table:
+        raise ConfigError(f"{prefix}{key}: expected one of {list(table)}, got {name!r}")
+    cls, rest = table[name], {k: v for k, v in data.items() if k != key}
+    own = set(_field_names(cls))
+    for k in rest:
+        readers = [n for n, c in table.items() if k in _field_names(c)]
+        if k not in own and readers:
+            raise ConfigError(f"{prefix}{k}: read only by {' or '.join(f'{prefix}{key}={n}' for n in readers)}; "
+                              f"this run has {prefix}{key}={name}")
+    return cls, rest
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
+    name_key = []
+    if cls in VARIANTS:
+        name_key = [VARIANTS[cls][0]]
+        cls, data = _choose_variant(cls, data, prefix)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _field_names(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(prefix + k for k in fields)}"
-            raise ConfigError(f"unknown key '{key}'{hint}")
+            raise _unknown_key(name, key, name_key + fields, prefix)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -319,18 +415,39 @@ def config_from_dict(data: dict) -> RunConfig:
 
 
 def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, flat as YAML has it: a variant's name key first, then its keys."""
+    out = {}
+    for base, (key, _, _) in VARIANTS.items():
+        if isinstance(cfg, base):
+            out[key] = getattr(cfg, key)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every leaf key, in declaration order: what `--help` prints."""
+    """(key, type, default, help) for every leaf key, in declaration order: what `--help` prints. A variant's own
+    keys follow the common ones, their help starting with the variant that reads them (`[budget.policy=marginal]`)."""
     rows = []
     hints = typing.get_type_hints(cls)
-    default = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if tp in VARIANTS:
+            key, table, default = VARIANTS[tp]
+            rows.append((f"{prefix}{f.name}.{key}", "str", repr(default), f"one of {', '.join(table)}"))
+            rows += describe_keys(tp, f"{prefix}{f.name}.")
+            common = set(_field_names(tp))
+            for name, variant in table.items():
+                rows += [(k, t, d, f"[{prefix}{f.name}.{key}={name}] {doc}")
+                         for k, t, d, doc in describe_keys(variant, f"{prefix}{f.name}.")
+                         if k.removeprefix(f"{prefix}{f.name}.") not in common]
+        elif dataclasses.is_dataclass(tp):
             rows += describe_keys(tp, f"{prefix}{f.name}.")
         else:
-            rows.append((f"{prefix}{f.name}", _type_name(tp), repr(getattr(default, f.name)), f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", _type_name(tp), repr(_default(f)), f.metadata.get("help", "")))
     return rows

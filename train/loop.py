@@ -1,17 +1,24 @@
-"""The training loop: plan -> rollout -> price -> advantages -> update -> log, one function, top to bottom.
+"""The training loop: plan -> rollout -> settle (price, update, fold the evidence in) -> log, top to bottom.
 
 Every rank plans the same prompts (same seed, same budget state), generates its share of the groups, and then
 all ranks see every trajectory (gather_object), so pricing and packing are computed identically everywhere and
 each rank trains on its own micro-batches of the admitted trajectories. Only the main process writes files.
+
+`Run` holds what a run is made of (built once, by its __init__) and the phases of a step as methods; `train` is
+the loop that calls them. Everything a resumed run needs besides weights, optimiser and RNG is one RunState.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +27,18 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
-from budget.ledger import Ledger
-from budget.metrics import price_components, step_metrics
-from budget.policies import (
-    BudgetState,
-    SampleLimits,
-    candidate_count,
-    plan_prompts,
-    price_trajectories,
-    update_state,
-)
-from rollout.tasks import TaskSet
-from rollout.types import TrajectoryColumns
-from train import zero
-from train.config import ConfigError, RunConfig, config_to_dict
-from train.logger import NoOpLogger, WandbLogger
-from train.store import StepStore, prompt_rows, trajectory_rows, write_final
-from train.update import group_advantages, measure_drift, train_step
+from marginal_rl.budget.allocator import Budget, Update
+from marginal_rl.budget.ledger import Ledger
+from marginal_rl.budget.policies import SampleLimits
+from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
+from marginal_rl.rollout.tasks import TaskSet
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
+from marginal_rl.train import zero
+from marginal_rl.train.algorithms import ALGORITHMS
+from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict
+from marginal_rl.train.logger import NoOpLogger, WandbLogger
+from marginal_rl.train.store import StepStore, prompt_rows, trajectory_rows, write_final
+from marginal_rl.train.update import measure_drift, sequence_advantages, train_step
 
 TABLE_COLUMNS = ["prompt", "completion", "reward", "advantage", "gain", "cost", "risk", "price", "fate"]
 
@@ -59,14 +61,14 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
 
 def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
     """The starting policy (built and cached first if `tiny`), with LoRA adapters if asked, on the device."""
-    from train.model import load_policy, resolve_policy_path
+    from marginal_rl.train.model import load_policy, resolve_policy_path
 
     if accelerator.is_main_process:  # a tiny policy is built once, by the main process; the others load the cache
         resolve_policy_path(cfg.model, task, cfg.seed)
     accelerator.wait_for_everyone()
     model, tokenizer = load_policy(resolve_policy_path(cfg.model, task, cfg.seed), cfg.model.gguf_file, cfg.model.dtype)
     if cfg.model.lora_r > 0:
-        from train.lora import apply_lora
+        from marginal_rl.train.lora import apply_lora
 
         model = apply_lora(model, cfg.model)
     return model.to(accelerator.device), tokenizer
@@ -81,9 +83,9 @@ def build_reference(cfg: RunConfig, model: torch.nn.Module):
 
 
 def build_value_head(cfg: RunConfig, model: torch.nn.Module):
-    if cfg.algo.name != "ppo":
+    if not ALGORITHMS[cfg.algo.name].value_head:
         return None
-    from train.value import ValueHead
+    from marginal_rl.train.value import ValueHead
 
     return ValueHead(model.config.hidden_size).to(next(model.parameters()).device)
 
@@ -156,263 +158,372 @@ def sync_snapshot(snapshot: torch.nn.Module, model, accelerator: Accelerator) ->
             p.copy_(live[name])
 
 
+# ------------------------------------------------------------------------------------------------ run state
+
+
+def record_eval(result: dict[str, float], step: int, ledger: Ledger, evals: list[dict], started: float) -> None:
+    """Note an eval in the ledger and the history, with the tokens and seconds spent so far."""
+    ledger.record_eval(step, result["eval/reward"])
+    evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - started, 2), **result})
+
+
+def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: str, world_size: int,
+                started: float) -> dict:
+    """summary.json: what the run reached and what it spent (shared with the TRL peer)."""
+    target = cfg.budget.target_reward
+    return {
+        "steps": cfg.train.max_steps, "world_size": world_size, "algo": cfg.algo.name, "policy": policy,
+        "initial_eval_reward": evals[0]["eval/reward"], "final_eval_reward": evals[-1]["eval/reward"],
+        "final_eval_reward_greedy": evals[-1]["eval/reward_greedy"],
+        "best_eval_reward": max(e["eval/reward"] for e in evals),
+        "target_reward": target, "tokens_to_target": ledger.tokens_to_target(target),
+        "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
+        "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
+        "ledger": ledger.summary(target),
+        "wall_seconds": round(time.time() - started, 2),
+    }
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs besides the weights, the optimiser and the RNG streams."""
+
+    budget: Budget
+    step: int = 0  # the next step to run
+    version: int = 0  # policy version: optimiser updates that moved the weights
+    behaviour_version: int = 0  # version of the weights rollouts sample from (lags `version` with stale rollouts)
+    evals: list[dict] = field(default_factory=list)
+    nonfinite_in_row: int = 0
+    started: float = field(default_factory=time.time)  # wall clock of the run's start (earlier on resume)
+
+    def record_eval(self, step: int, result: dict[str, float]) -> None:
+        record_eval(result, step, self.budget.ledger, self.evals, self.started)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "version": self.version, "behaviour_version": self.behaviour_version,
+                "evals": self.evals, "nonfinite_in_row": self.nonfinite_in_row,
+                "elapsed_seconds": time.time() - self.started, **self.budget.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.budget.load_state_dict(d)
+        self.step, self.version, self.evals = d["step"], d["version"], d["evals"]
+        self.behaviour_version, self.nonfinite_in_row = d["behaviour_version"], d["nonfinite_in_row"]
+        self.started = time.time() - d["elapsed_seconds"]
+
+
+class Stopwatch:
+    """Seconds per phase of a step: `with watch("rollout"): ...`; `take()` returns them and starts afresh."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+@dataclass(frozen=True)
+class StepUpdate(Update):
+    """The trainer's update of one step, as the budget reads it (version, drift) and as the loop logs it."""
+
+    advantages: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) the algorithm's sequence advantages
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+class Run:
+    """The parts of one training run and the phases of a step. Built in the order the RNG streams expect: policy,
+    reference, value head, optimiser, then the checkpoint (if resuming) and accelerate's prepare."""
+
+    def __init__(self, cfg: RunConfig, task: TaskSet):
+        self.cfg, self.task = cfg, task
+        self.accelerator = accelerator = build_accelerator(cfg)
+        self.main, self.world, self.rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+        self.out = Path(cfg.output_dir)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)
+
+        model, self.tokenizer = build_policy(cfg, task, accelerator)
+        self.reference = build_reference(cfg, model)
+        value_head = build_value_head(cfg, model)
+        self.optimizer, self.scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
+        self.limits = SampleLimits(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.min_group_size,
+                                   cfg.rollout.max_group_size)
+        self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations))
+        ckpt = self._resume(model, value_head) if cfg.train.resume_from else None
+        # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
+        # every weight on every rank to generate on its own
+        self.snapshot = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rollout.max_staleness else None
+        if self.snapshot is not None and ckpt is not None:
+            from marginal_rl.train.checkpoint import load_snapshot
+
+            if not load_snapshot(ckpt, self.snapshot):  # an on-policy checkpoint: start the snapshot afresh
+                self.state.behaviour_version = self.state.version
+        else:
+            self.state.behaviour_version = self.state.version
+        if value_head is not None and zero.active(accelerator):  # the engine trains one module: the head joins it
+            self.model, self.optimizer = accelerator.prepare(zero.with_value_head(model, value_head), self.optimizer)
+        elif value_head is not None:
+            self.model, value_head, self.optimizer = accelerator.prepare(model, value_head, self.optimizer)
+        else:
+            self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.value_head = value_head
+        self.policy = accelerator.unwrap_model(self.model)
+        # Rollouts may run ahead of training by up to max_staleness versions: they sample from a snapshot of the
+        # weights that is refreshed once it is that many versions behind (on-policy: the policy itself).
+        self.behaviour = self.snapshot if self.snapshot is not None else self.policy
+        self.by_id = {p.prompt_id: p for p in task.train}
+
+        self.traj_store, self.prompt_store = StepStore(self.out / "trajectories"), StepStore(self.out / "prompts")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self.traj_store.truncate(self.state.step)  # a resumed run rewrites the steps after its checkpoint
+            self.prompt_store.truncate(self.state.step)
+        self.logger = build_logger(cfg, accelerator, self.out)
+        self.watch = Stopwatch()
+        # Async rollouts: while step t trains, a background thread generates step t+1's rollouts from the snapshot
+        # (which is not trained, so the two never touch the same weights). Step t+1's plan is then made before step
+        # t's evidence reaches the budget, and its samples are at least one version stale. The producer is joined
+        # before anything that reads the global RNG (eval, checkpoint), and no step is started ahead across a
+        # checkpoint, so a resumed run follows the same schedule as an uninterrupted one.
+        self.producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.rollout.async_rollout \
+            else None
+        self.ahead: tuple[PromptPlan, Future] | None = None  # the next step's plan and rollouts, when started ahead
+
+    def _resume(self, model, value_head) -> Path:
+        from marginal_rl.train.checkpoint import find_checkpoint, load_checkpoint
+
+        ckpt = find_checkpoint(self.out, self.cfg.train.resume_from)
+        self.state.load_state_dict(load_checkpoint(ckpt, model=model, optimizer=self.optimizer,
+                                                   scheduler=self.scheduler, value_head=value_head, rank=self.rank))
+        if self.main:
+            print(f"resumed from {ckpt} at step {self.state.step} (policy version {self.state.version})")
+        return ckpt
+
+    # ---------------------------------------------------------------------------------------- phases of a step
+
+    def plan(self, step: int) -> PromptPlan:
+        """The budget's plan for `step`, the same on every rank: a seeded pool of candidates (the data sampler's
+        draw, as any trainer makes one), samples for each (the budget's decision)."""
+        rng = np.random.default_rng([self.cfg.seed, step])
+        # every policy draws the same pool, so the arms of an ablation meet the same prompts first; a uniform policy
+        # is offered only its prompts_per_step
+        pool_size = min(len(self.task.train), self.cfg.budget.pool_factor * self.limits.prompts_per_step)
+        pool = rng.choice(len(self.task.train), size=pool_size, replace=False)[:self.state.budget.candidates_per_step]
+        return self.state.budget.plan([self.task.train[i].prompt_id for i in pool], step, rng)
+
+    def refresh_behaviour(self, trains_after: int) -> None:
+        """Refresh the rollout snapshot if rollouts sampled now, trained `trains_after` updates from now, would be
+        more than max_staleness versions stale (on-policy: the behaviour is the policy itself, never behind)."""
+        s = self.state
+        if s.version + trains_after - s.behaviour_version > self.cfg.rollout.max_staleness:
+            if self.snapshot is not None:  # on-policy there is nothing to copy (or, sharded, to gather)
+                sync_snapshot(self.snapshot, self.model, self.accelerator)
+            s.behaviour_version = s.version
+
+    def generate(self, step: int, plan: PromptPlan, version: int) -> list[Trajectory]:
+        """This rank's share of the planned groups, sampled from the behaviour weights (at policy `version`)."""
+        allocation = [(self.by_id[pid], n) for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True)
+                      if n > 0]
+        with generation_context(self.model if self.behaviour is self.policy else None, self.accelerator):
+            return self.task.rollout(self.behaviour, self.tokenizer, allocation[self.rank::self.world],
+                                     self.cfg.rollout, step=step, version=version,
+                                     temperature=self.cfg.rollout.temperature, id_prefix=f"r{self.rank}-")
+
+    def rollout(self, step: int) -> tuple[PromptPlan, list[Trajectory], bool]:
+        """The step's plan and every rank's trajectories (each rank generates its share of the groups, then every
+        rank sees all of them); True when they were generated ahead, during the last step's update."""
+        if self.ahead is not None:
+            (plan, future), self.ahead = self.ahead, None
+            mine, ahead = future.result(), True
+        else:
+            plan = self.plan(step)
+            self.refresh_behaviour(trains_after=0)
+            mine, ahead = self.generate(step, plan, self.state.behaviour_version), False
+        return plan, [t for part in gather_object([mine]) for t in part], ahead
+
+    def start_ahead(self, step: int) -> None:
+        """Async rollouts: plan `step` and start generating it in the background (it trains after this update)."""
+        plan = self.plan(step)
+        self.refresh_behaviour(trains_after=1)
+        self.ahead = (plan, self.producer.submit(self.generate, step, plan, self.state.behaviour_version))
+
+    def wait_ahead(self) -> None:
+        if self.ahead is not None:
+            wait([self.ahead[1]])
+
+    def update(self, trajectories: list[Trajectory], columns: TrajectoryColumns, prices: TrajectoryPrices, *,
+               next_step: int | None) -> StepUpdate:
+        """Train on the admitted trajectories: token-balanced micro-batches, equal count per rank, loss normalised by
+        the global token count (after starting `next_step`'s rollouts, when given). Returns the new policy version
+        and the drift it measured."""
+        cfg, s = self.cfg, self.state
+        if next_step is not None:
+            self.start_ahead(next_step)
+        admitted = prices.trained
+        advantages = sequence_advantages(cfg, columns, admitted)
+        train_idx = np.flatnonzero(admitted)
+        trained = [trajectories[i] for i in train_idx]
+        if not trained or columns.tokens_policy[train_idx].sum() == 0:
+            return StepUpdate(s.version, None, advantages, {"train/skipped_empty": 1.0})  # nothing to learn from
+        with self.watch("train"):
+            metrics = train_step(self.model, self.optimizer, trained, advantages[train_idx], cfg,
+                                 self.tokenizer.pad_token_id, self.accelerator, reference=self.reference,
+                                 value_head=self.value_head)
+            s.nonfinite_in_row = s.nonfinite_in_row + 1 if metrics["train/nonfinite"] else 0
+            if not metrics["train/nonfinite"] and metrics["train/fp16_overflow"] < 1:  # the weights moved
+                s.version += 1
+                self.scheduler.step()
+            drift_kl = measure_drift(self.policy, trained, s.version, cfg, self.tokenizer.pad_token_id,
+                                     self.accelerator.device)
+        if drift_kl is not None:
+            metrics["train/drift_kl"] = drift_kl
+        return StepUpdate(s.version, drift_kl, advantages, metrics)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        with generation_context(self.model, self.accelerator):
+            result = evaluate(self.policy, self.tokenizer, self.task, self.cfg, self.accelerator)
+        self.state.record_eval(step, result)
+        return result
+
+    def save(self, step: int) -> None:
+        from marginal_rl.train.checkpoint import capture_rng_state, save_checkpoint
+
+        rng_states = gather_object([capture_rng_state()])  # every rank's streams, in rank order
+        if self.main:
+            head = self.accelerator.unwrap_model(self.value_head) if self.value_head is not None else None
+            save_checkpoint(self.out, step, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                            value_head=head, keep_last=self.cfg.train.keep_last, rng_states=rng_states,
+                            snapshot=self.snapshot, extra_state=self.state.state_dict())
+
+    def loop_metrics(self, plan: PromptPlan, trajectories: list[Trajectory], columns: TrajectoryColumns,
+                     sampled_ahead: bool, step_s: float, seconds: dict[str, float]) -> dict[str, float]:
+        """rollout/, optim/ and perf/ scalars of a step."""
+        rewards = columns.reward if len(columns) else np.zeros(1)
+        return {
+            "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
+            "rollout/samples": len(trajectories), "rollout/groups": int((plan.samples > 0).sum()),
+            "rollout/sampled_ahead": float(sampled_ahead),
+            "rollout/completion_tokens_mean": float(columns.tokens_completion.mean()) if len(columns) else 0.0,
+            **{f"rollout/finish_{reason}": float(np.mean([t.finish_reason == reason for t in trajectories] or [0]))
+               for reason in self.task.finish_reasons},
+            "rollout/staleness_mean": float(self.state.version - columns.behavior_version.mean()) if len(columns)
+            else 0.0,
+            "optim/lr": self.scheduler.get_last_lr()[0], "optim/policy_version": self.state.version,
+            "perf/step_seconds": step_s, "perf/rollout_seconds": seconds.get("rollout", 0.0),
+            "perf/train_seconds": seconds.get("train", 0.0), "perf/budget_seconds": seconds.get("budget", 0.0),
+            "perf/budget_fraction": seconds.get("budget", 0.0) / step_s,
+            "perf/tokens_per_second": float(columns.tokens_rollout.sum()) / step_s,
+        }
+
+    def close(self) -> None:
+        """At the end or after an error: let a rollout in flight finish, start nothing new."""
+        if self.producer is not None:
+            self.producer.shutdown(wait=True, cancel_futures=True)
+
+    def finish(self) -> dict:
+        s = self.state
+        summary = run_summary(self.cfg, s.budget.ledger, s.evals, policy=self.cfg.budget.policy, world_size=self.world,
+                              started=s.started)
+        weights = self.accelerator.get_state_dict(self.model)  # a collective under FSDP and ZeRO-3: full weights
+        if zero.active(self.accelerator):
+            weights = zero.policy_weights(weights)
+        if self.main:
+            write_final(self.out, self.policy, self.tokenizer, summary, state_dict=weights)
+        self.logger.finish()
+        self.accelerator.end_training()
+        return summary
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
 def train(cfg: RunConfig, task: TaskSet) -> dict:
-    t_start = time.time()
-    accelerator = build_accelerator(cfg)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    out = Path(cfg.output_dir)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)
-
-    model, tokenizer = build_policy(cfg, task, accelerator)
-    reference = build_reference(cfg, model)
-    value_head = build_value_head(cfg, model)
-    optimizer, scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
-    state, ledger, version, start_step, evals, nonfinite_in_row = BudgetState(), Ledger(), 0, 0, [], 0
-    if cfg.train.resume_from:
-        from train.checkpoint import find_checkpoint, load_checkpoint
-
-        ckpt = find_checkpoint(out, cfg.train.resume_from)
-        extra = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, value_head=value_head,
-                                rank=rank)
-        state, ledger = BudgetState.from_state_dict(extra["budget"]), Ledger.from_state_dict(extra["ledger"])
-        version, start_step, evals = extra["version"], extra["step"], extra["evals"]
-        nonfinite_in_row, t_start = extra["nonfinite_in_row"], t_start - extra["elapsed_seconds"]
-        if main:
-            print(f"resumed from {ckpt} at step {start_step} (policy version {version})")
-    # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
-    # every weight on every rank to generate on its own
-    snapshot = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rollout.max_staleness else None
-    behaviour_version = version
-    if snapshot is not None and cfg.train.resume_from:
-        from train.checkpoint import load_snapshot
-
-        if load_snapshot(ckpt, snapshot):  # resume sampling from the same lagging weights as the interrupted run
-            behaviour_version = extra["behaviour_version"]
-    if value_head is not None and zero.active(accelerator):  # the engine trains one module: the head joins the policy
-        model, optimizer = accelerator.prepare(zero.with_value_head(model, value_head), optimizer)
-    elif value_head is not None:
-        model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)
-    # Rollouts may run ahead of training by up to max_staleness versions: they sample from a snapshot of the
-    # weights that is refreshed once it is that many versions behind (on-policy: the policy itself).
-    behaviour = snapshot if snapshot is not None else policy
-
-    traj_store, prompt_store = StepStore(out / "trajectories"), StepStore(out / "prompts")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        traj_store.truncate(start_step)  # a resumed run rewrites the steps after its checkpoint; nothing is doubled
-        prompt_store.truncate(start_step)
-    logger = build_logger(cfg, accelerator, out)
-    limits = SampleLimits(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.min_group_size,
-                          cfg.rollout.max_group_size)
-    by_id = {p.prompt_id: p for p in task.train}
-
-    def run_eval(step: int) -> dict[str, float]:
-        """Evaluate, note it in the ledger and the history (with the tokens and seconds spent so far)."""
-        with generation_context(model, accelerator):
-            result = evaluate(policy, tokenizer, task, cfg, accelerator)
-        ledger.record_eval(step, result["eval/reward"])
-        evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - t_start, 2), **result})
-        return result
-
-    if not evals:
-        logger.log(run_eval(0), step=0)
-    if main:
-        print(f"eval at step {evals[-1]['step']}: reward {evals[-1]['eval/reward']:.3f} "
-              f"(greedy {evals[-1]['eval/reward_greedy']:.3f})")
+    """Train `task` with the config's algorithm and budget policy; writes the run directory, returns the summary."""
+    run = Run(cfg, task)
+    s, budget, watch = run.state, run.state.budget, run.watch
+    if not s.evals:
+        run.logger.log(run.evaluate(0), step=0)
+    if run.main:
+        print(f"eval at step {s.evals[-1]['step']}: reward {s.evals[-1]['eval/reward']:.3f} "
+              f"(greedy {s.evals[-1]['eval/reward_greedy']:.3f})")
     bar = None
-    if main and cfg.log.progress:
+    if run.main and cfg.log.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-    def plan_step(step: int):
-        """The budget's plan for `step` (the same on every rank): a seeded pool of candidates (the data sampler's
-        draw, as any trainer makes one), samples for each (the budget's decision). Returns (plan, seconds in the
-        budget)."""
-        step_rng = np.random.default_rng([cfg.seed, step])
-        # every policy draws the same pool, so the arms of an ablation meet the same prompts first; a uniform policy
-        # is offered only its prompts_per_step (candidate_count)
-        pool_size = min(len(task.train), cfg.budget.pool_factor * limits.prompts_per_step)
-        pool = step_rng.choice(len(task.train), size=pool_size, replace=False)[:candidate_count(cfg.budget, limits)]
-        candidates = [task.train[i].prompt_id for i in pool]
-        tb = time.time()
-        return plan_prompts(cfg.budget, state, candidates, step, step_rng, limits), time.time() - tb
-
-    def refresh_behaviour(trains_after: int) -> None:
-        """Refresh the rollout snapshot if rollouts sampled now, trained `trains_after` updates from now, would be more
-        than max_staleness versions stale (on-policy: the behaviour is the policy itself, never behind)."""
-        nonlocal behaviour_version
-        if version + trains_after - behaviour_version > cfg.rollout.max_staleness:
-            if snapshot is not None:  # on-policy there is nothing to copy (or, sharded, to gather)
-                sync_snapshot(snapshot, model, accelerator)
-            behaviour_version = version
-
-    def generate(step: int, plan, sampler, sampler_version: int):
-        """This rank's share of the planned groups, sampled from `sampler` (the policy or the lagging snapshot)."""
-        allocation = [(by_id[pid], n) for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True) if n > 0]
-        with generation_context(model if sampler is policy else None, accelerator):
-            return task.rollout(sampler, tokenizer, allocation[rank::world], cfg.rollout, step=step,
-                                version=sampler_version, temperature=cfg.rollout.temperature, id_prefix=f"r{rank}-")
-
-    # Async rollouts: while step t trains, a background thread generates step t+1's rollouts from the snapshot (which
-    # is not trained, so the two never touch the same weights). Step t+1's plan is then made before step t's
-    # evidence reaches the budget, and its samples are at least one version stale. The producer is joined before
-    # anything that reads the global RNG (eval, checkpoint), and no step is started ahead across a checkpoint, so a
-    # resumed run follows the same schedule as an uninterrupted one.
-    producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.rollout.async_rollout else None
-    ahead = None  # (plan, future) of the next step's rollouts, when started ahead
-
+        bar = tqdm(total=cfg.train.max_steps, initial=s.step, desc="train", dynamic_ncols=True)
     try:
-        for step in range(start_step, cfg.train.max_steps):
-            t0 = time.time()
-            metrics: dict[str, float] = {}
+        for step in range(s.step, cfg.train.max_steps):
+            t0, budget.seconds = time.perf_counter(), 0.0
+            saves = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
+            ahead = run.producer is not None and step + 1 < cfg.train.max_steps and not saves
 
             # 1-2. Plan and roll out: the budget decides how many samples each candidate prompt gets, each rank
             # generates its share of the groups, then every rank sees every trajectory (started ahead if async).
-            tr = time.time()
-            if ahead is not None:
-                (plan, future), ahead = ahead, None
-                mine, budget_s, sampled_ahead = future.result(), 0.0, 1.0
-            else:
-                (plan, budget_s), sampled_ahead = plan_step(step), 0.0
-                refresh_behaviour(trains_after=0)
-                mine = generate(step, plan, behaviour, behaviour_version)
-            trajectories = [t for part in gather_object([mine]) for t in part]
-            rollout_s = time.time() - tr - budget_s
+            with watch("rollout"):
+                plan, trajectories, sampled_ahead = run.rollout(step)
+            plan_s = budget.seconds  # the budget's part of the rollout phase
+            with watch("budget"):
+                columns = TrajectoryColumns.of(trajectories)  # what the budget reads, built once
 
-            # 3. Price: every trajectory gets a fate; only admitted ones are trained on. The budget reads the step's
-            # trajectories as columns, built once here.
-            tb = time.time()
-            columns = TrajectoryColumns.of(trajectories)
-            decisions = price_trajectories(cfg.budget, state, columns, version, num_iterations=cfg.algo.num_iterations)
-            budget_s += time.time() - tb
-            admitted = decisions.trained
-
-            # 4. Advantages (GRPO) over each group's admitted members; PPO computes GAE inside the update.
-            advantages = group_advantages(trajectories, admitted, cfg.algo.scale_rewards)
-
-            saves = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
-            if producer is not None and step + 1 < cfg.train.max_steps and not saves:
-                next_plan, next_plan_s = plan_step(step + 1)
-                budget_s += next_plan_s
-                refresh_behaviour(trains_after=1)  # step + 1 trains after this step's update
-                ahead = (next_plan, producer.submit(generate, step + 1, next_plan, behaviour, behaviour_version))
-
-            # 5. Update: token-balanced micro-batches, equal count per rank, loss normalised by the global token count.
-            tu = time.time()
-            train_idx = np.flatnonzero(admitted)
-            trained = [trajectories[i] for i in train_idx]
-            drift_kl = None
-            if not trained or columns.tokens_policy[train_idx].sum() == 0:
-                metrics["train/skipped_empty"] = 1.0  # every group filtered: nothing to learn from this step
-            else:
-                metrics.update(train_step(model, optimizer, trained, advantages[train_idx], cfg, tokenizer.pad_token_id,
-                                          accelerator, reference=reference, value_head=value_head))
-                nonfinite_in_row = nonfinite_in_row + 1 if metrics["train/nonfinite"] else 0
-                if not metrics["train/nonfinite"] and metrics["train/fp16_overflow"] < 1:  # the weights moved
-                    version += 1
-                    scheduler.step()
-                drift_kl = measure_drift(policy, trained, version, cfg, tokenizer.pad_token_id, accelerator.device)
-            train_s = time.time() - tu
-
-            # 6. Budget state, ledger, stores, eval, checkpoint, logs.
-            tb = time.time()
-            update_state(cfg.budget, state, columns, step, version, drift_kl, decisions=decisions,
-                         num_iterations=cfg.algo.num_iterations)
-            ledger.record_step(columns, decisions, cfg.algo.num_iterations,
-                               prompts_skipped=int((plan.samples == 0).sum()))
-            budget_metrics = step_metrics(plan, decisions, columns, state, cfg=cfg.budget)
-            histograms = {f"budget/hist_{k}": v for k, v in price_components(decisions).items()}
-            budget_s += time.time() - tb
-            if main:
-                traj_store.write(step, trajectory_rows(trajectories, decisions, advantages, cfg.algo.num_iterations))
-                prompt_store.write(step, prompt_rows(step, plan))
-            if nonfinite_in_row >= cfg.train.max_nonfinite:
+            # 3-5. Settle: every trajectory gets a price and a fate, the trainer updates on the admitted ones (after
+            # starting the next step's rollouts, if async), and the budget folds the step's evidence in (posteriors,
+            # drift, controller), records every token in the ledger and computes its metrics.
+            settled = budget.settle(plan, columns, step, s.version, functools.partial(
+                run.update, trajectories, columns, next_step=step + 1 if ahead else None))
+            done: StepUpdate = settled.update
+            if run.main:
+                run.traj_store.write(step, trajectory_rows(trajectories, settled.prices, done.advantages,
+                                                           cfg.algo.num_iterations))
+                run.prompt_store.write(step, prompt_rows(step, plan))
+            if s.nonfinite_in_row >= cfg.train.max_nonfinite:
                 raise FloatingPointError(
-                    f"{nonfinite_in_row} non-finite losses or gradients in a row at step {step} "
+                    f"{s.nonfinite_in_row} non-finite losses or gradients in a row at step {step} "
                     f"(train.max_nonfinite={cfg.train.max_nonfinite}): lower train.lr or check the rewards; "
-                    f"the stores under {out} hold every step so far")
+                    f"the stores under {run.out} hold every step so far")
+
+            # 6. Eval, checkpoint, logs.
+            metrics = dict(done.metrics)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-                if ahead is not None:
-                    wait([ahead[1]])  # sampling draws from the global RNG, which eval re-seeds (and restores)
-                metrics.update(run_eval(step + 1))
+                run.wait_ahead()  # sampling draws from the global RNG, which eval re-seeds (and restores)
+                metrics.update(run.evaluate(step + 1))
+            s.step = step + 1
             if saves:
-                from train.checkpoint import capture_rng_state, save_checkpoint
-
-                rng_states = gather_object([capture_rng_state()])  # every rank's streams, in rank order
-                if main:
-                    save_checkpoint(out, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
-                                    value_head=accelerator.unwrap_model(value_head) if value_head is not None else None,
-                                    keep_last=cfg.train.keep_last, rng_states=rng_states, snapshot=snapshot,
-                                    extra_state={"step": step + 1, "version": version, "budget": state.state_dict(),
-                                                 "ledger": ledger.state_dict(), "evals": evals,
-                                                 "nonfinite_in_row": nonfinite_in_row,
-                                                 "behaviour_version": behaviour_version,
-                                                 "elapsed_seconds": time.time() - t_start})
-            accelerator.wait_for_everyone()
-
-            tb = time.time()
-            budget_metrics.update(ledger.metrics(cfg.budget.target_reward))  # after the eval: tokens_to_target
-            budget_s += time.time() - tb
-            rewards = columns.reward if len(columns) else np.zeros(1)  # the step's columns, read once above
-            step_s = time.time() - t0
-            metrics.update({
-                "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
-                "rollout/samples": len(trajectories), "rollout/groups": int((plan.samples > 0).sum()),
-                "rollout/sampled_ahead": sampled_ahead,
-                "rollout/completion_tokens_mean": float(columns.tokens_completion.mean()) if len(columns) else 0.0,
-                **{f"rollout/finish_{reason}": float(np.mean([t.finish_reason == reason for t in trajectories] or [0]))
-                   for reason in task.finish_reasons},
-                "rollout/staleness_mean": float(version - columns.behavior_version.mean()) if len(columns) else 0.0,
-                **budget_metrics, "optim/lr": scheduler.get_last_lr()[0],
-                "optim/policy_version": version, "perf/step_seconds": step_s, "perf/rollout_seconds": rollout_s,
-                "perf/train_seconds": train_s, "perf/budget_seconds": budget_s, "perf/budget_fraction": budget_s / step_s,
-                "perf/tokens_per_second": float(columns.tokens_rollout.sum()) / step_s,
-            })
-            if drift_kl is not None:
-                metrics["train/drift_kl"] = drift_kl
-            if main:
-                logger.log(metrics, step=step + 1)
-                logger.log_histograms(histograms, step=step + 1)
+                run.save(step + 1)
+            run.accelerator.wait_for_everyone()
+            metrics.update(settled.metrics)
+            metrics.update(budget.ledger_metrics())  # after the eval: tokens_to_target
+            seconds = watch.take()
+            seconds["budget"] += budget.seconds
+            seconds["rollout"] -= plan_s
+            metrics.update(run.loop_metrics(plan, trajectories, columns, sampled_ahead, time.perf_counter() - t0,
+                                            seconds))
+            if run.main:
+                run.logger.log(metrics, step=step + 1)
+                run.logger.log_histograms(settled.histograms, step=step + 1)
                 if cfg.log.table_every and step % cfg.log.table_every == 0:
-                    logger.log_table("trajectories", TABLE_COLUMNS, [
+                    run.logger.log_table("trajectories", TABLE_COLUMNS, [
                         [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]
-                        for t, a, d in zip(trajectories, advantages, decisions, strict=True)], step=step + 1)
+                        for t, a, d in zip(trajectories, done.advantages, settled.prices, strict=True)], step=step + 1)
                 if bar is not None:
-                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{evals[-1]['eval/reward']:.3f}",
-                                    tokens=f"{ledger.total_tokens / 1e3:.0f}k")
+                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
+                                    eval=f"{s.evals[-1]['eval/reward']:.3f}",
+                                    tokens=f"{budget.ledger.total_tokens / 1e3:.0f}k")
                     bar.update(1)
     finally:
-        if producer is not None:  # at the end or after an error: let a rollout in flight finish, start nothing new
-            producer.shutdown(wait=True, cancel_futures=True)
-
+        run.close()
     if bar is not None:
         bar.close()
-    summary = {
-        "steps": cfg.train.max_steps, "world_size": world, "algo": cfg.algo.name, "policy": cfg.budget.policy,
-        "initial_eval_reward": evals[0]["eval/reward"], "final_eval_reward": evals[-1]["eval/reward"],
-        "final_eval_reward_greedy": evals[-1]["eval/reward_greedy"],
-        "best_eval_reward": max(e["eval/reward"] for e in evals),
-        "target_reward": cfg.budget.target_reward, "tokens_to_target": ledger.tokens_to_target(cfg.budget.target_reward),
-        "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
-        "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
-        "ledger": ledger.summary(cfg.budget.target_reward),
-        "wall_seconds": round(time.time() - t_start, 2),
-    }
-    weights = accelerator.get_state_dict(model)  # a collective under FSDP and ZeRO-3: full weights on the main rank
-    if zero.active(accelerator):
-        weights = zero.policy_weights(weights)
-    if main:
-        write_final(out, policy, tokenizer, summary, state_dict=weights)
-    logger.finish()
-    accelerator.end_training()
-    return summary
+    return run.finish()

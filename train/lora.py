@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from train.config import ModelConfig
+from marginal_rl.train.config import ModelConfig
 
 
 def apply_lora(model, cfg: ModelConfig):
@@ -20,7 +20,7 @@ def apply_lora(model, cfg: ModelConfig):
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [m for m in cfg.lora_target_modules if m not in names]
     if missing:
-        from train.config import ConfigError
+        from marginal_rl.train.config import ConfigError
 
         raise ConfigError(f"model.lora_target_modules: {missing} not found in the model (it has e.g. "
                           f"{sorted(n for n in names if 'proj' in n)[:8]})")

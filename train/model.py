@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from train.config import ConfigError, ModelConfig
+from marginal_rl.train.config import ConfigError, ModelConfig
 
 SPECIALS = {"eos_token": "<|eos|>", "pad_token": "<|pad|>", "bos_token": "<|bos|>"}
 TINY_FORMAT_VERSION = 2  # bump when the tiny recipe changes, so stale caches are rebuilt

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from budget.ledger import train_tokens, trajectory_tokens
-from budget.policies import PromptDecision, PromptPlan, TrajectoryDecision, TrajectoryPrices, as_columnar
-from rollout.types import Trajectory
+from marginal_rl.budget.ledger import train_tokens, trajectory_tokens
+from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
+from marginal_rl.rollout.types import Trajectory
 
 
-def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[TrajectoryDecision] | TrajectoryPrices,
-                    advantages: Sequence[float], num_iterations: int) -> list[dict]:
-    prices = as_columnar(decisions, TrajectoryPrices)
+def trajectory_rows(trajectories: Sequence[Trajectory], prices: TrajectoryPrices, advantages: Sequence[float],
+                    num_iterations: int) -> list[dict]:
     rows = []
     for t, a, fate, trained, gain, cost, risk, price in zip(
             trajectories, advantages, prices.fates, prices.trained.tolist(), prices.gain.tolist(), prices.cost.tolist(),
@@ -40,8 +39,7 @@ def trajectory_rows(trajectories: Sequence[Trajectory], decisions: Sequence[Traj
     return rows
 
 
-def prompt_rows(step: int, plan: Sequence[PromptDecision] | PromptPlan) -> list[dict]:
-    plan = as_columnar(plan, PromptPlan)
+def prompt_rows(step: int, plan: PromptPlan) -> list[dict]:
     return [{"step": step, "prompt_id": pid, "samples": n, "pass_rate": rate, "gain": gain, "cost": cost,
              "price": price, "fate": "sampled" if n > 0 else "skipped"}
             for pid, n, rate, gain, cost, price in zip(plan.prompt_ids, plan.samples.tolist(), plan.pass_rate.tolist(),

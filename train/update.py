@@ -17,20 +17,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from rollout.types import Trajectory
-from train import zero
-from train.algorithms import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    gae_advantages,
-    grpo_advantages,
-    kl_penalty,
-    staleness_stats,
-    truncated_is_weights,
-)
-from train.config import RunConfig
-from train.packing import pack_microbatches, pad_batch
-from train.value import forward_policy_and_values, token_rewards
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
+from marginal_rl.train import zero
+from marginal_rl.train.algorithms import ALGORITHMS, LossInputs, kl_penalty, staleness_stats, truncated_is_weights
+from marginal_rl.train.config import RunConfig
+from marginal_rl.train.packing import pack_microbatches, pad_batch
+from marginal_rl.train.value import forward_policy_and_values
 
 STAT_KEYS = ("loss/policy", "loss/value", "loss/kl", "loss/clip_fraction", "tokens", "kl_k3_sum", "ratio_sum",
              "ratio_sq_sum", "clip_zeroed_tokens")
@@ -65,16 +57,11 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: fl
     return torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def group_advantages(trajectories: Sequence[Trajectory], admitted: Sequence[bool], scale: bool) -> np.ndarray:
-    """GRPO advantages over each group's admitted members; 0 for trajectories not trained on."""
-    adv = np.zeros(len(trajectories))
-    idx = [i for i, a in enumerate(admitted) if a]
-    if idx:
-        groups = {g: k for k, g in enumerate(dict.fromkeys(trajectories[i].group_id for i in idx))}
-        rewards = torch.tensor([trajectories[i].reward for i in idx], dtype=torch.float32)
-        index = torch.tensor([groups[trajectories[i].group_id] for i in idx])
-        adv[idx] = grpo_advantages(rewards, index, scale_rewards=scale).numpy()
-    return adv
+def sequence_advantages(cfg: RunConfig, columns: TrajectoryColumns, admitted: np.ndarray) -> np.ndarray:
+    """(N,) float64: the algorithm's sequence advantages of the step's trajectories (0 for those not trained on)."""
+    rewards = torch.tensor(columns.reward, dtype=torch.float32)
+    adv = ALGORITHMS[cfg.algo.name].advantages(rewards, torch.tensor(columns.group), torch.tensor(admitted), cfg.algo)
+    return adv.numpy().astype(np.float64)
 
 
 def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages: np.ndarray, cfg: RunConfig,
@@ -147,12 +134,13 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
         if zero.active(accelerator):  # a real forward: under ZeRO-3 every forward gathers weights collectively
             return model(input_ids=torch.full((1, 1), pad_id, device=dev)).logits.float().sum() * 0.0, {}
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0, {}
+    algo = ALGORITHMS[cfg.algo.name]
     b = make_batch(trajectories, advantages, pad_id)
     ids, attn, mask, behaviour = b.ids.to(dev), b.attn.to(dev), b.mask.to(dev), b.old_logprobs.to(dev)
-    if value_head is None:
-        lp, values = token_logprobs(model, ids, attn, cfg.rollout.temperature), None
-    else:
+    if algo.value_head:
         lp, values = forward_policy_and_values(model, value_head, ids, attn, cfg.rollout.temperature)
+    else:
+        lp, values = token_logprobs(model, ids, attn, cfg.rollout.temperature), None
     stats: dict[str, float] = {}
     if first_epoch:
         proximal[key] = (lp.detach(), values.detach() if values is not None else None)
@@ -164,15 +152,8 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
         old, is_w = behaviour, None  # classic PPO: the clip acts on π / π_behaviour
     else:
         old, is_w = prox_lp, truncated_is_weights(prox_lp, behaviour, mask, cfg.algo.is_level, cfg.algo.is_cap)
-
-    if value_head is None:  # GRPO: one advantage per sequence
-        adv = b.advantages.to(dev)
-        value_sum = torch.zeros((), device=dev)
-    else:  # PPO: GAE over the policy tokens from the first epoch's values, terminal reward on the last policy token
-        adv, returns = gae_advantages(token_rewards(b.rewards.to(dev), mask), old_values, mask, cfg.algo.gamma,
-                                      cfg.algo.lam)
-        value_sum = clipped_value_loss(values, old_values, returns, mask, cfg.algo.vf_clip)
-    policy_sum, pst = clipped_policy_loss(lp, old, adv, mask, cfg.algo.clip_low, cfg.algo.clip_high, is_weights=is_w)
+    loss_sum, parts = algo.loss(LossInputs(lp, old, mask, b.advantages.to(dev), b.rewards.to(dev), is_w, values,
+                                           old_values), cfg.algo)
     kl_sum = torch.zeros((), device=dev)
     if cfg.algo.kl_coef > 0:
         with torch.no_grad(), reference_context(model, reference) as ref_model:
@@ -180,10 +161,10 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
         kl_sum = kl_penalty(lp, ref_lp, mask)
     # DDP averages gradients over ranks: scale by world so the update is the sum over all tokens / global_tokens.
     # DeepSpeed averages over ranks too (its gradient_accumulation_steps is held at 1, so it divides by nothing else).
-    loss = (policy_sum + cfg.algo.vf_coef * value_sum + cfg.algo.kl_coef * kl_sum) * world / global_tokens
-    stats.update({"loss/policy": policy_sum.item() / global_tokens, "loss/value": value_sum.item() / global_tokens,
-                  "loss/kl": kl_sum.item() / global_tokens,
-                  "loss/clip_fraction": float(pst["clipped_tokens"]) / global_tokens})
+    loss = (loss_sum + cfg.algo.kl_coef * kl_sum) * world / global_tokens
+    stats.update({"loss/policy": parts["policy_sum"].item() / global_tokens,
+                  "loss/value": parts["value_sum"].item() / global_tokens, "loss/kl": kl_sum.item() / global_tokens,
+                  "loss/clip_fraction": float(parts["clipped_tokens"]) / global_tokens})
     return loss, stats
 
 
@@ -191,7 +172,7 @@ def reference_context(model, reference):
     """The reference policy of the KL penalty: the frozen copy, or with LoRA the same model with adapters disabled."""
     if reference is not None:
         return nullcontext(reference)
-    from train.lora import reference_logprobs_context
+    from marginal_rl.train.lora import reference_logprobs_context
 
     return reference_logprobs_context(model)
 

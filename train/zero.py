@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from train.config import ConfigError, RunConfig
+from marginal_rl.train.config import ConfigError, RunConfig
 
 
 def requested() -> bool:

@@ -21,13 +21,11 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from rollout.types import Trajectory  # noqa: E402
-from train import zero  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.update import train_step  # noqa: E402
-from train.value import ValueHead  # noqa: E402
+from marginal_rl.rollout.types import Trajectory
+from marginal_rl.train import zero
+from marginal_rl.train.config import load_config
+from marginal_rl.train.update import train_step
+from marginal_rl.train.value import ValueHead
 
 
 def fixed_batch(n: int = 8, seed: int = 0) -> tuple[list[Trajectory], np.ndarray]:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from rollout.build import build_task
-from train.config import load_config
-from train.loop import train
+from marginal_rl.rollout.build import build_task
+from marginal_rl.train.config import load_config
+from marginal_rl.train.loop import train
 
 TINY_AGENT = [
     "model.hidden_size=64", "model.warm_start_steps=120", "task.num_train=32", "task.num_eval=4",

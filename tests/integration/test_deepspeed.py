@@ -80,7 +80,7 @@ def _launch(config: str, out: Path, cache: str, extra: list[str]) -> dict:
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ROOT / "configs/accelerate" / config),
-           "--num_processes", "2", "--mixed_precision", "no", str(ROOT / "scripts/train.py"),
+           "--num_processes", "2", "--mixed_precision", "no", "-m", "marginal_rl", "train",
            "--config", str(ROOT / "configs/quickstart.yaml"), *tiny_overrides(cache, str(out)), *extra]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     r = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True, text=True)

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rollout.build import build_task
+from marginal_rl.rollout.build import build_task
+from marginal_rl.train import loop
+from marginal_rl.train.config import load_config
+from marginal_rl.train.logger import NoOpLogger
+from marginal_rl.train.model import resolve_policy_path
 from tests.conftest import tiny_overrides
-from train import loop
-from train.config import load_config
-from train.logger import NoOpLogger
-from train.model import resolve_policy_path
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,9 +95,9 @@ def test_accelerate_launch_configs(tmp_path, policy_cache, launcher):
     out = tmp_path / launcher
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "1",
-           str(ROOT / "scripts" / "train.py"), *tiny_overrides(policy_cache, str(out)), "budget.policy=marginal",
+           "-m", "marginal_rl", "train", *tiny_overrides(policy_cache, str(out)), "budget.policy=marginal",
            "train.max_steps=3", "rollout.max_staleness=1"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -56,7 +56,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, policy_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(HERE.parents[1] / "scripts" / "train.py"), "--config", str(HERE.parents[1] / "configs" / "quickstart.yaml"),
+           "-m", "marginal_rl", "train", "--config", str(HERE.parents[1] / "configs" / "quickstart.yaml"),
            *tiny_overrides(policy_cache, str(out)), "train.max_steps=2"]
     r = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

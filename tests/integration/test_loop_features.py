@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rollout.build import build_task
+from marginal_rl.rollout.build import build_task
+from marginal_rl.train import loop
+from marginal_rl.train.config import load_config
+from marginal_rl.train.logger import NoOpLogger
 from tests.conftest import tiny_overrides
-from train import loop
-from train.config import load_config
-from train.logger import NoOpLogger
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,7 +25,7 @@ def test_raising_reward_function_stops_cleanly_and_keeps_the_store(tmp_path, pol
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "user_rewards.py").write_text(REWARDS)  # imported from the working directory, as a TRL user would
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "task.name=dataset", "task.dataset=data.jsonl",
+    cmd = [sys.executable, "-m", "marginal_rl", "train", "task.name=dataset", "task.dataset=data.jsonl",
            "task.reward_funcs=[user_rewards.flaky]", f"output_dir={out}", f"model.cache_dir={policy_cache}/dataset",
            "model.hidden_size=32", "model.warm_start_steps=20", "rollout.prompts_per_step=4", "rollout.group_size=2",
            "rollout.max_new_tokens=4", "rollout.eval_samples=1", "train.max_steps=5", "train.eval_every=0",

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rollout.build import build_task
+from marginal_rl.rollout.build import build_task
+from marginal_rl.train.config import load_config
+from marginal_rl.train.loop import train
 from tests.conftest import tiny_overrides
-from train.config import load_config
-from train.loop import train
 
 
 def _run(tmp_path: Path, cache: str, extra: list[str]) -> tuple[dict, Path]:

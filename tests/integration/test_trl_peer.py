@@ -1,4 +1,4 @@
-"""The TRL peer arm (scripts/train_trl.py): two GRPOTrainer steps on the tiny test policy, offline, on CPU."""
+"""The TRL peer arm (`marginal-rl train-trl`): two GRPOTrainer steps on the tiny test policy, offline, on CPU."""
 
 from __future__ import annotations
 
@@ -15,18 +15,14 @@ from tests.conftest import tiny_overrides
 pytest.importorskip("trl")
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "train_trl.py"
 
 
 @pytest.mark.slow  # ~25 s of TRL training and eval on 2 busy cores, plus the tiny policy build when run alone
 def test_trl_peer_writes_a_summary_like_ours(tmp_path, policy_cache):
     out = tmp_path / "trl"
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_trl
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    assert train_trl.main(tiny_overrides(policy_cache, str(out)) + ["train.max_steps=2", "train.lr=1e-3"]) == 0
+    from marginal_rl.cli import main
+
+    assert main(["train-trl", *tiny_overrides(policy_cache, str(out)), "train.max_steps=2", "train.lr=1e-3"]) == 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 1
@@ -50,6 +46,6 @@ def test_trl_peer_writes_a_summary_like_ours(tmp_path, policy_cache):
 
 
 def test_trl_peer_bad_config_exits_2(tmp_path):
-    res = subprocess.run([sys.executable, str(SCRIPT), f"output_dir={tmp_path}", "train.max_step=2"],
+    res = subprocess.run([sys.executable, "-m", "marginal_rl", "train-trl", f"output_dir={tmp_path}", "train.max_step=2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "train.max_steps" in res.stderr

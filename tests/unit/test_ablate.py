@@ -1,6 +1,6 @@
-"""scripts/ablate.py end to end with a fake runner (resume, cleaning half-written runs, results.csv), report.py on a
-run directory (a hand-made store; a real tiny run is marked slow), and scripts/train_trl.py's config mapping (a real
-TRL run: tests/integration/test_trl_peer.py)."""
+"""`marginal-rl ablate` end to end with a fake runner (resume, cleaning half-written runs, results.csv), `report` on a
+run directory (a hand-made store; a real tiny run is marked slow), and the TRL peer's config mapping (a real TRL run:
+tests/integration/test_trl_peer.py)."""
 
 from __future__ import annotations
 
@@ -13,25 +13,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from budget.policies import TrajectoryDecision
-from rollout.types import Trajectory
+from marginal_rl import grid as ablate
+from marginal_rl import trl_peer as train_trl
+from marginal_rl.budget.records import TrajectoryDecision, TrajectoryPrices
+from marginal_rl.cli import main as cli
+from marginal_rl.grid import load_grid
+from marginal_rl.report import RESULT_COLUMNS
+from marginal_rl.rollout.types import Trajectory
+from marginal_rl.train.config import ConfigError, load_config
+from marginal_rl.train.store import StepStore, trajectory_rows
 from tests.conftest import tiny_overrides
-from train.config import ConfigError, load_config
-from train.grid import RESULT_COLUMNS, load_grid
-from train.store import StepStore, trajectory_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import ablate  # noqa: E402
-import train_trl  # noqa: E402
-
-# A stand-in for scripts/train.py: resolves the config the way it does, notes that it ran, writes config.yaml and a
+# A stand-in for `marginal-rl train`: resolves the config the way it does, notes that it ran, writes config.yaml and a
 # summary whose numbers depend on the seed (tokens to target = 100·(seed + 1) for arm `fast`, 300·(seed + 1) else).
 FAKE_RUNNER = '''
 import json, sys, yaml
-sys.path.insert(0, {root!r})
-from train.config import config_to_dict, load_config
+from marginal_rl.train.config import config_to_dict, load_config
 args = sys.argv[1:]
 cfg = load_config([args[1]], args[2:])
 with open({calls!r}, "a") as f:
@@ -53,8 +52,8 @@ hist = [{{"step": 0, "tokens": 0, "seconds": 0.5, "eval/reward": 0.3}},
 def fake_grid(tmp_path, monkeypatch):
     calls = tmp_path / "calls.txt"
     runner = tmp_path / "fake_train.py"
-    runner.write_text(FAKE_RUNNER.format(root=str(ROOT), calls=str(calls)))
-    monkeypatch.setattr(ablate, "RUNNERS", {"ours": str(runner), "trl": str(runner)})
+    runner.write_text(FAKE_RUNNER.format(calls=str(calls)))
+    monkeypatch.setattr(ablate, "RUNNERS", {"ours": [sys.executable, str(runner)], "trl": [sys.executable, str(runner)]})
     spec = {"base": str(ROOT / "configs" / "quickstart.yaml"), "output_dir": str(tmp_path / "grid"), "seeds": [0, 1],
             "overrides": {"log.report_to": "none"},
             "arms": {"none": {"budget.policy": "none"}, "fast": {"budget": {"policy": "marginal"}}}}
@@ -69,7 +68,7 @@ def _calls(calls: Path) -> list[str]:
 
 def test_grid_runs_everything_then_resumes_skipping_finished_runs(fake_grid, capsys):
     path, calls = fake_grid
-    assert ablate.main(["--config", str(path), "--parallel", "2"]) == 0
+    assert cli(["ablate", "--config", str(path), "--parallel", "2"]) == 0
     assert len(_calls(calls)) == 4
     out = path.parent / "grid"
     with (out / "results.csv").open() as f:
@@ -87,7 +86,7 @@ def test_grid_runs_everything_then_resumes_skipping_finished_runs(fake_grid, cap
     (half / "summary.json").unlink()
     (half / "partial.tmp").write_text("x")
     calls.unlink()
-    assert ablate.main(["--config", str(path)]) == 0
+    assert cli(["ablate", "--config", str(path)]) == 0
     assert _calls(calls) == [str(half)]  # only the unfinished run ran again...
     assert not (half / "partial.tmp").exists()  # ...from a clean directory
     assert "4 runs (3 finished, 1 to run)" in capsys.readouterr().out
@@ -95,18 +94,18 @@ def test_grid_runs_everything_then_resumes_skipping_finished_runs(fake_grid, cap
 
 def test_a_changed_arm_reruns_only_that_arm(fake_grid):
     path, calls = fake_grid
-    assert ablate.main(["--config", str(path)]) == 0
+    assert cli(["ablate", "--config", str(path)]) == 0
     spec = yaml.safe_load(path.read_text())
     spec["arms"]["fast"]["budget"]["token_budget"] = 1000
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     calls.unlink()
-    assert ablate.main(["--config", str(path)]) == 0
+    assert cli(["ablate", "--config", str(path)]) == 0
     assert sorted(_calls(calls)) == sorted(str(path.parent / "grid" / "fast" / f"seed{s}") for s in (0, 1))
 
 
 def test_a_key_added_to_the_schema_since_the_run_does_not_force_a_rerun(fake_grid):
     path, calls = fake_grid
-    assert ablate.main(["--config", str(path)]) == 0
+    assert cli(["ablate", "--config", str(path)]) == 0
     _, runs = load_grid(path)
     recorded = runs[0].dir / "config.yaml"
     cfg = yaml.safe_load(recorded.read_text())
@@ -122,7 +121,7 @@ def test_bad_grid_exits_2_naming_the_arm_and_key(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"base": str(ROOT / "configs" / "quickstart.yaml"), "output_dir": str(tmp_path),
                                     "arms": {"typo": {"budget.kapa_rollout": 1}}}))
-    assert ablate.main(["--config", str(path), "--dry-run"]) == 2
+    assert cli(["ablate", "--config", str(path), "--dry-run"]) == 2
     assert "arm typo: unknown key 'budget.kapa_rollout' (did you mean 'budget.kappa_rollout'?)" in capsys.readouterr().err
 
 
@@ -159,14 +158,15 @@ def test_report_reads_tokens_by_use_and_fate_from_the_store(tmp_path):
     trajs = [_traj(0, "a", 1.0), _traj(1, "a", 0.0), _traj(2, "b", 0.0), _traj(3, "b", 0.0)]
     decisions = [TrajectoryDecision("trained"), TrajectoryDecision("trained"), TrajectoryDecision("zero_signal"),
                  TrajectoryDecision("zero_signal")]
-    StepStore(tmp_path / "trajectories").write(0, trajectory_rows(trajs, decisions, [1.0, -1.0, 0.0, 0.0], 1))
+    StepStore(tmp_path / "trajectories").write(0, trajectory_rows(trajs, TrajectoryPrices.of(decisions),
+                                                                  [1.0, -1.0, 0.0, 0.0], 1))
     hist = [{"step": 0, "tokens": 0, "seconds": 1.0, "eval/reward": 0.3},
             {"step": 1, "tokens": 48, "seconds": 2.0, "eval/reward": 0.5}]
     (tmp_path / "summary.json").write_text(json.dumps({
         "algo": "grpo", "policy": "zero_var", "steps": 1, "world_size": 1, "wall_seconds": 2.0,
         "initial_eval_reward": 0.3, "final_eval_reward": 0.5, "best_eval_reward": 0.5, "target_reward": 0.4,
         "tokens_to_target": 48, "tokens": {"rollout": 32, "train": 16, "total": 48}, "eval_history": hist}))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "marginal_rl", "report", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "target 0.4 reached after 48 tokens" in out.stdout
@@ -178,10 +178,10 @@ def test_report_reads_tokens_by_use_and_fate_from_the_store(tmp_path):
 @pytest.mark.slow
 def test_report_on_a_tiny_finished_run(tmp_path, policy_cache):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+    cmd = [sys.executable, "-m", "marginal_rl", "train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
            *tiny_overrides(policy_cache, str(run)), "train.max_steps=2", "budget.policy=zero_var"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(run)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "marginal_rl", "report", str(run)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     s = json.loads((run / "summary.json").read_text())

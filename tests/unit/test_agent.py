@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from rollout.agent import PLAIN_EOS, TurnFormat, plain_demonstration_pairs, run_episodes
-from rollout.config import RolloutConfig
-from rollout.fix_test import StepResult, format_observation
-from rollout.types import Prompt
-from train.config import ModelConfig
-from train.model import SPECIALS, build_tiny_model, build_tokenizer
-from train.update import make_batch, token_logprobs
+from marginal_rl.rollout.agent import PLAIN_EOS, TurnFormat, plain_demonstration_pairs, run_episodes
+from marginal_rl.rollout.config import RolloutConfig
+from marginal_rl.rollout.fix_test import StepResult, format_observation
+from marginal_rl.rollout.types import Prompt
+from marginal_rl.train.config import ModelConfig
+from marginal_rl.train.model import SPECIALS, build_tiny_model, build_tokenizer
+from marginal_rl.train.update import make_batch, token_logprobs
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"

@@ -7,16 +7,20 @@ import math
 import pytest
 import torch
 
-from train.algorithms import (
+from marginal_rl.train.algorithms import (
+    ALGORITHMS,
+    LossInputs,
     clipped_policy_loss,
     clipped_value_loss,
     gae_advantages,
     grpo_advantages,
+    grpo_loss,
     kl_penalty,
+    ppo_loss,
     staleness_stats,
     truncated_is_weights,
-    whiten,
 )
+from marginal_rl.train.config import GRPOAlgoConfig, PPOAlgoConfig
 
 F64 = torch.float64
 
@@ -103,11 +107,6 @@ def test_clipped_policy_loss_positive_advantage_by_hand():
     assert torch.allclose(lp.grad, t(0.0, -0.5, -1.1).reshape(1, 3))
     assert stats["clipped_tokens"].item() == 1 and stats["clipped_high_tokens"].item() == 1
     assert stats["tokens"].item() == 3
-    assert stats["ratio_sum"].item() == pytest.approx(3.1)  # 1.5 + .5 + 1.1
-    assert stats["ratio_sq_sum"].item() == pytest.approx(3.71)  # 2.25 + .25 + 1.21
-    assert stats["neg_approx_kl_sum"].item() == pytest.approx(math.log(1.5 * 0.5 * 1.1))
-    # k3: sum(rho - 1) - sum(log rho) = .1 - log .825
-    assert stats["approx_kl_k3_sum"].item() == pytest.approx(0.1 - math.log(0.825))
 
 
 def test_clipped_policy_loss_negative_advantage_by_hand():
@@ -153,7 +152,7 @@ def test_clipped_policy_loss_masked_tokens_ignored_even_if_garbage():
     assert loss.item() == pytest.approx(-1.78)
     loss.backward()
     assert torch.allclose(lp.grad, t(0.0, -0.5, 0.0).reshape(1, 3))
-    assert stats["tokens"].item() == 2 and stats["ratio_sum"].item() == pytest.approx(2.0)
+    assert stats["tokens"].item() == 2
 
 
 def test_clipped_policy_loss_empty_mask_is_zero_with_grad():
@@ -281,14 +280,6 @@ def test_clipped_value_loss_by_hand():
     assert torch.allclose(v.grad, t(0.0, 0.9, -1.5, 0.0).reshape(1, 4))
 
 
-def test_whiten_by_hand():
-    # Masked entries 2, 4, 6: mean 4, unbiased var (4 + 0 + 4) / 2 = 4, std 2 -> -1, 0, +1; masked-out 100 -> 0.
-    x = t(2.0, 4.0, 100.0, 6.0).reshape(1, 4)
-    mask = t(1, 1, 0, 1).reshape(1, 4)
-    assert torch.allclose(whiten(x, mask), t(-1.0, 0.0, 0.0, 1.0).reshape(1, 4))
-    assert torch.allclose(whiten(x, mask, shift_mean=False), t(3.0, 4.0, 0.0, 5.0).reshape(1, 4))
-
-
 # ------------------------------------------------------------------------------------------------ stale rollouts
 
 
@@ -325,7 +316,7 @@ def test_truncated_is_weights_are_detached():
 def test_staleness_stats_by_hand():
     # rho = current / behaviour = 2, .5, 1; range [.8, 1.28].
     # k3 KL(behaviour || current) = sum(rho - 1 - log rho) = (1 - log 2) + (-.5 + log 2) + 0 = .5
-    # ratio_sum 3.5; ratio_sq_sum 4 + .25 + 1 = 5.25; outside the range: rho 2 and rho .5 -> 2.
+    # ratio_sum 3.5; ratio_sq_sum 4 + .25 + 1 = 5.25.
     # With A = +1 only the clip above zeroes a gradient (rho 2) -> 1; with A = -1 only rho .5 -> 1.
     lp = torch.log(t(2.0, 0.5, 1.0, 1.0)).reshape(1, 4)
     mask = t(1, 1, 1, 0).reshape(1, 4)
@@ -335,10 +326,45 @@ def test_staleness_stats_by_hand():
     assert s["kl_k3_sum"].item() == pytest.approx(0.5)
     assert s["ratio_sum"].item() == pytest.approx(3.5)
     assert s["ratio_sq_sum"].item() == pytest.approx(5.25)
-    assert s["outside_clip_tokens"].item() == 2
     assert "clip_zeroed_tokens" not in s
     assert staleness_stats(lp, behav, mask, 0.2, 0.28, advantages=t(1.0))["clip_zeroed_tokens"].item() == 1
     assert staleness_stats(lp, behav, mask, 0.2, 0.28, advantages=t(-1.0))["clip_zeroed_tokens"].item() == 1
     # It agrees with the loss's own count on the same tokens.
     _, loss_stats = clipped_policy_loss(lp, behav, t(1.0), mask, 0.2, 0.28)
     assert loss_stats["clipped_tokens"].item() == 1
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def test_every_algorithm_has_a_config_and_the_table_decides_the_value_head():
+    from marginal_rl.train.config import ALGO_CONFIGS
+
+    assert set(ALGORITHMS) == set(ALGO_CONFIGS)
+    assert {name: a.value_head for name, a in ALGORITHMS.items()} == {"grpo": False, "ppo": True}
+
+
+def test_group_relative_advantages_cover_only_the_admitted():
+    # group 0: rewards 1, 0 (admitted), 1 (not admitted); group 1: 0, 1 admitted.
+    # admitted group 0 = [1, 0]: mean .5, unbiased std .70711 -> ±.5/(.70711 + 1e-4) = ±.70701; the third gets 0
+    rewards, group = t(1.0, 0.0, 1.0, 0.0, 1.0), torch.tensor([0, 0, 0, 1, 1])
+    admitted = torch.tensor([True, True, False, True, True])
+    adv = ALGORITHMS["grpo"].advantages(rewards, group, admitted, GRPOAlgoConfig())
+    assert adv.tolist() == pytest.approx([0.70701, -0.70701, 0.0, -0.70701, 0.70701], abs=1e-5)
+
+
+def test_grpo_and_ppo_losses_are_their_parts():
+    # One row, 3 policy tokens at rho = 1.5, .5, 1.1 (as the by-hand cases above), A = +1: policy sum −2.88.
+    lp = _lp(1.5, 0.5, 1.1)
+    mask, old = torch.ones(1, 3), torch.zeros(1, 3, dtype=F64)
+    x = LossInputs(lp, old, mask, t(1.0), t(1.0), None, None, None)
+    loss, parts = grpo_loss(x, GRPOAlgoConfig(clip_low=0.2, clip_high=0.28))
+    assert loss.item() == pytest.approx(-1.28 - 0.5 - 1.1) and parts["value_sum"].item() == 0.0
+    assert parts["clipped_tokens"].item() == 1
+    # PPO, gamma = lam = 1, values 0 (old and new), reward 1 on the last token: A = R = 1 everywhere, so the same
+    # policy sum; value loss .5·Σ(0 − 1)² = 1.5; loss = −2.88 + vf_coef·1.5 = −2.88 + .75
+    values = torch.zeros(1, 3, dtype=F64, requires_grad=True)
+    x = LossInputs(lp, old, mask, t(0.0), t(1.0), None, values, values.detach())
+    loss, parts = ppo_loss(x, PPOAlgoConfig(clip_low=0.2, clip_high=0.28, gamma=1.0, lam=1.0, vf_coef=0.5))
+    assert parts["policy_sum"].item() == pytest.approx(-2.88) and parts["value_sum"].item() == pytest.approx(1.5)
+    assert loss.item() == pytest.approx(-2.88 + 0.75)

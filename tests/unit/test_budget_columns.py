@@ -1,5 +1,5 @@
 """Columnar records: TrajectoryColumns by hand, and the columnar results (PromptPlan, TrajectoryPrices) against
-their per-object view; every budget call gives the same answer for records and for columns."""
+their per-object view; columns rebuilt from that view give every budget call the same answer."""
 
 from __future__ import annotations
 
@@ -9,21 +9,19 @@ import math
 import numpy as np
 import pytest
 
-from budget.config import POLICIES, BudgetConfig
-from budget.ledger import Ledger
-from budget.metrics import price_components, step_metrics
-from budget.policies import (
-    BudgetState,
-    PromptDecision,
-    PromptPlan,
+from marginal_rl.budget.ledger import Ledger
+from marginal_rl.budget.metrics import price_histograms, step_metrics
+from marginal_rl.budget.policies import (
+    POLICIES,
     SampleLimits,
-    TrajectoryDecision,
-    TrajectoryPrices,
+    budget_config,
     plan_prompts,
     price_trajectories,
     update_state,
 )
-from rollout.types import Trajectory, TrajectoryColumns
+from marginal_rl.budget.records import PromptDecision, PromptPlan, TrajectoryDecision, TrajectoryPrices
+from marginal_rl.budget.state import BudgetState
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
 
 def traj(group: str, prompt: str, reward: float, n_prompt: int, mask: list[int], *, version: int = 0,
@@ -80,7 +78,7 @@ def _random_step(rng: np.random.Generator) -> list[Trajectory]:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_trajectory_prices_equal_their_per_object_view(policy):
     trajs = _random_step(np.random.default_rng(1))
-    prices = price_trajectories(BudgetConfig(policy=policy), BudgetState(), trajs, 3)
+    prices = price_trajectories(budget_config(policy), BudgetState(), TrajectoryColumns.of(trajs), 3)
     decisions = list(prices)
     assert len(prices) == len(decisions) == len(trajs)
     for i, d in enumerate(decisions):
@@ -102,9 +100,9 @@ def test_trajectory_prices_equal_their_per_object_view(policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_prompt_plan_equals_its_per_object_view(policy):
-    cfg = BudgetConfig(policy=policy, token_budget=300 if policy == "marginal" else 0)
+    cfg = budget_config(policy, **({"token_budget": 300} if policy == "marginal" else {}))
     state = BudgetState()
-    update_state(cfg, state, _random_step(np.random.default_rng(2)), step=0, current_version=1)
+    update_state(cfg, state, TrajectoryColumns.of(_random_step(np.random.default_rng(2))), step=0, current_version=1)
     cands = [f"p{i}" for i in range(10)]
     plan = plan_prompts(cfg, state, cands, 1, np.random.default_rng(0), SampleLimits(3, 4, 2, 6))
     decisions = list(plan)
@@ -123,31 +121,33 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_budget_calls_take_records_or_columns(policy):
-    cfg = BudgetConfig(policy=policy, token_budget=200)
+def test_budget_calls_agree_on_columns_rebuilt_from_rows(policy):
+    cfg = budget_config(policy, **({"token_budget": 200} if policy == "marginal" else {}))
     trajs = _random_step(np.random.default_rng(3))
     cols = TrajectoryColumns.of(trajs)
     state = BudgetState()
     prices = price_trajectories(cfg, state, cols, 2, num_iterations=2)
-    assert list(prices) == list(price_trajectories(cfg, state, trajs, 2, num_iterations=2))
-    by_records, by_columns = copy.deepcopy(state), copy.deepcopy(state)
-    update_state(cfg, by_records, trajs, 0, 2, 0.01, decisions=list(prices), num_iterations=2)
-    update_state(cfg, by_columns, cols, 0, 2, 0.01, decisions=prices, num_iterations=2)
-    assert by_records == by_columns
+    rebuilt = TrajectoryPrices.of(list(prices))
+    assert list(prices) == list(price_trajectories(cfg, state, TrajectoryColumns.of(list(trajs)), 2, num_iterations=2))
+    by_rows, by_columns = copy.deepcopy(state), copy.deepcopy(state)
+    update_state(cfg, by_rows, cols, 0, 2, 0.01, prices=rebuilt, num_iterations=2)
+    update_state(cfg, by_columns, cols, 0, 2, 0.01, prices=prices, num_iterations=2)
+    assert by_rows == by_columns
     ledgers = Ledger(), Ledger()
-    ledgers[0].record_step(trajs, list(prices), 2, prompts_skipped=1)
+    ledgers[0].record_step(cols, rebuilt, 2, prompts_skipped=1)
     ledgers[1].record_step(cols, prices, 2, prompts_skipped=1)
     assert ledgers[0] == ledgers[1]
     plan = [PromptDecision("p0", 3, gain=0.2, tokens=40.0), PromptDecision("p1", 0, price=-0.1)]
-    assert _same(step_metrics(plan, list(prices), trajs, by_records, cfg=cfg),
-                 step_metrics(PromptPlan.of(plan), prices, cols, by_columns, cfg=cfg))
-    assert {k: v.tolist() for k, v in price_components(list(prices)).items()} == \
-        {k: v.tolist() for k, v in price_components(prices).items()}
+    assert _same(step_metrics(PromptPlan.of(plan), rebuilt, cols, by_rows, cfg=cfg),
+                 step_metrics(PromptPlan.of(list(PromptPlan.of(plan))), prices, cols, by_columns, cfg=cfg))
+    assert {k: v.tolist() for k, v in price_histograms(rebuilt).items()} == \
+        {k: v.tolist() for k, v in price_histograms(prices).items()}
 
 
 def test_mismatched_lengths_are_refused():
     cols = TrajectoryColumns.of(_step())
     with pytest.raises(ValueError, match="2 decisions for 3 trajectories"):
-        Ledger().record_step(cols, [TrajectoryDecision("trained")] * 2, 1)
+        Ledger().record_step(cols, TrajectoryPrices.of([TrajectoryDecision("trained")] * 2), 1)
     with pytest.raises(ValueError, match="2 decisions for 3 trajectories"):
-        update_state(BudgetConfig(), BudgetState(), cols, 0, 0, decisions=[TrajectoryDecision("trained")] * 2)
+        update_state(budget_config(), BudgetState(), cols, 0, 0,
+                     prices=TrajectoryPrices.of([TrajectoryDecision("trained")] * 2))

@@ -10,20 +10,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget.config import POLICIES, BudgetConfig
-from budget.metrics import COMPONENTS, price_components, step_metrics
-from budget.policies import (
-    BudgetState,
-    PromptStats,
-    SampleLimits,
-    plan_prompts,
-    planner_limits,
-    price_trajectories,
-    update_state,
-)
-from rollout.types import Trajectory
+from marginal_rl.budget import policies
+from marginal_rl.budget.metrics import COMPONENTS, price_histograms, step_metrics
+from marginal_rl.budget.policies import POLICIES, SampleLimits, plan_prompts
+from marginal_rl.budget.policies import budget_config as BudgetConfig
+from marginal_rl.budget.policies.marginal import planner_limits
+from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
+from marginal_rl.budget.state import BudgetState, PromptStats
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
 LIMITS = SampleLimits(prompts_per_step=4, group_size=8, min_group_size=2, max_group_size=16)
+
+
+# The budget reads columns; the tests write their steps as records, which read more easily.
+def price_trajectories(cfg, state, trajs, current_version, **kw) -> TrajectoryPrices:
+    return policies.price_trajectories(cfg, state, TrajectoryColumns.of(trajs), current_version, **kw)
+
+
+def update_state(cfg, state, trajs, step, current_version, drift_kl=None, **kw) -> None:
+    policies.update_state(cfg, state, TrajectoryColumns.of(trajs), step, current_version, drift_kl, **kw)
 
 
 def traj(group: str, reward: float, *, prompt: str | None = None, version: int = 0, n_prompt: int = 10,
@@ -43,7 +48,7 @@ def group(name: str, rewards, **kw) -> list[Trajectory]:
 
 
 def test_posterior_update_binary_and_graded():
-    cfg = BudgetConfig(policy="marginal")
+    cfg = BudgetConfig("marginal")
     state = BudgetState()
     update_state(cfg, state, group("a", [1, 0, 1, 1]) + group("b", [0.25, 0.75]), step=0, current_version=0)
     # Beta(1, 1) + 3 successes, 1 failure = Beta(4, 2); graded: Σr = 1, Σ(1 − r) = 1 → Beta(2, 2)
@@ -53,7 +58,7 @@ def test_posterior_update_binary_and_graded():
 
 
 def test_a_prompt_with_two_groups_in_one_step_is_updated_twice_in_order():
-    cfg = BudgetConfig(policy="marginal", ema=0.5)
+    cfg = BudgetConfig("marginal", ema=0.5)
     state = BudgetState()
     steps = group("a1", [1, 0], prompt="a", n_completion=4) + group("b", [1, 1]) + \
         group("a2", [1, 1], prompt="a", n_completion=8)
@@ -66,7 +71,7 @@ def test_a_prompt_with_two_groups_in_one_step_is_updated_twice_in_order():
 
 
 def test_state_round_trips_through_json():
-    cfg = BudgetConfig(policy="marginal")
+    cfg = BudgetConfig("marginal")
     state = BudgetState()
     update_state(cfg, state, group("a", [1, 0, 1]) + group("b", [0, 0]), step=3, current_version=2, drift_kl=0.01)
     back = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
@@ -75,7 +80,7 @@ def test_state_round_trips_through_json():
 
 
 def test_posterior_fades_with_drift():
-    cfg = BudgetConfig(policy="marginal", drift_scale=0.1, ema=0.0)
+    cfg = BudgetConfig("marginal", drift_scale=0.1, ema=0.0)
     state = BudgetState()
     update_state(cfg, state, group("a", [1, 0, 1, 1]), step=0, current_version=0, drift_kl=0.05)
     # two versions later, δ = 0.05: factor e^(−0.05·2/0.1) = e^-1; α = 1 + 3e^-1 = 2.10364, β = 1 + 1e^-1 + 2 = 3.36788
@@ -86,7 +91,7 @@ def test_posterior_fades_with_drift():
 
 
 def test_plan_sees_faded_posterior():
-    cfg = BudgetConfig(policy="none", drift_prior=0.05, drift_scale=0.1)
+    cfg = BudgetConfig("none", drift_prior=0.05, drift_scale=0.1)
     state = BudgetState(version=2, prompts={"a": PromptStats(alpha=4.0, beta=2.0, version=0)})
     (d,) = plan_prompts(cfg, state, ["a"], 0, np.random.default_rng(0), LIMITS)
     # faded Beta(1 + 3e^-1, 1 + e^-1) = Beta(2.10364, 1.36788), mean 2.10364/3.47152 = 0.60597
@@ -94,7 +99,7 @@ def test_plan_sees_faded_posterior():
 
 
 def test_drift_ema_and_staleness_in_prices():
-    cfg = BudgetConfig(policy="marginal", ema=0.9)
+    cfg = BudgetConfig("marginal", ema=0.9)
     state = BudgetState()
     update_state(cfg, state, [], step=0, current_version=0, drift_kl=0.02)
     update_state(cfg, state, [], step=1, current_version=0, drift_kl=0.04)
@@ -105,7 +110,7 @@ def test_drift_ema_and_staleness_in_prices():
 
 
 def test_state_round_trip_json():
-    cfg = BudgetConfig(policy="marginal", token_budget=500)
+    cfg = BudgetConfig("marginal", token_budget=500)
     state = BudgetState()
     update_state(cfg, state, group("a", [1, 0, 1]) + group("b", [0, 0]), step=3, current_version=2, drift_kl=0.01)
     restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
@@ -119,14 +124,14 @@ def test_state_round_trip_json():
 def test_uniform_plan_is_unchanged():
     cands = [f"p{i}" for i in range(16)]
     for policy in ("none", "zero_var", "max_var"):
-        plan = plan_prompts(BudgetConfig(policy=policy), BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
+        plan = plan_prompts(BudgetConfig(policy), BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
         assert [d.samples for d in plan] == [8] * 4 + [0] * 12
 
 
 def test_default_prices_on_the_arithmetic_task():
     # tiny arithmetic task: 10 prompt + 7 completion tokens, 0/1 rewards, groups of 8 — with default prices a prompt
     # whose posterior is near 0.5 has a positive price and one near 0 or 1 a negative one
-    cfg = BudgetConfig(policy="marginal", thompson=False)
+    cfg = BudgetConfig("marginal", thompson=False)
     stats = dict(version=0, tok_rollout=17.0, tok_verify=0.0, tok_update=17.0)
     state = BudgetState(prompts={"mid": PromptStats(alpha=5.0, beta=5.0, **stats),
                                  "easy": PromptStats(alpha=30.0, beta=1.0, **stats),
@@ -142,7 +147,7 @@ def test_default_prices_on_the_arithmetic_task():
 
 
 def test_marginal_plan_spends_the_sample_budget():
-    cfg = BudgetConfig(policy="marginal")
+    cfg = BudgetConfig("marginal")
     cands = [f"p{i}" for i in range(16)]
     plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
     assert sum(d.samples for d in plan) == LIMITS.samples_per_step  # 32: all unseen prompts are worth sampling
@@ -153,19 +158,19 @@ def test_marginal_plan_spends_the_sample_budget():
 def test_marginal_plan_caps_samples_under_a_token_budget():
     # LIMITS: 4 prompts × 8 = 32 samples per step. Fixed prices: 32 samples, no token limit. With a token budget of
     # 100 000 tokens (× slack 1.5) the sample cap binds: by default 1.5 × 32 = 48 samples, or max_samples_per_step
-    assert planner_limits(BudgetConfig(policy="marginal"), LIMITS) == (32, math.inf)
-    assert planner_limits(BudgetConfig(policy="marginal", token_budget=100_000), LIMITS) == (48, 150_000)
-    assert planner_limits(BudgetConfig(policy="marginal", token_budget=100_000, max_samples_per_step=10),
+    assert planner_limits(BudgetConfig("marginal"), LIMITS) == (32, math.inf)
+    assert planner_limits(BudgetConfig("marginal", token_budget=100_000), LIMITS) == (48, 150_000)
+    assert planner_limits(BudgetConfig("marginal", token_budget=100_000, max_samples_per_step=10),
                           LIMITS) == (10, 150_000)
     cands = [f"p{i}" for i in range(16)]
     for cap, expected in ((0, 48), (10, 10)):
-        cfg = BudgetConfig(policy="marginal", token_budget=100_000, max_samples_per_step=cap, thompson=False)
+        cfg = BudgetConfig("marginal", token_budget=100_000, max_samples_per_step=cap, thompson=False)
         plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
         assert sum(d.samples for d in plan) == expected  # unseen prompts (p = 0.5) are all worth sampling
 
 
 def test_prior_plan_skips_zero_variance_history():
-    cfg = BudgetConfig(policy="prior", explore_prob=0.0)
+    cfg = BudgetConfig("prior", explore_prob=0.0)
     state = BudgetState(prompts={f"p{i}": PromptStats(1.0, 9.0, zero_var_streak=1) for i in (0, 2, 3)})
     plan = plan_prompts(cfg, state, [f"p{i}" for i in range(8)], 0, np.random.default_rng(0), LIMITS)
     # explore_prob**1 = 0: p0, p2, p3 never rolled out; the first 4 others are taken
@@ -173,7 +178,7 @@ def test_prior_plan_skips_zero_variance_history():
 
 
 def test_prior_plan_explores_with_probability():
-    cfg = BudgetConfig(policy="prior", explore_prob=0.5)
+    cfg = BudgetConfig("prior", explore_prob=0.5)
     state = BudgetState(prompts={"z": PromptStats(1.0, 9.0, zero_var_streak=2)})
     limits = SampleLimits(1, 8, 2, 16)
     rng = np.random.default_rng(0)
@@ -186,7 +191,7 @@ def test_prior_plan_explores_with_probability():
 
 def test_fates_by_policy():
     trajs = group("mixed", [1, 0, 0, 1]) + group("flat", [1, 1, 1, 1])
-    by = {p: [d.fate for d in price_trajectories(BudgetConfig(policy=p), BudgetState(), trajs, 0)] for p in POLICIES}
+    by = {p: [d.fate for d in price_trajectories(BudgetConfig(p), BudgetState(), trajs, 0)] for p in POLICIES}
     assert by["none"] == ["trained"] * 8
     assert by["zero_var"] == by["prior"] == ["trained"] * 4 + ["zero_signal"] * 4
     assert by["max_var"].count("trained") == 4  # m = round(0.5·4) = 2 per group
@@ -197,18 +202,18 @@ def test_fates_by_policy():
 def test_marginal_drops_a_group_whose_admitted_subset_has_no_signal():
     # the hand-computed group of test_trajectory_price_by_hand: failures priced at −0.0016 with ρ = 1, n0 = 4,
     # κ_u·tokens = 0.01 → only the success would be admitted, which alone carries no signal → all dropped_price
-    cfg = BudgetConfig(policy="marginal", risk_aversion=1.0, gain_half_samples=4.0, kappa_update=1e-3)
+    cfg = BudgetConfig("marginal", risk_aversion=1.0, gain_half_samples=4.0, kappa_update=1e-3)
     dec = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 0, 0], n_prompt=4, n_completion=6), 0)
     assert [d.price > 0 for d in dec] == [True, False, False, False]
     assert [d.fate for d in dec] == ["dropped_price"] * 4
     # at ρ = 0.5 the failures are worth 0.0625 − 0.01 − 0.0271 = 0.0254 > 0: all trained
-    cfg = BudgetConfig(policy="marginal", risk_aversion=0.5, gain_half_samples=4.0, kappa_update=1e-3)
+    cfg = BudgetConfig("marginal", risk_aversion=0.5, gain_half_samples=4.0, kappa_update=1e-3)
     dec = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 0, 0], n_prompt=4, n_completion=6), 0)
     assert [d.fate for d in dec] == ["trained"] * 4
 
 
 def test_marginal_drops_stale():
-    cfg = BudgetConfig(policy="marginal", drift_prior=0.1, drift_scale=0.1)
+    cfg = BudgetConfig("marginal", drift_prior=0.1, drift_scale=0.1)
     fresh = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 1, 0]), current_version=0)
     stale = price_trajectories(cfg, BudgetState(), group("g", [1, 0, 1, 0]), current_version=5)
     assert [d.fate for d in fresh] == ["trained"] * 4
@@ -218,8 +223,8 @@ def test_marginal_drops_stale():
 
 def test_cvar_prices_more_risk_than_std():
     trajs = group("g", [1, 0, 0, 1, 0])
-    std = price_trajectories(BudgetConfig(policy="marginal"), BudgetState(), trajs, 0)
-    cvar = price_trajectories(BudgetConfig(policy="marginal", risk_measure="cvar", cvar_alpha=0.1), BudgetState(), trajs, 0)
+    std = price_trajectories(BudgetConfig("marginal"), BudgetState(), trajs, 0)
+    cvar = price_trajectories(BudgetConfig("marginal", risk_measure="cvar", cvar_alpha=0.1), BudgetState(), trajs, 0)
     for a, b in zip(std, cvar, strict=True):
         assert b.risk == pytest.approx(a.risk * 1.75498, rel=1e-4)
 
@@ -229,19 +234,19 @@ def test_cvar_prices_more_risk_than_std():
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_empty_step(policy):
-    cfg, state = BudgetConfig(policy=policy), BudgetState()
+    cfg, state = BudgetConfig(policy), BudgetState()
     assert list(price_trajectories(cfg, state, [], 0)) == []
-    update_state(cfg, state, [], step=0, current_version=0, decisions=[])
+    update_state(cfg, state, [], step=0, current_version=0, prices=TrajectoryPrices.of([]))
     assert list(plan_prompts(cfg, state, [], 0, np.random.default_rng(0), LIMITS)) == []
-    metrics = step_metrics([], [], [], state, cfg=cfg)
+    metrics = step_metrics(PromptPlan.of([]), TrajectoryPrices.of([]), TrajectoryColumns.of([]), state, cfg=cfg)
     assert metrics["budget/prompts_sampled"] == 0 and math.isnan(metrics["budget/admitted_fraction"])
-    assert {k: v.tolist() for k, v in price_components([]).items()} == {k: [] for k in COMPONENTS}
+    assert {k: v.tolist() for k, v in price_histograms(TrajectoryPrices.of([])).items()} == {k: [] for k in COMPONENTS}
 
 
 def test_all_groups_zero_variance():
     trajs = group("a", [0, 0, 0]) + group("b", [1, 1]) + group("c", [0.5, 0.5])
     for policy in ("zero_var", "prior", "marginal"):
-        dec = price_trajectories(BudgetConfig(policy=policy), BudgetState(), trajs, 0)
+        dec = price_trajectories(BudgetConfig(policy), BudgetState(), trajs, 0)
         assert all(d.fate == "zero_signal" and d.gain == 0 for d in dec)
 
 
@@ -255,7 +260,7 @@ def _simulated_step(cfg, state, step, rng, prompts):
     trajs = [traj(f"{step}-{d.prompt_id}", float(rng.random() < prompts[d.prompt_id]), prompt=d.prompt_id, k=k)
              for d in plan for k in range(d.samples)]
     dec = price_trajectories(cfg, state, trajs, 0)
-    update_state(cfg, state, trajs, step, 0, decisions=dec)
+    update_state(cfg, state, trajs, step, 0, prices=dec)
     return state.last_spend
 
 
@@ -263,7 +268,7 @@ def test_controller_converges_to_the_token_budget():
     # budget 1500 tokens/step (rollout + training); at the default κ the planner would spend the slack cap (2250),
     # so κ must rise until the marginal sample's price is zero at the budget (the dual variable). The sample cap is
     # lifted so that only the token budget binds (its default, 1.5 × 32 = 48 samples ≈ 1300 tokens, would bind first)
-    cfg = BudgetConfig(policy="marginal", token_budget=1500, controller_rate=0.2, max_samples_per_step=1000)
+    cfg = BudgetConfig("marginal", token_budget=1500, controller_rate=0.2, max_samples_per_step=1000)
     rng = np.random.default_rng(0)
     prompts = {f"p{i}": float(p) for i, p in enumerate(rng.uniform(0.05, 0.95, 200))}
     state = BudgetState()
@@ -278,7 +283,7 @@ def test_controller_converges_to_the_token_budget():
 
 
 def test_controller_lowers_price_when_under_budget():
-    cfg = BudgetConfig(policy="marginal", token_budget=100_000, controller_rate=0.5)
+    cfg = BudgetConfig("marginal", token_budget=100_000, controller_rate=0.5)
     state = BudgetState(kappa_scale=10.0)
     update_state(cfg, state, group("g", [1, 0]), step=0, current_version=0)
     # spend = 2·(17 rollout + 17 train) = 68 ≪ 100000: scale·exp(0.5·(68/1e5 − 1)) = 10·e^-0.49966 = 6.0674
@@ -288,7 +293,7 @@ def test_controller_lowers_price_when_under_budget():
 
 def test_fixed_prices_do_not_move():
     state = BudgetState()
-    update_state(BudgetConfig(policy="marginal"), state, group("g", [1, 0]), step=0, current_version=0)
+    update_state(BudgetConfig("marginal"), state, group("g", [1, 0]), step=0, current_version=0)
     assert state.kappa_scale == 1.0
 
 
@@ -312,10 +317,10 @@ def steps(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(trajs=steps(), policy=st.sampled_from(POLICIES), risk=st.floats(0, 2), drift=st.floats(0, 0.2),
+@given(trajs=steps(), policy=st.sampled_from(list(POLICIES)), risk=st.floats(0, 2), drift=st.floats(0, 0.2),
        current=st.integers(0, 5))
 def test_fate_invariants(trajs, policy, risk, drift, current):
-    cfg = BudgetConfig(policy=policy, risk_aversion=risk, drift_prior=drift)
+    cfg = BudgetConfig(policy, risk_aversion=risk, drift_prior=drift)
     dec = price_trajectories(cfg, BudgetState(), trajs, current)
     assert len(dec) == len(trajs)
     groups: dict[str, list[int]] = {}
@@ -337,10 +342,10 @@ def test_fate_invariants(trajs, policy, risk, drift, current):
 
 @settings(max_examples=60, deadline=None)
 @given(n_cands=st.integers(0, 40), per_step=st.integers(1, 8), size=st.integers(2, 8), seed=st.integers(0, 99),
-       policy=st.sampled_from(POLICIES), budget=st.sampled_from([0, 50, 400]))
+       policy=st.sampled_from(list(POLICIES)), budget=st.sampled_from([0, 50, 400]))
 def test_plan_invariants(n_cands, per_step, size, seed, policy, budget):
     limits = SampleLimits(per_step, size, 2, size + 4)
-    cfg = BudgetConfig(policy=policy, token_budget=budget)
+    cfg = BudgetConfig(policy, **({"token_budget": budget} if policy == "marginal" else {}))
     cands = [f"p{i}" for i in range(n_cands)]
     plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(seed), limits)
     assert [d.prompt_id for d in plan] == cands
@@ -356,12 +361,18 @@ def test_config_validation():
     with pytest.raises(ValueError, match="risk_measure: expected"):
         BudgetConfig(risk_measure="var")
     with pytest.raises(ValueError, match="token_budget: expected"):
-        BudgetConfig(token_budget=-1)
+        BudgetConfig("marginal", token_budget=-1)
     with pytest.raises(ValueError, match="max_samples_per_step: expected"):
-        BudgetConfig(max_samples_per_step=-1)
+        BudgetConfig("marginal", max_samples_per_step=-1)
     with pytest.raises(ValueError, match="cvar_alpha: expected"):
         BudgetConfig(cvar_alpha=0.0)
     with pytest.raises(ValueError, match="kappa_scale_max: expected"):
-        BudgetConfig(kappa_scale_min=2.0, kappa_scale_max=1.0)
+        BudgetConfig("marginal", kappa_scale_min=2.0, kappa_scale_max=1.0)
     with pytest.raises(ValueError, match="explore_prob: expected"):
-        BudgetConfig(explore_prob=1.5)
+        BudgetConfig("prior", explore_prob=1.5)
+    with pytest.raises(ValueError, match="keep_fraction: expected"):
+        BudgetConfig("max_var", keep_fraction=0.0)
+    with pytest.raises(ValueError, match="policy: expected one of"):
+        BudgetConfig("greedy")
+    with pytest.raises(TypeError, match="token_budget"):  # a key of another policy (the loader names it: test_config)
+        BudgetConfig("none", token_budget=100)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from budget.pricing import (
+from marginal_rl.budget.pricing import (
     allocate_greedy,
     consistent_admission,
     controller_step,
@@ -93,12 +93,12 @@ def test_trajectory_price_by_hand():
     # risk_variance (ρ = 1) = [0.1875·0.28868, 0.0625·0.86603] = [0.054127, 0.054127]
     # cost = 1e-3 · 10 = 0.01;  price = [0.1875 − 0.01 − 0.054127, 0.0625 − 0.01 − 0.054127] = [0.123373, −0.001627]
     out = _price([1, 0, 0, 0])
-    assert out["advantage"] == pytest.approx([1.7320508, -0.5773503, -0.5773503, -0.5773503], rel=1e-5)
-    assert out["gain"] == pytest.approx([0.1875, 0.0625, 0.0625, 0.0625])
-    assert out["risk_variance"] == pytest.approx([0.0541266] * 4, rel=1e-5)
-    assert out["cost"] == pytest.approx([0.01] * 4)
-    assert out["price"] == pytest.approx([0.1233734, -0.0016266, -0.0016266, -0.0016266], rel=1e-4)
-    assert not out["zero_var"].any()
+    assert out.advantage == pytest.approx([1.7320508, -0.5773503, -0.5773503, -0.5773503], rel=1e-5)
+    assert out.gain == pytest.approx([0.1875, 0.0625, 0.0625, 0.0625])
+    assert out.risk_variance == pytest.approx([0.0541266] * 4, rel=1e-5)
+    assert out.cost == pytest.approx([0.01] * 4)
+    assert out.price == pytest.approx([0.1233734, -0.0016266, -0.0016266, -0.0016266], rel=1e-4)
+    assert not out.zero_var.any()
 
 
 def test_trajectory_price_stale():
@@ -106,18 +106,18 @@ def test_trajectory_price_stale():
     # gain = 0.1875·0.367879 = 0.068977;  risk_staleness = 0.1875·(1 − 0.367879) = 0.118523
     # price = 0.0689774 − 0.01 − 0.0541266 − 0.1185226 = −0.1136718
     out = _price([1, 0, 0, 0], staleness=[2, 0, 0, 0])
-    assert out["depreciation"][0] == pytest.approx(math.exp(-1))
-    assert out["gain"][0] == pytest.approx(0.068977, abs=1e-6)
-    assert out["risk_staleness"][0] == pytest.approx(0.118523, abs=1e-6)
-    assert out["price"][0] == pytest.approx(-0.1136718, abs=1e-6)
-    assert out["risk_staleness"][1] == 0.0
+    assert out.depreciation[0] == pytest.approx(math.exp(-1))
+    assert out.gain[0] == pytest.approx(0.068977, abs=1e-6)
+    assert out.risk_staleness[0] == pytest.approx(0.118523, abs=1e-6)
+    assert out.price[0] == pytest.approx(-0.1136718, abs=1e-6)
+    assert out.risk_staleness[1] == 0.0
 
 
 def test_zero_variance_group_has_no_gain():
     out = _price([1, 1, 1])
-    assert out["zero_var"].all()
-    assert out["gain"] == pytest.approx([0, 0, 0]) and out["risk"] == pytest.approx([0, 0, 0])
-    assert out["price"] == pytest.approx([-0.01] * 3)  # only the update cost is left
+    assert out.zero_var.all()
+    assert out.gain == pytest.approx([0, 0, 0]) and out.risk == pytest.approx([0, 0, 0])
+    assert out.price == pytest.approx([-0.01] * 3)  # only the update cost is left
 
 
 def test_consistent_admission_drops_subsets_without_signal():

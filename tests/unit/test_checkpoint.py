@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.checkpoint import (
+from marginal_rl.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
     find_checkpoint,
@@ -17,9 +17,9 @@ from train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from train.config import ModelConfig
-from train.lora import apply_lora
-from train.value import ValueHead
+from marginal_rl.train.config import ModelConfig
+from marginal_rl.train.lora import apply_lora
+from marginal_rl.train.value import ValueHead
 
 
 def _setup(seed: int = 0):

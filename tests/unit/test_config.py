@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, describe_keys, load_config, parse_override
+from marginal_rl.train.config import (
+    TRL_KEYS,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    describe_keys,
+    load_config,
+    parse_override,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +35,8 @@ def test_precedence_defaults_file_overrides(tmp_path):
 
 def test_override_values_are_yaml():
     assert parse_override("task.reward_funcs=[a.b, c.d]") == {"task": {"reward_funcs": ["a.b", "c.d"]}}
-    cfg = load_config([], ["task.reward_funcs=[a.b, c.d]", "task.reward_weights=[1, 0.5]"])
+    cfg = load_config([], ["task.name=dataset", "task.dataset=d.jsonl", "task.reward_funcs=[a.b, c.d]",
+                           "task.reward_weights=[1, 0.5]"])
     assert cfg.task.reward_weights == [1.0, 0.5]
 
 
@@ -54,6 +63,63 @@ def test_bad_config_names_key(override, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["task.dataset=d.jsonl", "task.reward_funcs=[a.b]"],
+         "task.dataset: read only by task.name=dataset; this run has task.name=arith"),
+        (["task.source=humaneval"], "task.source: read only by task.name=fix_test; this run has task.name=arith"),
+        (["task.name=dataset", "task.dataset=d.jsonl", "task.num_train=8"],
+         "task.num_train: read only by task.name=arith or task.name=fix_test; this run has task.name=dataset"),
+        (["budget.token_budget=2400"], "budget.token_budget: read only by budget.policy=marginal; this run has "
+                                       "budget.policy=zero_var"),
+        (["budget.policy=none", "budget.keep_fraction=0.3"], "budget.keep_fraction: read only by budget.policy=max_var"),
+        (["budget.policy=marginal", "budget.explore_prob=0.3"], "budget.explore_prob: read only by budget.policy=prior"),
+        (["algo.vf_coef=1.0"], "algo.vf_coef: read only by algo.name=ppo; this run has algo.name=grpo"),
+    ],
+)
+def test_a_key_of_another_variant_names_the_variant_that_reads_it(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config([], overrides)
+    assert needle in str(e.value)
+
+
+def test_each_variant_reads_its_own_keys():
+    cfg = load_config([], ["task.name=fix_test", "task.source=humaneval", "budget.policy=max_var",
+                           "budget.keep_fraction=0.25", "algo.name=ppo", "algo.lam=0.9"])
+    assert (cfg.task.name, cfg.task.source, cfg.task.num_train) == ("fix_test", "humaneval", 512)
+    assert (cfg.budget.policy, cfg.budget.keep_fraction) == ("max_var", 0.25)
+    assert (cfg.algo.name, cfg.algo.lam) == ("ppo", 0.9)
+    # written flat, as YAML has it, name key first; and read back to the same config
+    d = config_to_dict(cfg)
+    assert list(d["budget"])[:2] == ["policy", "value"] and d["budget"]["keep_fraction"] == 0.25
+    assert "token_budget" not in d["budget"] and "dataset" not in d["task"]
+    assert config_from_dict(d) == cfg
+
+
+@pytest.mark.parametrize(("trl_name", "ours"), sorted(TRL_KEYS.items()))
+def test_trl_names_point_to_our_key(trl_name, ours):
+    for key in (trl_name, f"train.{trl_name}" if not ours.startswith("train.") else f"rollout.{trl_name}"):
+        with pytest.raises(ConfigError) as e:
+            load_config([], [f"{key}=1"])
+        assert f"unknown key '{key}' (TRL's GRPOConfig name; here it is '{ours}')" in str(e.value)
+
+
+def test_trl_table_matches_trl_and_our_keys_and_the_docs():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    trl_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert set(TRL_KEYS) <= trl_fields, set(TRL_KEYS) - trl_fields  # names of the installed TRL
+    ours = {key for key, _, _, _ in describe_keys()}
+    assert set(TRL_KEYS.values()) <= ours
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
+            for line in doc.splitlines() if line.startswith("| `")}
+    assert {k: v.split(" ")[0].strip("`") for k, v in rows.items()} == TRL_KEYS
+
+
 def test_ppo_allows_group_of_one():
     assert load_config([], ["algo.name=ppo", "rollout.group_size=1", "rollout.min_group_size=1"]).rollout.group_size == 1
 
@@ -74,10 +140,12 @@ def test_missing_and_malformed_file(tmp_path):
         ["rollout.group_size=1"],
         ["train.micro_batch_tokens=-1"],
         ["--config", "configs/does_not_exist.yaml"],
+        ["budget.token_budget=2400"],
+        ["learning_rate=1e-4"],
     ],
 )
 def test_cli_bad_config_exits_2_with_one_line(args):
-    r = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/quickstart.yaml", *args],
+    r = subprocess.run([sys.executable, "-m", "marginal_rl", "train", "--config", "configs/quickstart.yaml", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("config error: ")
@@ -85,16 +153,22 @@ def test_cli_bad_config_exits_2_with_one_line(args):
 
 
 def test_cli_help_lists_every_key_with_doc():
-    r = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-m", "marginal_rl", "train", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0
     for key, _, _, doc in describe_keys():
         assert key in r.stdout and doc, f"{key} missing from --help or has no doc"
 
 
+@pytest.mark.parametrize("command", ["train", "train-trl", "eval", "build-policy", "ablate", "report"])
+def test_every_subcommand_has_help(command):
+    r = subprocess.run(["marginal-rl", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: marginal-rl {command}")
+
+
 def test_cli_dry_run_prints_resolved_config():
-    r = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/quickstart.yaml", "--dry-run",
-                        "train.max_steps=9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "marginal_rl", "train", "--config", "configs/quickstart.yaml",
+                        "--dry-run", "train.max_steps=9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "max_steps: 9" in r.stdout
 
 
@@ -108,7 +182,7 @@ def test_every_shipped_config_validates(path):
 
         assert ClusterConfig.from_yaml_file(str(path)).num_processes >= 1
     elif path.parent.name == "ablations":  # grids: every arm × seed resolved by the run config loader
-        from train.grid import load_grid
+        from marginal_rl.grid import load_grid
 
         assert load_grid(path)[1]
     else:

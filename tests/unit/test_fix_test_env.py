@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from rollout.fix_test import (
+from marginal_rl.rollout.fix_test import (
     ACTIONS,
     EXAMPLE_TASK,
     FAMILIES,

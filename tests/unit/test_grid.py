@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import ConfigError, config_to_dict
-from train.grid import is_finished, load_grid, ratio_lines, result_row, summarize
+from marginal_rl.grid import is_finished, load_grid
+from marginal_rl.report import ratio_lines, result_row, summarize
+from marginal_rl.train.config import ConfigError, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +87,7 @@ def test_report_script_reads_a_grid_without_wandb(tmp_path):
     _, runs = load_grid(_grid(tmp_path, {"none": {}}))
     for r in runs:
         _fake_finished(r, 0.45, 800)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path / "grid")],
+    out = subprocess.run([sys.executable, "-m", "marginal_rl", "report", str(tmp_path / "grid")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "| none | 2 | 2/2 | 800 [800, 800]" in out.stdout

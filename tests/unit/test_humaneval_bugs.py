@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from rollout.fix_test import FixTestEnv, run_task_tests
-from rollout.humaneval_bugs import (
+from marginal_rl.rollout.fix_test import FixTestEnv, run_task_tests
+from marginal_rl.rollout.humaneval_bugs import (
     MUTATION_KINDS,
     enumerate_mutants,
     humaneval_reference_source,

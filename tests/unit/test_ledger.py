@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget.ledger import USES, Ledger
-from budget.metrics import price_components, step_metrics
-from budget.policies import FATES, BudgetState, PromptDecision, TrajectoryDecision
-from rollout.types import Trajectory
+from marginal_rl.budget.ledger import USES, Ledger
+from marginal_rl.budget.metrics import price_histograms, step_metrics
+from marginal_rl.budget.records import FATES, PromptDecision, PromptPlan, TrajectoryDecision, TrajectoryPrices
+from marginal_rl.budget.state import BudgetState
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
 
 def traj(group: str, reward: float, n_prompt: int, n_policy: int, n_obs: int = 0, n_verify: int = 0) -> Trajectory:
@@ -35,7 +36,7 @@ def _step():
 def test_record_step_by_hand():
     ledger = Ledger()
     trajs, decs = _step()
-    ledger.record_step(trajs, decs, num_iterations=2, prompts_skipped=3)
+    ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of(decs), num_iterations=2, prompts_skipped=3)
     # prefill 4·10 = 40; decode 5+7+4+4 = 20; observation 3 − 2 = 1; verify 2; rollout 63
     # train: (10+5)·2 + (10+10)·2 = 30 + 40 = 70; total 133
     assert ledger.by_use == {"prefill": 40, "decode": 20, "observation": 1, "verify": 2, "train": 70}
@@ -56,7 +57,8 @@ def test_record_step_by_hand():
 def test_hindsight_counts_training_on_flat_groups():
     ledger = Ledger()
     trajs, _ = _step()
-    ledger.record_step(trajs, [TrajectoryDecision("trained")] * 4, num_iterations=1)  # policy `none`
+    ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of([TrajectoryDecision("trained")] * 4),
+                       num_iterations=1)  # policy `none`
     # group b: rollout 28 + train 14 + 14 = 56
     assert ledger.hindsight_gap == 56 and ledger.wasted_tokens == 0
 
@@ -65,9 +67,9 @@ def test_tokens_to_target_and_eval_gain():
     ledger = Ledger()
     trajs, decs = _step()
     ledger.record_eval(0, 0.1)  # at 0 tokens
-    ledger.record_step(trajs, decs, num_iterations=2)
+    ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of(decs), num_iterations=2)
     ledger.record_eval(1, 0.4)  # at 133
-    ledger.record_step(trajs, decs, num_iterations=2)
+    ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of(decs), num_iterations=2)
     ledger.record_eval(2, 0.6)  # at 266
     assert ledger.tokens_to_target(0.5) == 266
     assert ledger.tokens_to_target(0.4) == 133
@@ -82,7 +84,7 @@ def test_tokens_to_target_and_eval_gain():
 
 def test_empty_ledger():
     ledger = Ledger()
-    ledger.record_step([], [], num_iterations=1)
+    ledger.record_step(TrajectoryColumns.of([]), TrajectoryPrices.of([]), num_iterations=1)
     m = ledger.metrics()
     assert m["ledger/tokens_total"] == 0 and math.isnan(m["ledger/reward_per_mtok"])
     assert math.isnan(m["ledger/tokens_to_target"])
@@ -92,7 +94,7 @@ def test_empty_ledger():
 def test_ledger_round_trip():
     ledger = Ledger()
     trajs, decs = _step()
-    ledger.record_step(trajs, decs, num_iterations=1, prompts_skipped=2)
+    ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of(decs), num_iterations=1, prompts_skipped=2)
     ledger.record_eval(1, 0.3)
     restored = Ledger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
     assert restored == ledger
@@ -110,14 +112,15 @@ def test_step_metrics_by_hand():
     plan = [PromptDecision("a", 2, gain=0.2, cost=0.05, price=0.15, informative=0.5, tokens=60),
             PromptDecision("b", 2, gain=0.1, cost=0.05, price=0.05, informative=0.3, tokens=60),
             PromptDecision("c", 0, price=-0.02)]
-    m = step_metrics(plan, decs, trajs, BudgetState(kappa_scale=2.0, drift=0.01))
+    m = step_metrics(PromptPlan.of(plan), TrajectoryPrices.of(decs), TrajectoryColumns.of(trajs),
+                     BudgetState(kappa_scale=2.0, drift=0.01))
     assert m["budget/prompts_sampled"] == 2 and m["budget/prompts_skipped"] == 1 and m["budget/samples_planned"] == 4
     assert m["budget/prompt_price_mean"] == pytest.approx((0.15 + 0.05) / 2)
     assert m["budget/prompt_informative_pred"] == pytest.approx(0.4) and m["budget/groups_informative_fraction"] == 0.5
     assert m["budget/admitted_fraction"] == 0.5 and m["budget/fraction_zero_signal"] == 0.5
     assert m["budget/price_mean"] == pytest.approx((0.24 + 0.04 - 0.02) / 4)  # 0.065
     assert m["budget/risk_mean"] == pytest.approx((0.05 + 0.05) / 4) and m["budget/kappa_scale"] == 2.0 and m["budget/drift"] == 0.01
-    assert price_components(decs)["price"].tolist() == [0.24, 0.04, -0.01, -0.01]
+    assert price_histograms(TrajectoryPrices.of(decs))["price"].tolist() == [0.24, 0.04, -0.01, -0.01]
 
 
 @st.composite
@@ -137,7 +140,7 @@ def records(draw):
 def test_ledger_totals_equal_sums_over_trajectories(steps, iters):
     ledger = Ledger()
     for trajs, decs in steps:
-        ledger.record_step(trajs, decs, num_iterations=iters)
+        ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of(decs), num_iterations=iters)
     all_t = [t for trajs, _ in steps for t in trajs]
     all_d = [d for _, decs in steps for d in decs]
     rollout = sum(t.tokens_prompt + t.tokens_completion for t in all_t)

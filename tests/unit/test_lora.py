@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.config import ConfigError, ModelConfig
-from train.lora import apply_lora, reference_logprobs_context
-from train.update import reference_context
+from marginal_rl.train.config import ConfigError, ModelConfig
+from marginal_rl.train.lora import apply_lora, reference_logprobs_context
+from marginal_rl.train.update import reference_context
 
 
 def _base():

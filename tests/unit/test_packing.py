@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.packing import pack_microbatches, pad_batch
+from marginal_rl.train.packing import pack_microbatches, pad_batch
 
 
 def test_pack_microbatches_by_hand():

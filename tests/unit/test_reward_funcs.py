@@ -8,13 +8,19 @@ import sys
 import pytest
 import torch
 
-from rollout.build import BUILDERS, build_task
-from rollout.config import RolloutConfig, TaskConfig
-from rollout.dataset_task import DatasetTaskSet, build_dataset, read_rows, split_rows
-from rollout.errors import RewardFunctionError, RolloutError, TaskError
-from rollout.rewards import RewardFunc, combine_rewards, import_reward_func, load_reward_funcs, score_completions
-from train.config import ModelConfig
-from train.model import build_tiny_model, build_tokenizer
+from marginal_rl.rollout.build import BUILDERS, build_task
+from marginal_rl.rollout.config import DatasetTaskConfig, RolloutConfig
+from marginal_rl.rollout.dataset_task import DatasetTaskSet, build_dataset, read_rows, split_rows
+from marginal_rl.rollout.errors import RewardFunctionError, RolloutError, TaskError
+from marginal_rl.rollout.rewards import (
+    RewardFunc,
+    combine_rewards,
+    import_reward_func,
+    load_reward_funcs,
+    score_completions,
+)
+from marginal_rl.train.config import ModelConfig
+from marginal_rl.train.model import build_tiny_model, build_tokenizer
 
 REWARDS_MODULE = '''
 import numpy as np
@@ -199,11 +205,11 @@ def test_dataset_errors_name_the_problem(tmp_path, workdir):
         read_rows(str(tmp_path / "x.csv"))
     no_prompt = _write_jsonl(tmp_path / "np.jsonl", [{"question": "a", "answer": "1"}] * 4)
     with pytest.raises(TaskError, match=r"no `prompt` column \(columns: question, answer\)"):
-        build_task(TaskConfig(name="dataset", dataset=no_prompt, reward_funcs=["mrl_test_rewards.half"]),
+        build_task(DatasetTaskConfig(dataset=no_prompt, reward_funcs=["mrl_test_rewards.half"]),
                    RolloutConfig())
     bad_prompt = _write_jsonl(tmp_path / "bp.jsonl", [{"prompt": "a"}] * 3 + [{"prompt": 5}])
     with pytest.raises(TaskError, match="row 3: `prompt` must be a string or"):
-        build_task(TaskConfig(name="dataset", dataset=bad_prompt, reward_funcs=["mrl_test_rewards.half"],
+        build_task(DatasetTaskConfig(dataset=bad_prompt, reward_funcs=["mrl_test_rewards.half"],
                               eval_dataset=bad_prompt), RolloutConfig())
 
 
@@ -230,7 +236,7 @@ def test_dataset_rollout_scores_with_completion_ids(tmp_path, workdir, tiny, cha
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 2?"}], "answer": str(i + 2), "completion": "x"}
             for i in range(10)]
     path = _write_jsonl(tmp_path / "chat.jsonl", rows)
-    task = build_task(TaskConfig(name="dataset", dataset=path, reward_funcs=["mrl_test_rewards.record",
+    task = build_task(DatasetTaskConfig(dataset=path, reward_funcs=["mrl_test_rewards.record",
                                                                                 "mrl_test_rewards.half"],
                                  reward_weights=[0.0, 1.0]), RolloutConfig())
     assert isinstance(task, DatasetTaskSet) and BUILDERS["dataset"] is build_dataset
@@ -261,12 +267,41 @@ def test_dataset_rollout_scores_with_completion_ids(tmp_path, workdir, tiny, cha
 def test_eval_dataset_and_tiny_without_completions(tmp_path, workdir):
     train = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}"} for i in range(4)])
     held = _write_jsonl(tmp_path / "held.jsonl", [{"prompt": "e0"}, {"prompt": "e1"}])
-    task = build_task(TaskConfig(name="dataset", dataset=train, eval_dataset=held,
+    task = build_task(DatasetTaskConfig(dataset=train, eval_dataset=held,
                                  reward_funcs=["mrl_test_rewards.half"]), RolloutConfig())
     assert [p.text for p in task.train] == ["q0", "q1", "q2", "q3"] and [p.text for p in task.eval] == ["e0", "e1"]
     assert task.reward(task.eval, ["a", "b"]) == [0.5, 0.5]
     with pytest.raises(TaskError, match="a tiny policy needs a string `completion` column"):
         task.demonstrations()
+
+
+def test_reward_funcs_as_callables(tmp_path, workdir):
+    # the Python API: callables after the dotted paths, weighted together; 0.5·half + 2·length = 0.25 + 2·len
+    train = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}"} for i in range(4)])
+    held = _write_jsonl(tmp_path / "held.jsonl", [{"prompt": "e0"}])
+
+    def length(prompts, completions, **columns):
+        return [float(len(c)) for c in completions]
+
+    cfg = DatasetTaskConfig(dataset=train, eval_dataset=held, reward_funcs=["mrl_test_rewards.half"],
+                            reward_weights=[0.5, 2.0])
+    task = build_task(cfg, RolloutConfig(), reward_funcs=[length])
+    assert [f.path for f in task.funcs] == ["mrl_test_rewards.half",
+                                            "test_reward_funcs_as_callables.<locals>.length"]
+    assert task.reward(task.eval, ["abc"]) == [0.25 + 6.0]
+    only = build_task(DatasetTaskConfig(dataset=train, eval_dataset=held), RolloutConfig(), reward_funcs=[length])
+    assert only.reward(only.eval, ["ab"]) == [2.0]
+    with pytest.raises(TaskError, match="expected at least one reward function"):
+        build_task(DatasetTaskConfig(dataset=train, eval_dataset=held), RolloutConfig())
+    with pytest.raises(TaskError, match="task.reward_weights: expected 1 weights"):
+        build_task(DatasetTaskConfig(dataset=train, eval_dataset=held, reward_weights=[1.0, 2.0]), RolloutConfig(),
+                   reward_funcs=[length])
+    with pytest.raises(TaskError, match="is a int, not a dotted path or a function"):
+        build_task(DatasetTaskConfig(dataset=train, eval_dataset=held), RolloutConfig(), reward_funcs=[3])
+    from marginal_rl.rollout.config import ArithTaskConfig
+
+    with pytest.raises(TaskError, match="only task.name=dataset scores with reward functions"):
+        build_task(ArithTaskConfig(), RolloutConfig(), reward_funcs=[length])
 
 
 def test_shipped_example_rewards(monkeypatch):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rollout.sandbox import SandboxResult, run_sandboxed
+from marginal_rl.rollout.sandbox import SandboxResult, run_sandboxed
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux only")
 IS_ROOT = os.geteuid() == 0

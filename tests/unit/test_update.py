@@ -1,7 +1,7 @@
 """Small pure pieces of the update step."""
 
-from train.config import load_config
-from train.update import measure_drift
+from marginal_rl.train.config import load_config
+from marginal_rl.train.update import measure_drift
 
 
 def test_drift_not_probed_is_none_not_zero():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.algorithms import gae_advantages
-from train.value import ValueHead, forward_policy_and_values, token_rewards
+from marginal_rl.train.algorithms import gae_advantages
+from marginal_rl.train.value import ValueHead, forward_policy_and_values, token_rewards
 
 
 class _FixedModel(torch.nn.Module):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from train import zero
-from train.config import ConfigError, load_config
+from marginal_rl.train import zero
+from marginal_rl.train.config import ConfigError, load_config
 
 
 def _accelerator(stage: int = 2, zero3_init: bool = False, **ds):

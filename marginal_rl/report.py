@@ -1,105 +1,21 @@
-"""Ablation grids (arms × seeds, each arm a config overlay) and the tables and plots that read their runs.
+"""Tables and plots of finished runs, read from their files (no W&B needed): one run, or a grid of them.
 
-A grid file:
+    marginal-rl report runs/quickstart                         # one run
+    marginal-rl report runs/ablations/budget_policies          # a grid written by `marginal-rl ablate`
 
-    base: configs/bench_arith.yaml          # the run config every arm starts from
-    output_dir: runs/ablations/budget_policies
-    seeds: [0, 1, 2]
-    overrides: {log.report_to: none}        # applied to every arm (dotted keys or nested mappings)
-    arms:
-      none: {budget.policy: none}
-      marginal: {budget.policy: marginal}
-      trl_grpo: {runner: trl}               # `runner` picks the entry point: ours (default) or TRL's GRPOTrainer
-
-Every arm's full config is resolved with the normal loader, so a misspelt key fails before anything runs.
-Shared by scripts/ablate.py (runs a grid) and scripts/report.py (reads a run or a grid back, without W&B).
+A run: eval rewards, tokens by use and by fate recomputed from the trajectory store, tokens to target, waste.
+A grid: the per-arm table (median [min, max] over seeds) and the reward-vs-tokens / reward-vs-wall plots.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
-import yaml
-
-from train.config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml
-
-RUNNERS = {"ours": "scripts/train.py", "trl": "scripts/train_trl.py"}
 RESULT_COLUMNS = ["arm", "seed", "final_eval_reward", "best_eval_reward", "tokens_to_target", "tokens_total",
                   "tokens_rollout", "tokens_train", "wall_seconds", "run_dir"]
-
-
-@dataclass
-class Run:
-    arm: str
-    seed: int
-    runner: str
-    overrides: list[str]  # key=value, in order, after the base file
-    config: RunConfig
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.config.output_dir)
-
-
-def _flatten(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, list | bool) or v is None else v}")
-    return out
-
-
-def load_grid(path: str | Path) -> tuple[dict, list[Run]]:
-    """Parse and validate a grid file; every run's config is fully resolved (ConfigError on any bad key)."""
-    spec = read_yaml(path)
-    unknown = set(spec) - {"base", "output_dir", "seeds", "overrides", "arms", "name"}
-    if unknown:
-        raise ConfigError(f"grid {path}: unknown key(s) {sorted(unknown)} (expected base, output_dir, seeds, overrides, arms)")
-    for key in ("base", "output_dir", "arms"):
-        if key not in spec:
-            raise ConfigError(f"grid {path}: missing '{key}'")
-    if not isinstance(spec["arms"], dict) or not spec["arms"]:
-        raise ConfigError(f"grid {path}: 'arms' must be a mapping of arm name -> overrides")
-    seeds = spec.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"grid {path}: 'seeds' must be a list of integers, got {seeds!r}")
-    name = spec.get("name", Path(path).stem)
-    common = _flatten(spec.get("overrides") or {})
-    runs = []
-    for arm, overlay in spec["arms"].items():
-        overlay = dict(overlay or {})
-        runner = overlay.pop("runner", "ours")
-        if runner not in RUNNERS:
-            raise ConfigError(f"grid {path}: arm {arm}: runner must be one of {list(RUNNERS)}, got {runner!r}")
-        for seed in seeds:
-            overrides = common + _flatten(overlay) + [
-                f"seed={seed}", f"output_dir={Path(spec['output_dir']) / arm / f'seed{seed}'}", f"log.group={name}",
-                f"log.run_name={name}-{arm}-seed{seed}", "log.progress=false"]  # runs log to files: no bars
-            try:
-                cfg = load_config([spec["base"]], overrides)
-            except ConfigError as e:
-                raise ConfigError(f"grid {path}: arm {arm}: {e}") from None
-            runs.append(Run(arm, seed, runner, overrides, cfg))
-    return {**spec, "name": name, "seeds": seeds}, runs
-
-
-def is_finished(run: Run) -> bool:
-    """A run is finished when its summary exists and its recorded config is the one the grid asks for.
-
-    The recorded config is read back through the current loader, so a key added to the schema since the run (which
-    takes its default) does not force a rerun; a changed value, or a recorded key the schema no longer has, does."""
-    summary, recorded = run.dir / "summary.json", run.dir / "config.yaml"
-    if not (summary.is_file() and recorded.is_file()):
-        return False
-    try:
-        return config_from_dict(yaml.safe_load(recorded.read_text())) == run.config
-    except ConfigError:
-        return False
 
 
 def result_row(arm: str, seed: int, run_dir: Path) -> dict:
@@ -183,3 +99,53 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
         plt.close(fig)
         written.append(path)
     return written
+
+
+def report_run(run: Path) -> None:
+    import pandas as pd
+
+    s = json.loads((run / "summary.json").read_text())
+    print(f"run {run}: {s['algo']} / policy {s['policy']}, {s['steps']} steps, world size {s['world_size']}, "
+          f"{s['wall_seconds']:.0f} s")
+    reached = "not reached" if s["tokens_to_target"] is None else f"reached after {s['tokens_to_target']:,} tokens"
+    print(f"eval reward: start {s['initial_eval_reward']:.3f}, final {s['final_eval_reward']:.3f}, "
+          f"best {s['best_eval_reward']:.3f}; target {s['target_reward']} {reached}")
+    store = run / "trajectories"
+    if store.is_dir():
+        df = pd.read_parquet(store)
+        uses = {u: int(df[f"tokens_{u}"].sum()) for u in ("prompt", "policy", "observation", "verify", "train")}
+        print("tokens by use (store): " + ", ".join(f"{k} {v:,}" for k, v in uses.items()))
+        by_fate = df.groupby("fate")[["tokens_rollout", "tokens_train"]].sum()
+        by_fate["trajectories"] = df.groupby("fate").size()
+        print(by_fate.to_string())
+        wasted = int(df.loc[df.fate != "trained", "tokens_rollout"].sum())
+        print(f"wasted rollout tokens (not trained on): {wasted:,} ({wasted / max(df.tokens_rollout.sum(), 1):.1%})")
+    plots = plot_curves({s["policy"]: [run]}, run, s["target_reward"])
+    print("plots: " + ", ".join(map(str, plots)))
+
+
+def report_grid(grid: Path) -> None:
+    runs = sorted(p.parent for p in grid.glob("*/seed*/summary.json"))
+    if not runs:
+        raise SystemExit(f"{grid}: no finished runs (expected <arm>/seed<k>/summary.json)")
+    results = [result_row(r.parent.name, int(r.name.removeprefix("seed")), r) for r in runs]
+    table = summarize(results)
+    print(summary_markdown(table))
+    print("\n".join(ratio_lines(table)))
+    arms: dict[str, list[Path]] = {}
+    for r in runs:
+        arms.setdefault(r.parent.name, []).append(r)
+    target = json.loads((runs[0] / "summary.json").read_text())["target_reward"]
+    print("plots: " + ", ".join(map(str, plot_curves(arms, grid, target))))
+
+
+def report(path: Path) -> int:
+    """Report a run directory (it has summary.json) or a grid directory; 2 when `path` is neither."""
+    if (path / "summary.json").is_file():
+        report_run(path)
+    elif path.is_dir():
+        report_grid(path)
+    else:
+        print(f"error: {path} is not a directory", file=sys.stderr)
+        return 2
+    return 0

@@ -1,10 +1,10 @@
-"""The peer arm: TRL's own GRPOTrainer on the same task, starting policy, reward, eval and token ledger as train.py.
+"""The peer arm: TRL's own GRPOTrainer on the same task, starting policy, reward, eval and token ledger as ours.
 
-    python scripts/train_trl.py --config configs/quickstart.yaml [key=value ...]
-    python scripts/train_trl.py --config configs/quickstart.yaml train.max_steps=20 output_dir=runs/trl_check
-    python scripts/train_trl.py --config configs/quickstart.yaml --dry-run   # print the GRPOConfig arguments
+    marginal-rl train-trl --config configs/quickstart.yaml [key=value ...]
+    marginal-rl train-trl --config configs/quickstart.yaml train.max_steps=20 output_dir=runs/trl_check
+    marginal-rl train-trl --config configs/quickstart.yaml --dry-run   # print the GRPOConfig arguments
 
-Reads the same RunConfig as scripts/train.py (--config files, then key=value overrides; a bad config exits with
+Reads the same RunConfig as `marginal-rl train` (--config files, then key=value overrides; a bad config exits with
 status 2) and maps it onto GRPOConfig: the tiny policy cached for this seed (train.model.resolve_policy_path), the
 same train/eval prompts (rollout.build.build_task), exact-match reward, group size (num_generations), prompts per
 step (one generation batch = one optimiser step), lr (constant, no warm-up), AdamW, grad-norm clip, temperature,
@@ -15,9 +15,10 @@ micro-batch's count instead: the same only with one process and no accumulation)
 
 budget.policy is ignored: TRL trains on every sample, zero-advantage ones included, so every sample lands in the
 ledger with fate `trained`: rollout tokens = prompt + completion of every sample, train tokens = (prompt +
-completion) x num_iterations of every sample, counted by budget.ledger.Ledger as our loop does. Eval is
-train.loop.evaluate (same seeded sampling, same prompts) at step 0, every train.eval_every steps and at the end,
-and the run directory gets the same config.yaml, trajectories/ store, summary.json (policy "trl_grpo") and final/.
+completion) x num_iterations of every sample, counted by budget.ledger.Ledger as our loop does. Eval, its
+record and the summary are the loop's own (train.loop.evaluate, record_eval, run_summary: same seeded sampling, same
+prompts) at step 0, every train.eval_every steps and at the end, and the run directory gets the same config.yaml,
+trajectories/ store, summary.json (policy "trl_grpo") and final/.
 
 Differences that remain, by design of TRL: prompts are drawn by TRL's RepeatSampler (a shuffled pass over the
 train split per epoch) rather than our per-step draw; one process only (the ledger counts the local batch).
@@ -25,15 +26,11 @@ train split per epoch) rather than our per-step draw; one process only (the ledg
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from train.config import ConfigError, RunConfig, add_config_arguments, load_cli_config  # noqa: E402  (torch-free)
+from marginal_rl.train.config import ConfigError, RunConfig
 
 
 def check_supported(cfg: RunConfig) -> None:
@@ -45,7 +42,7 @@ def check_supported(cfg: RunConfig) -> None:
     }
     for key, (ok, expected) in problems.items():
         if not ok:
-            raise ConfigError(f"{key}: scripts/train_trl.py expects {expected}")
+            raise ConfigError(f"{key}: marginal-rl train-trl expects {expected}")
 
 
 def grpo_config_kwargs(cfg: RunConfig) -> dict:
@@ -76,19 +73,20 @@ def _cuda() -> bool:
 
 def train_trl(cfg: RunConfig, task) -> dict:
     """Train with GRPOTrainer on `task` (a single-turn TaskSet); writes the run directory, returns the summary."""
+    import numpy as np
     import yaml
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from budget.ledger import Ledger
-    from budget.policies import TrajectoryDecision, TrajectoryPrices
-    from rollout.types import Trajectory, TrajectoryColumns
-    from train.config import config_to_dict
-    from train.loop import build_logger, evaluate
-    from train.model import load_policy, resolve_policy_path
-    from train.store import StepStore, trajectory_rows, write_final
-    from train.update import group_advantages
+    from marginal_rl.budget.ledger import Ledger
+    from marginal_rl.budget.records import TrajectoryDecision, TrajectoryPrices
+    from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
+    from marginal_rl.train.config import config_to_dict
+    from marginal_rl.train.loop import build_logger, evaluate, record_eval, run_summary
+    from marginal_rl.train.model import load_policy, resolve_policy_path
+    from marginal_rl.train.store import StepStore, trajectory_rows, write_final
+    from marginal_rl.train.update import sequence_advantages
 
     # transformers deprecation notices that GRPOTrainer triggers on every step; they say nothing about the run
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
@@ -124,23 +122,23 @@ def train_trl(cfg: RunConfig, task) -> dict:
                 behavior_logprobs=[0.0] * len(ids), reward=float(r),
                 finish_reason="eos" if ids and ids[-1] == eos else "length", prompt_text=p.text, completion_text=text,
                 family=p.family))
-        decisions = TrajectoryPrices.of([TrajectoryDecision("trained")] * len(trajectories))
-        ledger.record_step(TrajectoryColumns.of(trajectories), decisions, iters)
-        advantages = group_advantages(trajectories, [True] * len(trajectories), cfg.algo.scale_rewards)
-        store.write(step, trajectory_rows(trajectories, decisions, advantages, iters))
+        columns = TrajectoryColumns.of(trajectories)
+        prices = TrajectoryPrices.of([TrajectoryDecision("trained")] * len(trajectories))
+        ledger.record_step(columns, prices, iters)
+        advantages = sequence_advantages(cfg, columns, np.ones(len(trajectories), dtype=bool))
+        store.write(step, trajectory_rows(trajectories, prices, advantages, iters))
         return rewards
 
     args = GRPOConfig(**grpo_config_kwargs(cfg))
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     if trainer.accelerator.num_processes != 1:
-        raise ConfigError("scripts/train_trl.py runs in one process (its ledger counts the local batch)")
+        raise ConfigError("marginal-rl train-trl runs in one process (its ledger counts the local batch)")
     logger = build_logger(cfg, trainer.accelerator, out)
 
     def run_eval(step: int) -> None:
         result = evaluate(trainer.model, tokenizer, task, cfg, trainer.accelerator)
-        ledger.record_eval(step, result["eval/reward"])
-        evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - t_start, 2), **result})
+        record_eval(result, step, ledger, evals, t_start)
         logger.log({**result, **ledger.metrics(cfg.budget.target_reward)}, step=step)
 
     class EvalCallback(TrainerCallback):
@@ -155,57 +153,10 @@ def train_trl(cfg: RunConfig, task) -> dict:
     run_eval(0)
     print(f"eval at step 0: reward {evals[0]['eval/reward']:.3f} (greedy {evals[0]['eval/reward_greedy']:.3f})")
     trainer.train()
-    target = cfg.budget.target_reward
-    summary = {
-        "steps": cfg.train.max_steps, "world_size": 1, "algo": cfg.algo.name, "policy": "trl_grpo",
-        "initial_eval_reward": evals[0]["eval/reward"], "final_eval_reward": evals[-1]["eval/reward"],
-        "final_eval_reward_greedy": evals[-1]["eval/reward_greedy"],
-        "best_eval_reward": max(e["eval/reward"] for e in evals),
-        "target_reward": target, "tokens_to_target": ledger.tokens_to_target(target),
-        "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
-        "eval_history": evals, "ledger": ledger.summary(target),
-        # TRL's own count of prompt + completion tokens generated: equals tokens.rollout (a test checks it)
-        "trl": {"loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
-                "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen)},
-        "wall_seconds": round(time.time() - t_start, 2),
-    }
+    summary = run_summary(cfg, ledger, evals, policy="trl_grpo", world_size=1, started=t_start)
+    # TRL's own count of prompt + completion tokens generated: equals tokens.rollout (a test checks it)
+    summary["trl"] = {"loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
+                      "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen)}
     write_final(out, trainer.model, tokenizer, summary)
     logger.finish()
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    add_config_arguments(p)
-    p.add_argument("--dry-run", action="store_true", help="print the GRPOConfig arguments and exit")
-    args = p.parse_args(argv)
-    cfg = load_cli_config(args)
-    if cfg is None:
-        return 2
-    try:
-        check_supported(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        for k, v in grpo_config_kwargs(cfg).items():
-            print(f"{k}: {v}")
-        return 0
-    from rollout.build import TaskError, build_task
-    from rollout.tasks import TaskSet
-
-    try:
-        task = build_task(cfg.task, cfg.rollout)
-        if type(task).rollout is not TaskSet.rollout:
-            raise ConfigError(f"task.name: {cfg.task.name} has multi-turn episodes; scripts/train_trl.py needs a "
-                              f"single-turn task (GRPOTrainer generates one completion per prompt)")
-    except (ConfigError, TaskError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    train_trl(cfg, task)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

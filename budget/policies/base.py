@@ -1,0 +1,162 @@
+"""What every allocation policy is made of, and the pricing they share.
+
+A policy is one record (Policy): its config class (the keys it reads), how it plans before rollout, how it sets
+each trajectory's fate after it, whether it chooses among a larger candidate pool, and an optional controller run
+after each step's evidence. Every policy records the same price components, so arms can be compared; only the rules
+differ. Everything here is pure: columns and numbers in, columns out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
+from typing import NamedTuple
+
+import numpy as np
+
+from marginal_rl.budget.config import BudgetConfig
+from marginal_rl.budget.pricing import PriceComponents, fade_posterior, group_economics, price_arrays, risk_factor
+from marginal_rl.budget.records import PromptPlan
+from marginal_rl.budget.state import BudgetState, current_drift
+from marginal_rl.rollout.types import TrajectoryColumns
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """What one step may spend on rollouts, from the rollout config."""
+
+    prompts_per_step: int  # prompts a uniform policy samples
+    group_size: int  # samples per prompt for a uniform policy
+    min_group_size: int  # a priced policy gives an admitted prompt at least this many samples...
+    max_group_size: int  # ...and at most this many
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+# ------------------------------------------------------------------------------------------------ before rollout
+
+
+class PromptArrays(NamedTuple):
+    """Per candidate prompt, (P,) each: the drift-faded posterior, expected tokens per sample by use, and the number
+    of zero-variance groups in a row."""
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    tok_rollout: np.ndarray
+    tok_verify: np.ndarray
+    tok_update: np.ndarray
+    streak: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(P,) posterior mean pass rate."""
+        return self.alpha / (self.alpha + self.beta)
+
+
+_STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout", "tok_verify", "tok_update")
+
+
+def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str]) -> PromptArrays:
+    """What the budget knows about each candidate, its evidence faded to the current version."""
+    num = len(candidates)
+    # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
+    unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0,
+              cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout,
+              0.0 if state.tok_verify is None else state.tok_verify,
+              cfg.prior_tokens if state.tok_update is None else state.tok_update)
+    rows = [unseen if s is None else _STATS(s) for s in map(state.prompts.get, candidates)]
+    table = np.fromiter(chain.from_iterable(rows), dtype=float, count=7 * num).reshape(num, 7).T  # (7, P): a row each
+    alpha, beta, version, streak, tr, tv, tu = table
+    factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
+    alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
+    return PromptArrays(alpha, beta, tr, tv, tu, streak)
+
+
+def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: PromptArrays,
+                 n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """P_inf(n), expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,):
+    (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,)."""
+    lengths = arrays.tok_rollout, arrays.tok_verify, arrays.tok_update
+    if n.ndim == 2:
+        p, lengths = p[:, None], tuple(x[:, None] for x in lengths)
+    return group_economics(p, n, *lengths, value=cfg.value, n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout,
+                           kappa_verify=cfg.kappa_verify, kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale)
+
+
+def make_plan(candidates: Sequence[str], samples: np.ndarray, p_mean: np.ndarray, p: np.ndarray,
+              informative: np.ndarray, gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray) -> PromptPlan:
+    """The plan, priced at the group size allocated (or the smallest group, for a skipped prompt)."""
+    return PromptPlan(list(candidates), samples.astype(np.int64), p_mean, gain, cost, gain - cost,
+                      np.zeros(len(samples)), p, informative, tokens)
+
+
+def smallest_group(samples: np.ndarray, limits: SampleLimits, max_n: int) -> np.ndarray:
+    """The group size a plan is priced at: the allocated one, or the smallest allowed for a skipped prompt."""
+    return np.where(samples > 0, samples, min(limits.min_group_size, max_n))
+
+
+def priced_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], samples: np.ndarray,
+                limits: SampleLimits, arrays: PromptArrays) -> PromptPlan:
+    """The plan for a given allocation, priced at the posterior mean (for logging under the unpriced policies)."""
+    p = arrays.mean
+    at = smallest_group(samples, limits, max(limits.max_group_size, limits.group_size, limits.min_group_size))
+    return make_plan(candidates, samples, p, p, *group_tables(cfg, state, p, arrays, at))
+
+
+def uniform_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,
+                 rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
+    """The first `prompts_per_step` candidates (the trainer shuffles them) get `group_size` samples each."""
+    samples = np.where(np.arange(len(candidates)) < limits.prompts_per_step, limits.group_size, 0)
+    return priced_plan(cfg, state, candidates, samples, limits, prompt_arrays(cfg, state, candidates))
+
+
+# ------------------------------------------------------------------------------------------------- after rollout
+
+
+class TrajectoryArrays(NamedTuple):
+    """The per-trajectory numbers pricing needs, (N,) each."""
+
+    reward: np.ndarray
+    group: np.ndarray  # dense group ids
+    tokens_update: np.ndarray  # training tokens if trained: rollout tokens × epochs
+    staleness: np.ndarray  # policy versions between behaviour and current
+
+
+def trajectory_arrays(columns: TrajectoryColumns, current_version: int, num_iterations: int = 1) -> TrajectoryArrays:
+    return TrajectoryArrays(columns.reward, columns.group, columns.tokens_rollout * num_iterations,
+                            current_version - columns.behavior_version)
+
+
+def price_components(cfg: BudgetConfig, state: BudgetState, arrays: TrajectoryArrays) -> PriceComponents:
+    """Every price component of every trajectory (budget.pricing.price_arrays at the state's prices and drift)."""
+    return price_arrays(arrays.reward, arrays.group, arrays.tokens_update, arrays.staleness,
+                        value=cfg.value, n0=cfg.gain_half_samples, kappa_update=state.kappa_scale * cfg.kappa_update,
+                        drift=current_drift(cfg, state), drift_scale=cfg.drift_scale,
+                        risk_aversion=cfg.risk_aversion, risk_k=risk_factor(cfg.risk_measure, cfg.cvar_alpha))
+
+
+# ------------------------------------------------------------------------------------------------------ policy
+
+
+PlanFn = Callable[[BudgetConfig, BudgetState, Sequence[str], int, np.random.Generator, SampleLimits], PromptPlan]
+FateFn = Callable[[BudgetConfig, TrajectoryArrays, PriceComponents], np.ndarray]  # (N,) int8 fate codes (FATES)
+ControlFn = Callable[[BudgetConfig, BudgetState], None]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One allocation policy: everything the budget needs to run it. Its name is its config's `policy`."""
+
+    config: type[BudgetConfig]  # the keys it reads (common keys + its own)
+    plan: PlanFn  # before rollout: samples per candidate prompt (0 = skipped)
+    fates: FateFn  # after rollout: a fate code per trajectory
+    chooses: bool = False  # offered the whole candidate pool (pool_factor × prompts_per_step), not its first part
+    control: ControlFn | None = None  # after each step's evidence is folded in (e.g. the price controller)
+
+    @property
+    def name(self) -> str:
+        return self.config.policy

@@ -1,0 +1,130 @@
+"""`marginal` (seed paper, arXiv 2605.01214): the full price, before and after rollout, under the price controller.
+
+Before rollout: price the next sample of every candidate, G(n) − G(n−1) against C(n) − C(n−1) (budget/pricing.py),
+at a pass rate drawn from its drift-faded posterior (Thompson sampling keeps unseen and long-unseen prompts, whose
+posteriors are wide, from starving), and hand samples out greedily to the highest price per token until the step's
+limits (planner_limits) are spent or no price is positive. Groups get min_group_size..max_group_size samples.
+
+After rollout: train on a trajectory when its price is positive. Zero-variance groups are zero_signal; a trajectory
+whose price is not positive only because of staleness is dropped_stale, any other dropped_price; a group whose
+admitted subset would carry no signal (< 2 members or equal rewards, as the trainer recomputes advantages over
+admitted members) is dropped_price as a whole.
+
+Controller (token_budget > 0): spend = rollout tokens + training tokens of the trained trajectories, then
+κ-scale ← κ-scale·exp(rate·(spend/budget − 1)): the per-token price is the dual variable of the step's budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from marginal_rl.budget.config import BudgetConfig
+from marginal_rl.budget.policies.base import (
+    Policy,
+    SampleLimits,
+    TrajectoryArrays,
+    group_tables,
+    make_plan,
+    prompt_arrays,
+    smallest_group,
+)
+from marginal_rl.budget.pricing import PriceComponents, allocate_greedy, consistent_admission, controller_step
+from marginal_rl.budget.records import DROPPED_PRICE, DROPPED_STALE, TRAINED, ZERO_SIGNAL, PromptPlan
+from marginal_rl.budget.state import BudgetState
+
+
+@dataclass
+class MarginalConfig(BudgetConfig):
+    policy = "marginal"
+    thompson: bool = field(
+        default=True, metadata={"help": "price each prompt at a pass rate drawn from its posterior (exploration) "
+                                        "instead of the posterior mean"},
+    )
+    token_budget: int = field(
+        default=0, metadata={"help": "tokens per step (rollout + training); > 0 makes the κ scale a dual variable "
+                                     "that the controller adjusts, 0 = fixed prices"},
+    )
+    budget_slack: float = field(
+        default=1.5, metadata={"help": "with token_budget: the planner never plans more than this multiple of the "
+                                       "budget in one step"},
+    )
+    max_samples_per_step: int = field(
+        default=0, metadata={"help": "with token_budget: the planner never plans more than this many samples in one "
+                                     "step; 0 = budget_slack × prompts_per_step × group_size"},
+    )
+    controller_rate: float = field(
+        default=0.3, metadata={"help": "with token_budget: step size of the multiplicative dual update κ ← "
+                                       "κ·exp(rate·(spend/budget − 1))"},
+    )
+    kappa_scale_min: float = field(
+        default=1e-3, metadata={"help": "with token_budget: lower bound of the controller's κ multiplier"}
+    )
+    kappa_scale_max: float = field(
+        default=1e3, metadata={"help": "with token_budget: upper bound of the controller's κ multiplier"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_samples_per_step < 0:
+            raise ValueError(f"max_samples_per_step: expected an integer >= 0 (0 = budget_slack × samples per step), "
+                             f"got {self.max_samples_per_step}")
+        if self.token_budget < 0:
+            raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
+        if not self.controller_rate >= 0:
+            raise ValueError(f"controller_rate: expected a number >= 0, got {self.controller_rate}")
+        if not self.kappa_scale_min > 0:
+            raise ValueError(f"kappa_scale_min: expected a number > 0, got {self.kappa_scale_min}")
+        if self.kappa_scale_max < self.kappa_scale_min:
+            raise ValueError(f"kappa_scale_max: expected a number >= kappa_scale_min ({self.kappa_scale_min}), "
+                             f"got {self.kappa_scale_max}")
+        if not self.budget_slack >= 1:
+            raise ValueError(f"budget_slack: expected a number >= 1, got {self.budget_slack}")
+
+
+def planner_limits(cfg: MarginalConfig, limits: SampleLimits) -> tuple[float, float]:
+    """(max samples, max expected tokens) the planner may allocate in one step: samples_per_step under fixed prices;
+    with a token budget, token_budget × budget_slack tokens and max_samples_per_step samples (0: samples_per_step ×
+    budget_slack)."""
+    if cfg.token_budget <= 0:
+        return limits.samples_per_step, math.inf
+    return (cfg.max_samples_per_step or limits.samples_per_step * cfg.budget_slack,
+            cfg.token_budget * cfg.budget_slack)
+
+
+def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
+                  rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
+    arrays = prompt_arrays(cfg, state, candidates)
+    p_mean = arrays.mean
+    p = rng.beta(arrays.alpha, arrays.beta) if cfg.thompson and len(candidates) else p_mean
+    max_n = limits.max_group_size
+    informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :])
+    max_samples, max_tokens = planner_limits(cfg, limits)
+    samples = allocate_greedy(gain, cost, tokens, limits.min_group_size, max_n, max_samples=max_samples,
+                              max_tokens=max_tokens)
+    at = smallest_group(samples, limits, max_n)
+    rows = np.arange(len(candidates))
+    return make_plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
+                     tokens[rows, at])
+
+
+def fates_marginal(cfg: MarginalConfig, arrays: TrajectoryArrays, comp: PriceComponents) -> np.ndarray:
+    fresh_price = comp.gain_fresh - comp.cost - comp.risk_variance
+    admit = consistent_admission(comp.price > 0, arrays.reward, arrays.group)
+    fates = np.where(fresh_price > 0, DROPPED_STALE, DROPPED_PRICE).astype(np.int8)
+    fates[(comp.price > 0) & ~admit] = DROPPED_PRICE
+    fates[admit] = TRAINED
+    fates[comp.zero_var] = ZERO_SIGNAL
+    return fates
+
+
+def control_price(cfg: MarginalConfig, state: BudgetState) -> None:
+    if cfg.token_budget > 0:
+        state.kappa_scale = controller_step(state.kappa_scale, state.last_spend, cfg.token_budget, cfg.controller_rate,
+                                            cfg.kappa_scale_min, cfg.kappa_scale_max)
+
+
+POLICY = Policy(MarginalConfig, plan=plan_marginal, fates=fates_marginal, chooses=True, control=control_price)

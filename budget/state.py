@@ -1,0 +1,120 @@
+"""What the budget remembers between steps, and how a step's evidence is folded into it. Plain data: saved and
+restored with the checkpoint.
+
+Posteriors: each group adds Σr pseudo-successes and Σ(1 − r) pseudo-failures (rewards clipped to [0, 1]: the exact
+Beta update for 0/1 rewards, its mean-matching analogue for graded ones), after the prompt's old evidence has faded
+by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from marginal_rl.budget.config import BudgetConfig
+from marginal_rl.budget.pricing import fade_posterior
+from marginal_rl.rollout.types import TrajectoryColumns
+
+
+@dataclass(slots=True)
+class PromptStats:
+    """What the budget knows about one prompt. alpha/beta: Beta pseudo-counts as of policy version `version`."""
+
+    alpha: float
+    beta: float
+    version: int = 0
+    last_step: int = -1
+    groups: int = 0  # groups seen
+    zero_var_streak: int = 0  # consecutive groups whose rewards were all equal
+    tok_rollout: float = 0.0  # moving average per sample: prefill + decode + observation (verify excluded)
+    tok_verify: float = 0.0  # ... verification tokens
+    tok_update: float = 0.0  # ... training tokens if trained (prompt + completion, × epochs)
+
+
+@dataclass
+class BudgetState:
+    """Everything the budget remembers between steps."""
+
+    step: int = 0
+    version: int = 0  # current policy version at the last fold
+    drift: float | None = None  # EMA of measured per-version drift δ (nats/token); None = not measured yet
+    kappa_scale: float = 1.0  # controller multiplier on every κ (the budget's dual variable); 1 under fixed prices
+    last_spend: float = 0.0  # tokens spent in the last step (rollout + training), as the controller saw them
+    tok_rollout: float | None = None  # moving averages over all prompts, for unseen ones
+    tok_verify: float | None = None
+    tok_update: float | None = None
+    prompts: dict[str, PromptStats] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "version": self.version, "drift": self.drift, "kappa_scale": self.kappa_scale,
+                "last_spend": self.last_spend, "tok_rollout": self.tok_rollout, "tok_verify": self.tok_verify,
+                "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
+                "extra": self.extra}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> BudgetState:
+        return cls(step=d["step"], version=d.get("version", 0), drift=d.get("drift"),
+                   kappa_scale=d.get("kappa_scale", 1.0), last_spend=d.get("last_spend", 0.0),
+                   tok_rollout=d.get("tok_rollout"), tok_verify=d.get("tok_verify"), tok_update=d.get("tok_update"),
+                   prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()}, extra=d.get("extra", {}))
+
+
+def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
+    """δ: the measured drift EMA, or the configured prior until the trainer has measured one."""
+    return cfg.drift_prior if state.drift is None else state.drift
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else weight * old + (1.0 - weight) * new
+
+
+def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns, trained: np.ndarray, step: int,
+                  current_version: int, drift_kl: float | None, num_iterations: int) -> None:
+    """Fold one step into `state`: the drift measurement, each group's rewards into its prompt's posterior, token
+    lengths, and the step's spend (rollout tokens + training tokens of the `trained` (N,) trajectories).
+
+    `drift_kl` is the trainer's measurement of how far the policy moved per version (mean per-token KL between the
+    behaviour and current policy on this step's samples, divided by the version gap); None when not measured."""
+    if len(trained) != len(cols):
+        raise ValueError(f"fold_evidence: {len(trained)} decisions for {len(cols)} trajectories")
+    if drift_kl is not None and math.isfinite(drift_kl):
+        state.drift = _ema(state.drift, max(float(drift_kl), 0.0), cfg.ema)
+    drift = current_drift(cfg, state)
+    # per group (G,), in first-seen order; bincount sums each group's members in order, as a Python sum would
+    num_groups, group, lengths = cols.num_groups, cols.group, cols.tokens_rollout
+    count = cols.group_size
+    length_sum = np.bincount(group, weights=lengths, minlength=num_groups)
+    verify_mean = np.bincount(group, weights=cols.tokens_verify, minlength=num_groups) / count
+    successes = np.bincount(group, weights=np.clip(cols.reward, 0.0, 1.0), minlength=num_groups)
+    versions = np.full(num_groups, np.iinfo(np.int64).min)
+    np.maximum.at(versions, group, cols.behavior_version)
+    per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),
+                    (length_sum / count - verify_mean).tolist(), verify_mean.tolist(),
+                    (length_sum * num_iterations / count).tolist(), versions.tolist(), cols.group_flat.tolist(),
+                    strict=True)
+    w, prior_a, prior_b, prompts = cfg.ema, cfg.prior_alpha, cfg.prior_beta, state.prompts
+    for pid, n, succ, tok_r, tok_v, tok_u, version, flat in per_group:  # EMAs as _ema, written out: a hot loop
+        s = prompts.get(pid)
+        if s is None:
+            s = prompts[pid] = PromptStats(prior_a, prior_b, version, step, 0, 0, tok_r, tok_v, tok_u)
+        factor = math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)
+        a, b = fade_posterior(s.alpha, s.beta, prior_a, prior_b, factor)
+        s.alpha, s.beta = a + succ, b + (n - succ)
+        s.version, s.last_step, s.groups = max(version, s.version), step, s.groups + 1
+        s.zero_var_streak = s.zero_var_streak + 1 if flat else 0
+        if s.groups > 1:
+            s.tok_rollout = w * s.tok_rollout + (1.0 - w) * tok_r
+            s.tok_verify = w * s.tok_verify + (1.0 - w) * tok_v
+            s.tok_update = w * s.tok_update + (1.0 - w) * tok_u
+        if state.tok_rollout is None:
+            state.tok_rollout, state.tok_verify, state.tok_update = tok_r, tok_v, tok_u
+        else:
+            state.tok_rollout = w * state.tok_rollout + (1.0 - w) * tok_r
+            state.tok_verify = w * state.tok_verify + (1.0 - w) * tok_v
+            state.tok_update = w * state.tok_update + (1.0 - w) * tok_u
+    state.last_spend = float(lengths.sum() + lengths[trained].sum() * num_iterations)
+    state.version = max(state.version, current_version)
+    state.step = step + 1

@@ -1,0 +1,250 @@
+"""The `marginal-rl` command: one subcommand per entry point, each with its own --help.
+
+    marginal-rl train --config configs/quickstart.yaml [key=value ...]       # train (GRPO/PPO under the budget)
+    marginal-rl train --config configs/quickstart.yaml --dry-run             # print the resolved config and exit
+    marginal-rl train-trl --config configs/quickstart.yaml                   # the same run on TRL's GRPOTrainer
+    marginal-rl eval --config configs/fix_test_tiny.yaml --samples 4         # measure a starting policy
+    marginal-rl build-policy --config configs/quickstart.yaml                # build/cache the tiny starting policy
+    marginal-rl ablate --config configs/ablations/budget_policies.yaml --parallel 2
+    marginal-rl report runs/quickstart                                       # tables and plots of a run or grid
+    accelerate launch --multi_gpu --num_processes 2 -m marginal_rl train --config configs/quickstart.yaml
+
+Precedence: built-in defaults < --config files (in order) < key=value overrides. A bad config exits with status 2,
+before any model loads. Heavy imports happen after parsing, so --help is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from marginal_rl.train.config import ConfigError, add_config_arguments, config_to_dict, describe_keys, load_cli_config
+
+
+def _keys_epilog() -> str:
+    keys = "\n".join(
+        f"  {key:<32} {tp:<12} default {default}\n"
+        + textwrap.fill(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        for key, tp, default, doc in describe_keys())
+    return (f"config keys (set in YAML or as key=value; a key in [brackets] is read only by that variant):\n{keys}\n\n"
+            f"TRL's GRPOConfig names (learning_rate, num_generations, beta, ...): see docs/configuration.md")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_cli_config(args)
+    if cfg is None:
+        return 2
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+
+    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.rollout.errors import RolloutError
+    from marginal_rl.train.checkpoint import CheckpointError
+    from marginal_rl.train.loop import train
+
+    try:
+        task = build_task(cfg.task, cfg.rollout)
+        train(cfg, task)
+    except (ConfigError, TaskError, CheckpointError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (RolloutError, FloatingPointError) as e:  # user reward code or data, or a diverged run: stop cleanly
+        print(f"error: {e}\n(every step before this one is in {cfg.output_dir}/trajectories)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_train_trl(args: argparse.Namespace) -> int:
+    cfg = load_cli_config(args)
+    if cfg is None:
+        return 2
+    from marginal_rl.trl_peer import check_supported, grpo_config_kwargs
+
+    try:
+        check_supported(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for k, v in grpo_config_kwargs(cfg).items():
+            print(f"{k}: {v}")
+        return 0
+    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.rollout.tasks import TaskSet
+    from marginal_rl.trl_peer import train_trl
+
+    try:
+        task = build_task(cfg.task, cfg.rollout)
+        if type(task).rollout is not TaskSet.rollout:
+            raise ConfigError(f"task.name: {cfg.task.name} has multi-turn episodes; marginal-rl train-trl needs a "
+                              f"single-turn task (GRPOTrainer generates one completion per prompt)")
+    except (ConfigError, TaskError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    train_trl(cfg, task)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Roll out `--samples` episodes per eval prompt from the policy the trainer would start from; one JSON object.
+    A pass is an episode whose reward before the step cost is 1.0 (tests pass on submit)."""
+    cfg = load_cli_config(args)
+    if cfg is None:
+        return 2
+
+    import torch
+    from accelerate import Accelerator
+
+    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.train.loop import build_policy
+
+    torch.manual_seed(cfg.seed)
+    try:
+        task = build_task(cfg.task, cfg.rollout)
+    except TaskError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, tokenizer = build_policy(cfg, task, accelerator)
+    t0 = time.time()
+    episodes = task.rollout(model, tokenizer, [(q, args.samples) for q in task.eval], cfg.rollout, step=-1, version=0,
+                            temperature=args.temperature)
+    seconds = time.time() - t0
+    step_cost = cfg.task.step_cost if cfg.task.name == "fix_test" else 0.0
+    passed: dict[str, list[bool]] = defaultdict(list)
+    for t in episodes:
+        passed[t.family].append(t.reward + step_cost * t.tokens_policy == 1.0)
+    everything = [x for v in passed.values() for x in v]
+    print(json.dumps({
+        "episodes": len(episodes), "prompts": len(task.eval), "samples": args.samples, "temperature": args.temperature,
+        "pass_rate": sum(everything) / len(everything),
+        "pass_rate_by_family": {f: round(sum(v) / len(v), 3) for f, v in sorted(passed.items())},
+        "episodes_by_family": {f: len(v) for f, v in sorted(passed.items())},
+        "prompts_solved_at_least_once": len({t.prompt_id for t in episodes
+                                             if t.reward + step_cost * t.tokens_policy == 1.0}),
+        "finish_reasons": dict(Counter(t.finish_reason for t in episodes)),
+        "actions": dict(Counter(a for t in episodes for a in t.actions)),
+        "verified_share": sum("run_tests" in t.actions for t in episodes) / len(episodes),
+        "mean_policy_tokens": sum(t.tokens_policy for t in episodes) / len(episodes),
+        "mean_observation_tokens": sum(t.tokens_observation for t in episodes) / len(episodes),
+        "rollout_seconds": round(seconds, 1), "device": str(accelerator.device), "dtype": cfg.model.dtype,
+    }, indent=2))
+    return 0
+
+
+def cmd_build_policy(args: argparse.Namespace) -> int:
+    """Build (or find in the cache) the starting policy, sample the train split, print the pass rate per family and
+    the share of prompts never, sometimes and always solved: the spread that allocation decides about."""
+    cfg = load_cli_config(args)
+    if cfg is None:
+        return 2
+
+    import numpy as np
+    import torch
+
+    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.train.model import load_policy, resolve_policy_path
+
+    try:
+        task = build_task(cfg.task, cfg.rollout)
+        path = resolve_policy_path(cfg.model, task, cfg.seed)
+        model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
+    except (ConfigError, TaskError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(cfg.seed)
+    episodes = task.rollout(model, tokenizer, [(q, args.samples) for q in task.train], cfg.rollout, step=0, version=0,
+                            temperature=cfg.rollout.temperature)
+    rates: dict[str, list[float]] = defaultdict(list)
+    family = {}
+    for t in episodes:
+        rates[t.prompt_id].append(t.reward)
+        family[t.prompt_id] = t.family
+    print(f"policy: {path}")
+    print(f"{'family':<10} {'prompts':>7} {'pass rate':>9} {'never':>6} {'some':>6} {'always':>6}")
+    for fam in sorted(set(family.values())) + ["all"]:
+        r = [np.mean(v) for k, v in rates.items() if fam in ("all", family[k])]
+        never, always = sum(x == 0 for x in r), sum(x == 1 for x in r)
+        print(f"{fam:<10} {len(r):>7} {np.mean(r):>9.2f} {never:>6} {len(r) - never - always:>6} {always:>6}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from marginal_rl.grid import run_grid
+
+    return run_grid(args.config, parallel=args.parallel, dry_run=args.dry_run)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from marginal_rl.report import report
+
+    return report(args.path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="marginal-rl", description="Risk-adjusted RL fine-tuning (GRPO/PPO) for "
+                                "language-model agents, with a token budget and ledger.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n")[1])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    train = sub.add_parser("train", help="train a policy: rollout -> price -> update, every token ledgered",
+                           description="Train a policy with risk-adjusted RL (GRPO/PPO, budget.policy).",
+                           formatter_class=raw, epilog=_keys_epilog())
+    add_config_arguments(train)
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(func=cmd_train)
+
+    trl = sub.add_parser("train-trl", help="the same run on TRL's GRPOTrainer (the peer arm of a benchmark)",
+                         description="Train with TRL's GRPOTrainer on the same task, policy, reward, eval and ledger "
+                                     "(see marginal_rl/trl_peer.py for what is mapped and what differs).",
+                         formatter_class=raw)
+    add_config_arguments(trl)
+    trl.add_argument("--dry-run", action="store_true", help="print the GRPOConfig arguments and exit")
+    trl.set_defaults(func=cmd_train_trl)
+
+    ev = sub.add_parser("eval", help="measure the starting policy on the eval split (pass rate per family, actions)",
+                        description=cmd_eval.__doc__)
+    add_config_arguments(ev, "config overrides")
+    ev.add_argument("--samples", type=int, default=4, help="episodes per eval prompt")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    ev.set_defaults(func=cmd_eval)
+
+    build = sub.add_parser("build-policy", help="build or load the starting policy and report how often it is right",
+                           description=cmd_build_policy.__doc__)
+    add_config_arguments(build, "config overrides")
+    build.add_argument("--samples", type=int, default=8, help="samples per prompt at the rollout temperature")
+    build.set_defaults(func=cmd_build_policy)
+
+    ablate = sub.add_parser("ablate", help="run an ablation grid (arms x seeds), then tabulate and plot it",
+                            description="Run an ablation grid (docs/ablations.md): results.csv, summary.md/.csv and "
+                                        "reward_vs_{tokens,wall,steps}.png under its output_dir. Rerunning skips "
+                                        "finished runs.")
+    ablate.add_argument("--config", required=True, help="grid YAML (see docs/ablations.md)")
+    ablate.add_argument("--parallel", type=int, default=1, help="runs at a time (each a separate process)")
+    ablate.add_argument("--dry-run", action="store_true", help="validate the grid and list its runs, run nothing")
+    ablate.set_defaults(func=cmd_ablate)
+
+    rep = sub.add_parser("report", help="summarise a run or a grid from its files and draw its plots",
+                         description="Summarise a run directory (summary.json) or a grid directory from its files.")
+    rep.add_argument("path", type=Path, help="a run directory (has summary.json) or a grid directory")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
