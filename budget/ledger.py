@@ -66,7 +66,7 @@ class Ledger:
             self.by_fate[fate] += tokens
             self.trajectories_by_fate[fate] += count
         if len(cols):
-            self.reward_sum += float(np.cumsum(cols.reward)[-1])  # left to right, as summing the records one by one
+            self.reward_sum += float(np.cumsum(cols.reward)[-1])  # summed left to right, in trajectory order
         flat_group = cols.group_flat  # the group's rewards were all equal: it carried no signal
         flat = flat_group[cols.group]
         self.groups += cols.num_groups

@@ -164,14 +164,14 @@ def max_variance_keep(rewards: np.ndarray, group: np.ndarray, keep: np.ndarray) 
         if m >= n:
             mask[order[pos]] = True
             continue
-        # candidate k (in max_variance_subset's order) = the top k and bottom m − k, as positions in a sorted row
+        # candidate k (most balanced split first) = the top k and bottom m − k, as positions in a sorted row
         ks = sorted(range(m + 1), key=lambda k: abs(2 * k - m))
         picks = np.array([list(range(n - k, n)) + list(range(m - k)) for k in ks])  # (m + 1, m)
         r = ranked[pos[:, picks]]  # (g, m + 1, m)
         dev = r - r.sum(axis=2, keepdims=True) / m
         var = ((dev * dev).sum(axis=2) / m).tolist()  # np.var(r, axis=2), the same operations without its overhead
         best = []
-        for row in var:  # the first candidate that beats all before it by more than 1e-12, as max_variance_subset
+        for row in var:  # the first candidate that beats all before it by more than 1e-12 (ties keep the earlier)
             b = 0
             for i in range(1, m + 1):
                 if row[i] > row[b] + 1e-12:

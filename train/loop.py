@@ -35,6 +35,13 @@ from marginal_rl.rollout.tasks import TaskSet
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 from marginal_rl.train import zero
 from marginal_rl.train.algorithms import ALGORITHMS
+from marginal_rl.train.checkpoint import (
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    load_snapshot,
+    save_checkpoint,
+)
 from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict
 from marginal_rl.train.logger import NoOpLogger, WandbLogger
 from marginal_rl.train.store import StepStore, prompt_rows, trajectory_rows, write_final
@@ -265,13 +272,8 @@ class Run:
         # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
         # every weight on every rank to generate on its own
         self.snapshot = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rollout.max_staleness else None
-        if self.snapshot is not None and ckpt is not None:
-            from marginal_rl.train.checkpoint import load_snapshot
-
-            if not load_snapshot(ckpt, self.snapshot):  # an on-policy checkpoint: start the snapshot afresh
-                self.state.behaviour_version = self.state.version
-        else:
-            self.state.behaviour_version = self.state.version
+        if not (self.snapshot is not None and ckpt is not None and load_snapshot(ckpt, self.snapshot)):
+            self.state.behaviour_version = self.state.version  # sample from the weights as they are now
         if value_head is not None and zero.active(accelerator):  # the engine trains one module: the head joins it
             self.model, self.optimizer = accelerator.prepare(zero.with_value_head(model, value_head), self.optimizer)
         elif value_head is not None:
@@ -303,8 +305,6 @@ class Run:
         self.ahead: tuple[PromptPlan, Future] | None = None  # the next step's plan and rollouts, when started ahead
 
     def _resume(self, model, value_head) -> Path:
-        from marginal_rl.train.checkpoint import find_checkpoint, load_checkpoint
-
         ckpt = find_checkpoint(self.out, self.cfg.train.resume_from)
         self.state.load_state_dict(load_checkpoint(ckpt, model=model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, value_head=value_head, rank=self.rank))
@@ -399,8 +399,6 @@ class Run:
         return result
 
     def save(self, step: int) -> None:
-        from marginal_rl.train.checkpoint import capture_rng_state, save_checkpoint
-
         rng_states = gather_object([capture_rng_state()])  # every rank's streams, in rank order
         if self.main:
             head = self.accelerator.unwrap_model(self.value_head) if self.value_head is not None else None

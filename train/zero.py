@@ -94,7 +94,7 @@ VALUE_HEAD = "rl_value_head"  # PPO's value head, as a submodule of the policy u
 def with_value_head(model: torch.nn.Module, value_head: torch.nn.Module) -> torch.nn.Module:
     """PPO under DeepSpeed: the engine trains one module, so the value head becomes a submodule of the policy (its
     parameters are then sharded, reduced, clipped and stepped with the policy's). The policy's forward never calls
-    it; `forward_policy_and_values` calls it on the last hidden state as before (under ZeRO-3 its own hooks gather
+    it; `forward_policy_and_values` calls it on the last hidden state as without DeepSpeed (under ZeRO-3 its hooks gather
     its weights). `final/` leaves it out (`policy_weights`)."""
     model.add_module(VALUE_HEAD, value_head)
     return model
