@@ -441,11 +441,14 @@ def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, st
             key, table, default = VARIANTS[tp]
             rows.append((f"{prefix}{f.name}.{key}", "str", repr(default), f"one of {', '.join(table)}"))
             rows += describe_keys(tp, f"{prefix}{f.name}.")
-            common = set(_field_names(tp))
+            common = {f"{prefix}{f.name}.{k}" for k in _field_names(tp)}
+            readers: dict[tuple, list[str]] = {}  # a key several variants read is listed once, naming them all
             for name, variant in table.items():
-                rows += [(k, t, d, f"[{prefix}{f.name}.{key}={name}] {doc}")
-                         for k, t, d, doc in describe_keys(variant, f"{prefix}{f.name}.")
-                         if k.removeprefix(f"{prefix}{f.name}.") not in common]
+                for row in describe_keys(variant, f"{prefix}{f.name}."):
+                    if row[0] not in common:
+                        readers.setdefault(row, []).append(name)
+            rows += [(k, t, d, f"[{prefix}{f.name}.{key}={'|'.join(names)}] {doc}")
+                     for (k, t, d, doc), names in readers.items()]
         elif dataclasses.is_dataclass(tp):
             rows += describe_keys(tp, f"{prefix}{f.name}.")
         else:

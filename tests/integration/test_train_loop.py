@@ -73,3 +73,29 @@ def test_step_with_nothing_to_train_is_skipped(tmp_path, policy_cache):
     start = AutoModelForCausalLM.from_pretrained(next(Path(policy_cache).glob("tiny-*")))
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert all(torch.equal(a, b) for a, b in zip(start.parameters(), final.parameters(), strict=True))
+
+
+def test_python_api_trains_a_dataset_task_with_a_callable_reward(tmp_path, policy_cache):
+    import marginal_rl as mrl
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "completion": str(a + b)} for a in range(8) for b in range(8)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    batches = []
+
+    def exact(prompts, completions, answer, **columns):  # TRL's signature, given as a callable, not a dotted path
+        batches.append(len(completions))
+        return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
+
+    out = tmp_path / "run"
+    cfg = mrl.load_config([], [f"output_dir={out}", f"model.cache_dir={policy_cache}/dataset", "model.hidden_size=32",
+                               "model.warm_start_steps=20", "task.name=dataset", f"task.dataset={tmp_path / 'data.jsonl'}",
+                               "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=4",
+                               "rollout.eval_samples=1", "train.max_steps=2", "train.eval_every=0",
+                               "log.report_to=none", "log.progress=false"])
+    summary = mrl.fit(cfg, reward_funcs=[exact])
+    assert summary["steps"] == 2 and math.isfinite(summary["final_eval_reward"])
+    df = pd.read_parquet(out / "trajectories")
+    # every completion was scored by the callable: 2 steps × 4 prompts × 2 samples, and two evals (start, end) of the
+    # 6 held-out rows (10 % of 64), each sampled once and once greedily
+    assert len(df) == 16 and sum(batches) == 16 + 2 * (6 + 6)
+    assert set(df.reward) <= {0.0, 1.0}
