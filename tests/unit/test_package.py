@@ -28,3 +28,24 @@ def test_the_python_api():
     assert set(mrl.__all__) == {"ConfigError", "RunConfig", "config_to_dict", "fit", "load_config"}
     cfg = mrl.load_config([], ["budget.policy=marginal", "budget.token_budget=2400"])
     assert cfg.budget.token_budget == 2400 and isinstance(cfg, mrl.RunConfig)
+
+
+def test_imports_flow_one_way():
+    """marginal_rl (CLI, API) -> train -> budget -> rollout: no module imports a layer above its own."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    above = {"rollout": ("marginal_rl.budget", "marginal_rl.train"), "budget": ("marginal_rl.train",),
+             "train": ()}
+    top = ("marginal_rl.cli", "marginal_rl.grid", "marginal_rl.report", "marginal_rl.trl_peer")
+    bad = []
+    for layer, forbidden in above.items():
+        for path in (root / layer).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if isinstance(node, ast.ImportFrom) and node.module == "marginal_rl":
+                    names = [f"marginal_rl.{a.name}" for a in node.names]
+                bad += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith(forbidden + top)]
+    assert not bad, bad
