@@ -13,6 +13,12 @@ import numpy as np
 FATES = ("trained", "zero_signal", "dropped_price", "dropped_stale")
 TRAINED, ZERO_SIGNAL, DROPPED_PRICE, DROPPED_STALE = range(len(FATES))  # fate codes: FATES[code]
 _FATE_NAMES = np.array(FATES, dtype=object)
+# Why a candidate prompt got no samples ("" for a sampled one): `history` (prior: its last groups carried no signal,
+# and the exploration draw passed it over), `pool_full` (the step already had prompts_per_step prompts), `price` (no
+# group size of it has a positive price), `budget` (priced positive, but the step's sample or token limit was spent).
+SKIP_REASONS = ("", "history", "pool_full", "price", "budget")
+SAMPLED, HISTORY, POOL_FULL, PRICE, BUDGET = range(len(SKIP_REASONS))  # reason codes: SKIP_REASONS[code]
+_REASON_NAMES = np.array(SKIP_REASONS, dtype=object)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class PromptDecision:
     sampled_rate: float = 0.0  # the pass rate the price was computed at (a posterior draw under thompson)
     informative: float = 0.0  # P(the group's rewards differ) = 1 − pⁿ − (1 − p)ⁿ at the priced n
     tokens: float = 0.0  # expected tokens (rollout + verify + expected update) at the priced n
+    reason: str = ""  # why it was skipped (SKIP_REASONS); "" when sampled
 
 
 @dataclass
@@ -97,18 +104,24 @@ class PromptPlan(_Columnar):
     sampled_rate: np.ndarray
     informative: np.ndarray
     tokens: np.ndarray
+    reason_code: np.ndarray  # (P,) int8, SKIP_REASONS[code]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _columns(self) -> list[Any]:
         return [self.prompt_ids, self.samples, self.pass_rate, self.gain, self.cost, self.price, self.risk,
-                self.sampled_rate, self.informative, self.tokens]
+                self.sampled_rate, self.informative, self.tokens, _REASON_NAMES[self.reason_code]]
+
+    @property
+    def reasons(self) -> list[str]:
+        return _REASON_NAMES[self.reason_code].tolist()
 
     @classmethod
     def of(cls, decisions: Sequence[PromptDecision]) -> PromptPlan:
         return cls([d.prompt_id for d in decisions], cls._gather(decisions, "samples", np.int64),
-                   *(cls._gather(decisions, f.name) for f in fields(PromptDecision)[2:]))
+                   *(cls._gather(decisions, f.name) for f in fields(PromptDecision)[2:-1]),
+                   np.array([SKIP_REASONS.index(d.reason) for d in decisions], dtype=np.int8))
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,10 +8,10 @@ Reads the same RunConfig as `marginal-rl train` (--config files, then key=value 
 status 2) and maps it onto GRPOConfig: the tiny policy cached for this seed (train.model.resolve_policy_path), the
 same train/eval prompts (rollout.build.build_task), exact-match reward, group size (num_generations), prompts per
 step (one generation batch = one optimiser step), lr (constant, no warm-up), AdamW, grad-norm clip, temperature,
-top_p, max_new_tokens, beta = algo.kl_coef, epsilon = algo.clip_low / clip_high, scale_rewards (group std, the
-same unbiased std + 1e-4 as ours), and loss_type "dapo": token-level loss summed over the generation batch's
-completion tokens and divided by their global count, which is our GRPO loss ("bnpo" divides by the local
-micro-batch's count instead: the same only with one process and no accumulation).
+top_p, max_new_tokens, beta = algo.kl_coef, epsilon = algo.clip_low / clip_high, scale_rewards = algo.scale_rewards
+(the same unbiased std + 1e-4 as ours) and loss_type = algo.loss_type (dapo by default: token-level loss summed
+over the generation batch's completion tokens and divided by their global count; grpo and dr_grpo as ours; TRL's
+"bnpo" divides by the local micro-batch's count instead, the same only with one process and no accumulation).
 
 budget.policy is ignored: TRL trains on every sample, zero-advantage ones included, so every sample lands in the
 ledger with fate `trained`: rollout tokens = prompt + completion of every sample, train tokens = (prompt +
@@ -58,7 +58,7 @@ def grpo_config_kwargs(cfg: RunConfig) -> dict:
         warmup_steps=cfg.train.warmup_steps, weight_decay=cfg.train.weight_decay, optim="adamw_torch",
         max_grad_norm=cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else 1e9,
         beta=cfg.algo.kl_coef, epsilon=cfg.algo.clip_low, epsilon_high=cfg.algo.clip_high,
-        scale_rewards="group" if cfg.algo.scale_rewards else "none", loss_type="dapo",
+        scale_rewards=cfg.algo.scale_rewards, loss_type=cfg.algo.loss_type,
         mask_truncated_completions=False, use_vllm=False, use_cpu=not _cuda(), bf16=False, fp16=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
         disable_tqdm=not cfg.log.progress, remove_unused_columns=False, dataloader_num_workers=0,
@@ -121,7 +121,7 @@ def train_trl(cfg: RunConfig, task) -> dict:
                 behavior_version=step, prompt_ids=encoded[pid], completion_ids=ids, completion_mask=[1] * len(ids),
                 behavior_logprobs=[0.0] * len(ids), reward=float(r),
                 finish_reason="eos" if ids and ids[-1] == eos else "length", prompt_text=p.text, completion_text=text,
-                family=p.family))
+                family=p.family, rewards={task.reward_name: float(r)}))
         columns = TrajectoryColumns.of(trajectories)
         prices = TrajectoryPrices.of([TrajectoryDecision("trained")] * len(trajectories))
         ledger.record_step(columns, prices, iters)

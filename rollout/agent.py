@@ -211,6 +211,7 @@ def run_episodes(model, tokenizer, allocation: Sequence[tuple[Prompt, int]], mak
             reward=e.env_reward - step_cost * sum(e.completion_mask), finish_reason=e.finish_reason,
             prompt_text=e.prompt_text, completion_text=tokenizer.decode(e.completion_ids, skip_special_tokens=False),
             family=e.prompt.family, actions=e.actions, tokens_verify=e.tokens_verify,
+            rewards={"env": e.env_reward, "step_cost": -step_cost * sum(e.completion_mask)},
         )
         for k, e in enumerate(episodes)
     ]

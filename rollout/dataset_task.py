@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 
 from marginal_rl.rollout.config import DatasetTaskConfig, RolloutConfig
 from marginal_rl.rollout.errors import TaskError
-from marginal_rl.rollout.generator import decode_completion, sample
+from marginal_rl.rollout.generator import decode_completion, encode_prompt, sample
 from marginal_rl.rollout.rewards import PromptValue, RewardFunc, load_reward_funcs, score_completions
 from marginal_rl.rollout.tasks import TaskSet
 from marginal_rl.rollout.types import Prompt, Trajectory
@@ -125,35 +126,44 @@ class DatasetTaskSet(TaskSet):
         if not flat:
             return []
         rendered = {p.prompt_id: render_prompt(tokenizer, self.raw_prompts[p.prompt_id]) for p, _ in allocation}
-        encoded = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in rendered.items()}
+        chat = tokenizer.chat_template is not None
+        encoded = {pid: encode_prompt(tokenizer, text, chat=chat and not isinstance(self.raw_prompts[pid], str))
+                   for pid, text in rendered.items()}
         samples = sample(model, tokenizer, [encoded[p.prompt_id] for _, p in flat], cfg.max_new_tokens, temperature,
                          cfg.top_p, cfg.batch_size)
         texts = [decode_completion(tokenizer, s.completion_ids) for s in samples]
-        rewards = self.score([p for _, p in flat], texts, [s.completion_ids for s in samples], step)
+        rewards, values = self.score([p for _, p in flat], texts, [s.completion_ids for s in samples], step)
+        names = [f.path for f in self.funcs]
         return [
             Trajectory(
                 traj_id=f"{id_prefix}s{step}-{k}", prompt_id=p.prompt_id, group_id=f"{id_prefix}s{step}-g{g}",
                 step=step, behavior_version=version, prompt_ids=s.prompt_ids, completion_ids=s.completion_ids,
                 completion_mask=[1] * len(s.completion_ids), behavior_logprobs=s.logprobs, reward=r,
                 finish_reason=s.finish_reason, prompt_text=rendered[p.prompt_id], completion_text=text, family=p.family,
+                rewards={name: math.nan if v[k] is None else v[k] for name, v in zip(names, values, strict=True)},
             )
             for k, ((g, p), s, text, r) in enumerate(zip(flat, samples, texts, rewards, strict=True))
         ]
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], completion_ids: Sequence[list[int]] | None,
-              step: int) -> list[float]:
+              step: int) -> tuple[list[float], list[list[float | None]]]:
         return score_prompts(self.funcs, self.raw_prompts, prompts, completions, completion_ids, step)
 
 
 def score_prompts(funcs: Sequence[RewardFunc], raw_prompts: dict[str, PromptValue], prompts: Sequence[Prompt],
                   completions: Sequence[str], completion_ids: Sequence[list[int]] | None = None,
-                  step: int = -1) -> list[float]:
-    """Combined rewards of `completions`, each function called once with the prompts' columns as keyword lists."""
+                  step: int = -1) -> tuple[list[float], list[list[float | None]]]:
+    """(combined rewards, each function's values) of `completions`, each function called once with the prompts'
+    columns as keyword lists."""
     names = dict.fromkeys(k for p in prompts for k in p.meta)
     columns = {name: [p.meta.get(name) for p in prompts] for name in names}
-    rewards, _ = score_completions(funcs, [raw_prompts[p.prompt_id] for p in prompts], completions, completion_ids,
-                                   columns, prompt_ids=[p.prompt_id for p in prompts], step=step)
-    return rewards
+    return score_completions(funcs, [raw_prompts[p.prompt_id] for p in prompts], completions, completion_ids, columns,
+                             prompt_ids=[p.prompt_id for p in prompts], step=step)
+
+
+def _combined_rewards(funcs: Sequence[RewardFunc], raw_prompts: dict[str, PromptValue], prompts: Sequence[Prompt],
+                      completions: Sequence[str]) -> list[float]:
+    return score_prompts(funcs, raw_prompts, prompts, completions)[0]
 
 
 def split_rows(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
@@ -186,7 +196,7 @@ def build_dataset(cfg: DatasetTaskConfig, rollout_cfg: RolloutConfig,
     demos = [(_plain_text(row["prompt"]), row["completion"]) for row in train_rows
              if isinstance(row.get("completion"), str)]
     return DatasetTaskSet(
-        train=train, eval=eval_, reward=functools.partial(score_prompts, funcs, raw_prompts),
+        train=train, eval=eval_, reward=functools.partial(_combined_rewards, funcs, raw_prompts),
         demonstrations=functools.partial(_demonstrations, demos, cfg.dataset),
         key={"name": "dataset", "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset, "seed": cfg.seed},
         funcs=funcs, raw_prompts=raw_prompts,

@@ -60,6 +60,13 @@ def sample(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: in
     return out
 
 
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """A prompt's token ids as TRL's GRPOTrainer makes them: plain text with the tokenizer's defaults (so a BOS token
+    where the tokenizer adds one), a prompt rendered with the chat template with no more special tokens (the
+    template writes its own)."""
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
 def decode_completion(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -67,12 +74,13 @@ def decode_completion(tokenizer, ids: Sequence[int]) -> str:
 def rollout_groups(model, tokenizer, allocation: Sequence[tuple[Prompt, int]],
                    reward_fn: Callable[[Sequence[Prompt], Sequence[str]], list[float]], *, step: int, version: int,
                    max_new_tokens: int, temperature: float, top_p: float = 1.0, batch_size: int = 256,
-                   id_prefix: str = "") -> list[Trajectory]:
-    """Single-turn rollouts: `n` completions for each (prompt, n) in `allocation`, scored by `reward_fn`."""
+                   id_prefix: str = "", reward_name: str = "reward") -> list[Trajectory]:
+    """Single-turn rollouts: `n` completions for each (prompt, n) in `allocation`, scored by `reward_fn` (recorded
+    under `reward_name` in each trajectory's `rewards`)."""
     flat: list[tuple[int, Prompt]] = [(g, p) for g, (p, n) in enumerate(allocation) for _ in range(n)]
     if not flat:
         return []
-    encoded = {p.prompt_id: tokenizer(p.text, add_special_tokens=False)["input_ids"] for p, _ in allocation}
+    encoded = {p.prompt_id: encode_prompt(tokenizer, p.text) for p, _ in allocation}
     samples = sample(model, tokenizer, [encoded[p.prompt_id] for _, p in flat], max_new_tokens, temperature, top_p,
                      batch_size)
     texts = [decode_completion(tokenizer, s.completion_ids) for s in samples]
@@ -84,5 +92,6 @@ def rollout_groups(model, tokenizer, allocation: Sequence[tuple[Prompt, int]],
             behavior_version=version, prompt_ids=s.prompt_ids, completion_ids=s.completion_ids,
             completion_mask=[1] * len(s.completion_ids), behavior_logprobs=s.logprobs, reward=float(r),
             finish_reason=s.finish_reason, prompt_text=p.text, completion_text=text, family=p.family,
+            rewards={reward_name: float(r)},
         ))
     return trajectories

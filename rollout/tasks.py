@@ -107,6 +107,7 @@ class TaskSet:
     reward: Callable[[Sequence[Prompt], Sequence[str]], list[float]]
     demonstrations: Callable[[], list[tuple[str, str]]]  # (prompt, ideal completion) pairs for a warm start
     key: dict  # what identifies the task, for caching a policy warm-started on it
+    reward_name: str = "reward"  # how metrics and the store name `reward` (TRL: the reward function's name)
     finish_reasons: ClassVar[tuple[str, ...]] = ("eos", "length")  # how an episode can end (Trajectory.finish_reason)
 
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
@@ -114,7 +115,7 @@ class TaskSet:
         """`n` episodes for each (prompt, n) in `allocation` at `temperature` (0 = greedy)."""
         return rollout_groups(model, tokenizer, allocation, self.reward, step=step, version=version,
                               max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
-                              batch_size=cfg.batch_size, id_prefix=id_prefix)
+                              batch_size=cfg.batch_size, id_prefix=id_prefix, reward_name=self.reward_name)
 
 
 WARM_START_EXAMPLES = 50_000
@@ -124,4 +125,4 @@ def build_arith(cfg: ArithTaskConfig, rollout_cfg: RolloutConfig) -> TaskSet:
     train, eval_ = generate_arith(cfg.num_train, cfg.num_eval, cfg.seed)
     return TaskSet(train, eval_, exact_match, lambda: sample_demonstrations(WARM_START_EXAMPLES, cfg.seed + 1),
                    {"name": "arith", "seed": cfg.seed,
-                    "families": {k: (f.share, f.hedge) for k, f in FAMILIES.items()}})
+                    "families": {k: (f.share, f.hedge) for k, f in FAMILIES.items()}}, reward_name="exact_match")

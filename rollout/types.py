@@ -45,6 +45,9 @@ class Trajectory:
     family: str = ""
     actions: list[str] = field(default_factory=list)  # one entry per agent action taken, in order
     tokens_verify: int = 0  # tokens spent verifying (e.g. test-run output the agent asked for)
+    # each reward function's own value, by name, before weighting (NaN: the function gave none); `reward` combines
+    # them (a weighted sum). Empty for a record made by hand: it then counts as one function named "reward".
+    rewards: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_prompt(self) -> int:

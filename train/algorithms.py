@@ -20,18 +20,19 @@ import torch
 from torch import Tensor
 
 from marginal_rl.train.config import AlgoConfig, PPOAlgoConfig
-from marginal_rl.train.value import token_rewards
 
 # ------------------------------------------------------------------------------------------------ GRPO
 
 
-def grpo_advantages(rewards: Tensor, group_index: Tensor, scale_rewards: bool = True, eps: float = 1e-4) -> Tensor:
-    """Group-relative advantages A_i = r_i - mean(group), divided by (std(group) + eps) when `scale_rewards`.
+def grpo_advantages(rewards: Tensor, group_index: Tensor, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages A_i = r_i - mean(group), divided by (std + eps): the group's std (`scale="group"`),
+    the whole batch's (`"batch"`), or not at all (`"none"`), as TRL's `scale_rewards`.
 
     GRPO, Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300, section 4.1.2 (outcome supervision). The std is
     the unbiased one (n - 1 in the denominator) and eps = 1e-4 is added to it, as TRL's GRPOTrainer does, so a
-    vanilla run matches TRL. `scale_rewards=False` is Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like
-    training", arXiv 2503.20783), which drops the std division because it up-weights near-uniform groups.
+    vanilla run matches TRL. `"none"` is Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training", arXiv
+    2503.20783), which drops the std division because it up-weights near-uniform groups; `"batch"` is the batch-level
+    scaling of Hu et al. 2025 (REINFORCE++, arXiv 2501.03262), which TRL offers too.
 
     A group with one member, or whose rewards are all equal, gets exactly 0: it carries no relative signal
     (the equality test is exact, so 0.1 + 0.1 + 0.1 rounding cannot leak a 1e-17 advantage through 1 / eps).
@@ -53,14 +54,32 @@ def grpo_advantages(rewards: Tensor, group_index: Tensor, scale_rewards: bool = 
     mean = torch.zeros_like(count).index_add_(0, g, r) / count
     centred = r - mean[g]
     adv = centred
-    if scale_rewards:
+    if scale == "group":
         sq = torch.zeros_like(count).index_add_(0, g, centred * centred)
         std = (sq / (count - 1).clamp(min=1)).sqrt()
         adv = centred / (std[g] + eps)
+    elif scale == "batch":
+        adv = centred / ((r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale: expected group, batch or none, got {scale!r}")
     hi = torch.full_like(count, -math.inf).scatter_reduce(0, g, r, reduce="amax")
     lo = torch.full_like(count, math.inf).scatter_reduce(0, g, r, reduce="amin")
     no_signal = (hi == lo)[g]  # includes every singleton group
     return torch.where(no_signal, torch.zeros_like(adv), adv).to(rewards.dtype)
+
+
+def logprobs_from_logits(logits: Tensor, ids: Tensor, temperature: float,
+                         with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """(B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the sampler drew them;
+    with `with_entropy`, also the (B, L-1) entropy of that distribution at each position (detached, nats).
+    logits: (B, L, V), position j scoring token j + 1; ids: (B, L)."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, L-1, V)
+    token_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return token_lp
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return token_lp, entropy
 
 
 def _as_bool(mask: Tensor) -> Tensor:
@@ -127,19 +146,44 @@ def clipped_policy_loss(
     return loss_sum, stats
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
     """Sum over masked tokens of the k3 estimator of KL(pi || pi_ref): exp(ref - lp) - (ref - lp) - 1.
 
     Unbiased for samples drawn from pi and non-negative per token (Schulman 2020, "Approximating KL
     divergence", http://joschu.net/blog/kl-approx.html); the form of GRPO's KL term (arXiv 2402.03300, eq. 4).
-    logprobs (B, T) with grad; ref_logprobs (B, T) (detached here); mask (B, T). Returns a scalar sum.
+    logprobs (B, T) with grad; ref_logprobs (B, T) (detached here); mask (B, T); `weights` (B, T), when given,
+    multiplies each token's term (a loss type's weights). Returns a scalar sum.
     """
     m = _as_bool(mask)
     d = torch.where(m, ref_logprobs.detach() - logprobs, torch.zeros_like(logprobs))  # 0 -> k3 = 0 when masked out
-    return (torch.exp(d) - d - 1.0).sum()
+    k3 = torch.exp(d) - d - 1.0
+    return (k3 if weights is None else k3 * weights).sum()
 
 
 # ------------------------------------------------------------------------------------------------ PPO
+
+
+def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, *, logprobs: torch.Tensor | None = None,
+                  ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
+    """(B, T) per-token rewards for GAE: each sequence's reward on its LAST policy token (the terminal reward),
+    minus, with kl_coef > 0, the per-token KL penalty kl_coef * (logprob - ref_logprob) on every policy token
+    (the InstructGPT form, Ouyang et al. 2022, arXiv 2203.02155; use it instead of, not with, a KL term in the loss).
+
+    rewards (B,); mask (B, T) 1 on policy tokens (observation tokens in between are 0); logprobs, ref_logprobs (B, T).
+    A row with no policy token gets no reward. Returns float32, detached.
+    """
+    m = mask > 0
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=1).values  # (B,) -1: no policy token
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    rows = (last >= 0).nonzero(as_tuple=True)[0]
+    out[rows, last[rows]] = rewards.detach().float()[rows]
+    if kl_coef > 0:
+        if logprobs is None or ref_logprobs is None:
+            raise ValueError("token_rewards: kl_coef > 0 needs logprobs and ref_logprobs")
+        kl = (logprobs.detach() - ref_logprobs.detach()).float()
+        out = out - kl_coef * torch.where(m, kl, torch.zeros_like(kl))
+    return out
 
 
 @torch.no_grad()
@@ -174,17 +218,21 @@ def gae_advantages(
     return adv, returns
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float,
+                       weights: Tensor | None = None) -> Tensor:
     """PPO's clipped value loss, summed over masked tokens: sum_t 0.5 max((v - R)^2, (v_clip - R)^2),
     v_clip = old_v + clamp(v - old_v, -clip, clip) (the PPO2 baselines form; Schulman et al. 2017, arXiv 1707.06347).
 
-    values (B, T) with grad; old_values, returns (B, T) (detached here); mask (B, T). Returns a scalar sum.
+    values (B, T) with grad; old_values, returns (B, T) (detached here); mask (B, T); `weights` (B, T), when given,
+    multiplies each token's term. Returns a scalar sum.
     """
     m = _as_bool(mask)
     old = old_values.detach()
     ret = returns.detach()
     v_clip = old + torch.clamp(values - old, -clip, clip)
     per_token = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2)
+    if weights is not None:
+        per_token = per_token * weights
     return torch.where(m, per_token, torch.zeros_like(per_token)).sum()
 
 
@@ -259,6 +307,46 @@ def staleness_stats(
     return stats
 
 
+# ------------------------------------------------------------------------------------------------ loss types
+
+
+def dapo_weights(mask: Tensor, *, tokens: float, sequences: float, max_length: int) -> tuple[Tensor | None, float]:
+    """`dapo` (DAPO, arXiv 2503.14476; TRL's default): Σ_i Σ_t l_it / (tokens in the whole batch). Every token weighs
+    the same, so a long completion is not down-weighted."""
+    return None, tokens
+
+
+def grpo_weights(mask: Tensor, *, tokens: float, sequences: float, max_length: int) -> tuple[Tensor | None, float]:
+    """`grpo` (the DeepSeekMath objective, arXiv 2402.03300): Σ_i (Σ_t l_it / |o_i|) / (sequences in the batch), each
+    completion's token mean, then the mean over completions; a row with no policy token counts |o| = 1."""
+    m = _as_bool(mask).to(torch.float32)
+    return m / m.sum(-1, keepdim=True).clamp(min=1.0), sequences
+
+
+def dr_grpo_weights(mask: Tensor, *, tokens: float, sequences: float, max_length: int) -> tuple[Tensor | None, float]:
+    """`dr_grpo` (Dr. GRPO, arXiv 2503.20783): Σ_i Σ_t l_it / (sequences × max_length), a constant that does not
+    depend on the completions' lengths (TRL: max_completion_length; here rollout.max_new_tokens)."""
+    return None, sequences * max_length
+
+
+# A loss type (`algo.loss_type`): how per-token losses become the step's loss, as (per-token weights of a micro-batch
+# or None for all 1, the normaliser of the whole batch). The step's loss is Σ over every micro-batch and rank of
+# Σ_t w_t·l_t, divided by the normaliser, so the split of the batch never changes it.
+LOSS_TYPES = {"dapo": dapo_weights, "grpo": grpo_weights, "dr_grpo": dr_grpo_weights}
+
+
+def aggregate(per_token: Tensor, mask: Tensor, loss_type: str, *, tokens: float, sequences: float,
+              max_length: int) -> Tensor:
+    """A batch's loss under `loss_type` from its (B, T) per-token losses (what the trainer computes piecewise)."""
+    weights, normaliser = LOSS_TYPES[loss_type](mask, tokens=tokens, sequences=sequences, max_length=max_length)
+    terms = per_token if weights is None else per_token * weights
+    return torch.where(_as_bool(mask), terms, torch.zeros_like(terms)).sum() / normaliser
+
+
+def _times(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a * b
+
+
 # ------------------------------------------------------------------------------------------------ the table
 
 
@@ -267,7 +355,7 @@ def group_relative_advantages(rewards: Tensor, group_index: Tensor, admitted: Te
     admitted members, 0 for the trajectories not trained on. rewards (N,), group_index (N,), admitted (N,) bool."""
     adv = torch.zeros_like(rewards)
     if admitted.any():
-        adv[admitted] = grpo_advantages(rewards[admitted], group_index[admitted], scale_rewards=cfg.scale_rewards)
+        adv[admitted] = grpo_advantages(rewards[admitted], group_index[admitted], scale=cfg.scale_rewards)
     return adv
 
 
@@ -282,13 +370,14 @@ class LossInputs(NamedTuple):
     is_weights: Tensor | None  # (B, T) truncated importance weights, or None
     values: Tensor | None  # (B, T) value-head outputs with grad (algorithms with a value head)
     old_values: Tensor | None  # (B, T) the first epoch's values, detached
+    weights: Tensor | None = None  # (B, T) the loss type's per-token weights (LOSS_TYPES), or None for all 1
 
 
 def grpo_loss(x: LossInputs, cfg: AlgoConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO (arXiv 2402.03300): the clipped surrogate on one sequence advantage per trajectory, no value loss.
-    Returns (loss sum, stats): clipped_policy_loss's stats plus policy_sum and value_sum."""
+    Returns (weighted loss sum, stats): clipped_policy_loss's stats plus policy_sum and value_sum."""
     policy_sum, stats = clipped_policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, cfg.clip_low,
-                                            cfg.clip_high, is_weights=x.is_weights)
+                                            cfg.clip_high, is_weights=_times(x.is_weights, x.weights))
     return policy_sum, {**stats, "policy_sum": policy_sum.detach(), "value_sum": torch.zeros(())}
 
 
@@ -296,9 +385,9 @@ def ppo_loss(x: LossInputs, cfg: PPOAlgoConfig) -> tuple[Tensor, dict[str, Tenso
     """PPO (arXiv 1707.06347): GAE over the policy tokens from the first epoch's values, with the terminal reward on
     the last policy token; the clipped surrogate on those token advantages plus vf_coef × the clipped value loss."""
     adv, returns = gae_advantages(token_rewards(x.rewards, x.mask), x.old_values, x.mask, cfg.gamma, cfg.lam)
-    value_sum = clipped_value_loss(x.values, x.old_values, returns, x.mask, cfg.vf_clip)
+    value_sum = clipped_value_loss(x.values, x.old_values, returns, x.mask, cfg.vf_clip, weights=x.weights)
     policy_sum, stats = clipped_policy_loss(x.logprobs, x.old_logprobs, adv, x.mask, cfg.clip_low, cfg.clip_high,
-                                            is_weights=x.is_weights)
+                                            is_weights=_times(x.is_weights, x.weights))
     return policy_sum + cfg.vf_coef * value_sum, {**stats, "policy_sum": policy_sum.detach(),
                                                   "value_sum": value_sum.detach()}
 

@@ -84,8 +84,13 @@ class AlgoConfig:
     name: ClassVar[str]
     clip_low: float = field(default=0.2, metadata={"help": "lower clip of the importance ratio: 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={"help": "upper clip: 1 + clip_high (> clip_low = DAPO clip-higher)"})
-    scale_rewards: bool = field(default=True, metadata={"help": "group-relative advantages: divide group-centred "
-                                                                "rewards by the group std"})
+    scale_rewards: str = field(default="group", metadata={"help": "group-relative advantages: divide group-centred "
+                                                                  "rewards by the std of the group, of the batch, or "
+                                                                  "none (Dr. GRPO): group | batch | none"})
+    loss_type: str = field(default="dapo", metadata={"help": "how per-token losses become the step's loss, as TRL's: "
+                                                             "dapo (token mean over the batch) | grpo (mean of each "
+                                                             "completion's token mean) | dr_grpo (sum / (completions "
+                                                             "× rollout.max_new_tokens))"})
     kl_coef: float = field(default=0.0, metadata={"help": "coefficient of the KL penalty to the frozen reference (0 = off)"})
     num_iterations: int = field(default=1, metadata={"help": "optimisation epochs over each step's batch"})
     is_level: str = field(
@@ -101,6 +106,10 @@ class AlgoConfig:
             raise ValueError(f"clip_low: expected a number in (0, 1), got {self.clip_low}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef: expected a number >= 0, got {self.kl_coef}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards: expected group, batch or none, got {self.scale_rewards!r}")
+        if self.loss_type not in ("dapo", "grpo", "dr_grpo"):
+            raise ValueError(f"loss_type: expected dapo, grpo or dr_grpo, got {self.loss_type!r}")
         if self.is_level not in ("token", "sequence", "none"):
             raise ValueError(f"is_level: expected token, sequence or none, got {self.is_level!r}")
         if self.is_cap <= 0:
@@ -170,14 +179,20 @@ class LogConfig:
     project: str = field(default="marginal-rl", metadata={"help": "W&B project"})
     group: str = field(default="", metadata={"help": "W&B group (ablation grids set it)"})
     run_name: str = field(default="", metadata={"help": "W&B run name (default: output_dir's name)"})
-    table_every: int = field(default=10, metadata={"help": "log a trajectory table every N steps (0 = never)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar on the main process"})
+    table_every: int = field(default=10, metadata={"help": "append the step's completions to the run's W&B table "
+                                                           "every N steps (0 = never)"})
+    progress: bool = field(default=True, metadata={"help": "show the progress on the main process: a bar on a "
+                                                         "terminal, a plain line every progress_every steps in a log"})
+    progress_every: int = field(default=10, metadata={"help": "not a terminal (a log file): one progress line "
+                                                              "every N steps"})
 
     def __post_init__(self) -> None:
         if self.report_to not in ("wandb", "none"):
             raise ValueError(f"report_to: expected 'wandb' or 'none', got {self.report_to!r}")
         if self.table_every < 0:
             raise ValueError(f"table_every: expected an integer >= 0, got {self.table_every}")
+        if self.progress_every < 1:
+            raise ValueError(f"progress_every: expected an integer >= 1, got {self.progress_every}")
 
 
 @dataclass
@@ -276,6 +291,7 @@ TRL_KEYS: dict[str, str] = {
     "epsilon_high": "algo.clip_high",
     "num_iterations": "algo.num_iterations",
     "scale_rewards": "algo.scale_rewards",
+    "loss_type": "algo.loss_type",
     "vllm_importance_sampling_cap": "algo.is_cap",
     "reward_weights": "task.reward_weights",
     "max_steps": "train.max_steps",

@@ -43,11 +43,9 @@ from marginal_rl.train.checkpoint import (
     save_checkpoint,
 )
 from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict
-from marginal_rl.train.logger import NoOpLogger, WandbLogger
+from marginal_rl.train.logger import NoOpLogger, Progress, WandbLogger
 from marginal_rl.train.store import StepStore, prompt_rows, trajectory_rows, write_final
 from marginal_rl.train.update import measure_drift, sequence_advantages, train_step
-
-TABLE_COLUMNS = ["prompt", "completion", "reward", "advantage", "gain", "cost", "risk", "price", "fate"]
 
 # ------------------------------------------------------------------------------------------------ build_*
 
@@ -114,19 +112,26 @@ def build_optimizer(cfg: RunConfig, modules: list[torch.nn.Module]):
 @torch.no_grad()
 def evaluate(model, tokenizer, task: TaskSet, cfg: RunConfig, accelerator: Accelerator) -> dict[str, float]:
     """Mean reward on the eval split at the eval temperature (k samples each) and greedy, overall and per task
-    family; sharded over ranks. Runs on its own seeded RNG, so evaluating never changes the training run."""
-    mine = task.eval[accelerator.process_index :: accelerator.num_processes]
+    family. The split is cut into fixed chunks of prompts (one generate batch each), each sampled from its own seed,
+    and the chunks are dealt out to the ranks: the same weights give the same numbers whatever the number of
+    processes. Runs on its own seeded RNG, so evaluating never changes the training run."""
+    chunk = max(1, cfg.rollout.batch_size // cfg.rollout.eval_samples)
+    chunks = [task.eval[i : i + chunk] for i in range(0, len(task.eval), chunk)]
+    mine = range(accelerator.process_index, len(chunks), accelerator.num_processes)
     out = {}
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 10_000 + accelerator.process_index)
         for key, temp, k in (("eval/reward", cfg.rollout.eval_temperature, cfg.rollout.eval_samples),
                              ("eval/reward_greedy", 0.0, 1)):
-            episodes = task.rollout(model, tokenizer, [(p, k if temp > 0 else 1) for p in mine], cfg.rollout, step=-1,
-                                    version=-1, temperature=temp)
-            scored = [x for part in gather_object([[(t.family, t.reward) for t in episodes]]) for x in part]
-            out[key] = float(np.mean([r for _, r in scored])) if scored else float("nan")
-            for family in sorted({f for f, _ in scored} - {""}):
-                out[f"{key}/{family}"] = float(np.mean([r for f, r in scored if f == family]))
+            scored = []  # (chunk, position, family, reward): sorted after the gather, so the order is the same too
+            for c in mine:
+                torch.manual_seed(cfg.seed + 10_000 + c)
+                episodes = task.rollout(model, tokenizer, [(p, k if temp > 0 else 1) for p in chunks[c]],
+                                        cfg.rollout, step=-1, version=-1, temperature=temp)
+                scored += [(c, j, t.family, t.reward) for j, t in enumerate(episodes)]
+            scored = sorted(x for part in gather_object([scored]) for x in part)
+            out[key] = float(np.mean([r for *_, r in scored])) if scored else float("nan")
+            for family in sorted({f for _, _, f, _ in scored} - {""}):
+                out[f"{key}/{family}"] = float(np.mean([r for _, _, f, r in scored if f == family]))
     return out
 
 
@@ -189,6 +194,39 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
         "ledger": ledger.summary(target),
         "wall_seconds": round(time.time() - started, 2),
     }
+
+
+# TRL GRPOTrainer's metric names for what it and this trainer both compute (docs/metrics.md); `<func>` is each reward
+# function's name. The rollout ones come from trl_rollout_metrics, the update ones from update.train_step.
+TRL_METRIC_NAMES = ("reward", "reward_std", "rewards/<func>/mean", "rewards/<func>/std", "frac_reward_zero_std",
+                    "completions/mean_length", "completions/min_length", "completions/max_length",
+                    "completions/clipped_ratio", "num_tokens", "entropy", "kl", "clip_ratio/low_mean",
+                    "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+def _nanstd(x: np.ndarray) -> float:
+    """The unbiased std over the finite entries (TRL's nanstd); NaN with fewer than two."""
+    x = x[~np.isnan(x)]
+    return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+
+
+def trl_rollout_metrics(trajectories: list[Trajectory], columns: TrajectoryColumns, tokens_seen: int) -> dict:
+    """The step's rollout scalars under TRL GRPOTrainer's names (docs/metrics.md): reward, reward_std, each reward
+    function's mean and std, frac_reward_zero_std, completion lengths, clipped_ratio, num_tokens (cumulative)."""
+    if not trajectories:
+        return {"num_tokens": float(tokens_seen)}
+    lengths = columns.tokens_completion
+    out = {"reward": float(columns.reward.mean()), "reward_std": _nanstd(columns.reward),
+           "frac_reward_zero_std": float(columns.group_flat[columns.group].mean()),
+           "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+           "completions/max_length": float(lengths.max()),
+           "completions/clipped_ratio": float(np.mean([t.finish_reason == "length" for t in trajectories])),
+           "num_tokens": float(tokens_seen)}
+    for name in dict.fromkeys(k for t in trajectories for k in t.rewards or ("reward",)):
+        values = np.array([t.rewards.get(name, np.nan) if t.rewards else t.reward for t in trajectories])
+        out[f"rewards/{name}/mean"] = float(np.nanmean(values)) if (~np.isnan(values)).any() else float("nan")
+        out[f"rewards/{name}/std"] = _nanstd(values)
+    return out
 
 
 @dataclass
@@ -424,7 +462,20 @@ class Run:
             "perf/train_seconds": seconds.get("train", 0.0), "perf/budget_seconds": seconds.get("budget", 0.0),
             "perf/budget_fraction": seconds.get("budget", 0.0) / step_s,
             "perf/tokens_per_second": float(columns.tokens_rollout.sum()) / step_s,
+            **trl_rollout_metrics(trajectories, columns, self.state.budget.ledger.rollout_tokens),
         }
+
+    def log_completions(self, step: int, trajectories: list[Trajectory], done: StepUpdate,
+                        prices: TrajectoryPrices) -> None:
+        """The step's completions into the run's completions table: ids, texts, each reward function's value, and
+        the price record."""
+        names = list(dict.fromkeys(k for t in trajectories for k in t.rewards))
+        columns = ["step", "prompt_id", "prompt", "completion", *(f"rewards/{n}" for n in names), "reward",
+                   "advantage", "gain", "cost", "risk", "price", "fate"]
+        rows = [[step, t.prompt_id, t.prompt_text, t.completion_text, *(t.rewards.get(n) for n in names), t.reward,
+                 float(a), d.gain, d.cost, d.risk, d.price, d.fate]
+                for t, a, d in zip(trajectories, done.advantages, prices, strict=True)]
+        self.logger.log_completions(columns, rows, step=step)
 
     def close(self) -> None:
         """At the end or after an error: let a rollout in flight finish, start nothing new."""
@@ -440,6 +491,7 @@ class Run:
             weights = zero.policy_weights(weights)
         if self.main:
             write_final(self.out, self.policy, self.tokenizer, summary, state_dict=weights)
+            print(self.logger.describe())
         self.logger.finish()
         self.accelerator.end_training()
         return summary
@@ -452,16 +504,14 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     """Train `task` with the config's algorithm and budget policy; writes the run directory, returns the summary."""
     run = Run(cfg, task)
     s, budget, watch = run.state, run.state.budget, run.watch
+    if run.main:
+        print(f"run directory {run.out}; {run.logger.describe()}")
     if not s.evals:
-        run.logger.log(run.evaluate(0), step=0)
+        run.logger.log({**run.evaluate(0), **budget.ledger_metrics()}, step=0)
     if run.main:
         print(f"eval at step {s.evals[-1]['step']}: reward {s.evals[-1]['eval/reward']:.3f} "
               f"(greedy {s.evals[-1]['eval/reward_greedy']:.3f})")
-    bar = None
-    if run.main and cfg.log.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.train.max_steps, initial=s.step, desc="train", dynamic_ncols=True)
+    bar = Progress(cfg.train.max_steps, s.step, cfg.log.progress_every) if run.main and cfg.log.progress else None
     try:
         for step in range(s.step, cfg.train.max_steps):
             t0, budget.seconds = time.perf_counter(), 0.0
@@ -512,14 +562,10 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 run.logger.log(metrics, step=step + 1)
                 run.logger.log_histograms(settled.histograms, step=step + 1)
                 if cfg.log.table_every and step % cfg.log.table_every == 0:
-                    run.logger.log_table("trajectories", TABLE_COLUMNS, [
-                        [t.prompt_text, t.completion_text, t.reward, float(a), d.gain, d.cost, d.risk, d.price, d.fate]
-                        for t, a, d in zip(trajectories, done.advantages, settled.prices, strict=True)], step=step + 1)
+                    run.log_completions(step + 1, trajectories, done, settled.prices)
                 if bar is not None:
-                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
-                                    eval=f"{s.evals[-1]['eval/reward']:.3f}",
-                                    tokens=f"{budget.ledger.total_tokens / 1e3:.0f}k")
-                    bar.update(1)
+                    bar.update(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{s.evals[-1]['eval/reward']:.3f}",
+                               tokens=f"{budget.ledger.total_tokens / 1e3:.0f}k")
     finally:
         run.close()
     if bar is not None:

@@ -32,6 +32,7 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prices: TrajectoryPrices
             "tokens_policy": t.tokens_policy, "tokens_observation": toks["observation"], "tokens_verify": toks["verify"],
             "tokens_rollout": sum(toks.values()), "tokens_train": train_tokens(t, num_iterations) if trained else 0,
             "gain": gain, "cost": cost, "risk": risk, "price": price, "fate": fate,
+            **{f"rewards/{name}": value for name, value in t.rewards.items()},
             "prompt": t.prompt_text, "completion": t.completion_text, "actions": list(t.actions),
             "completion_ids": list(t.completion_ids), "completion_mask": list(t.completion_mask),
             "behavior_logprobs": list(t.behavior_logprobs),
@@ -41,10 +42,10 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prices: TrajectoryPrices
 
 def prompt_rows(step: int, plan: PromptPlan) -> list[dict]:
     return [{"step": step, "prompt_id": pid, "samples": n, "pass_rate": rate, "gain": gain, "cost": cost,
-             "price": price, "fate": "sampled" if n > 0 else "skipped"}
-            for pid, n, rate, gain, cost, price in zip(plan.prompt_ids, plan.samples.tolist(), plan.pass_rate.tolist(),
-                                                       plan.gain.tolist(), plan.cost.tolist(), plan.price.tolist(),
-                                                       strict=True)]
+             "price": price, "fate": "sampled" if n > 0 else "skipped", "reason": reason}
+            for pid, n, rate, gain, cost, price, reason in zip(
+                plan.prompt_ids, plan.samples.tolist(), plan.pass_rate.tolist(), plan.gain.tolist(),
+                plan.cost.tolist(), plan.price.tolist(), plan.reasons, strict=True)]
 
 
 class StepStore:

@@ -19,13 +19,21 @@ from accelerate import Accelerator
 
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 from marginal_rl.train import zero
-from marginal_rl.train.algorithms import ALGORITHMS, LossInputs, kl_penalty, staleness_stats, truncated_is_weights
+from marginal_rl.train.algorithms import (
+    ALGORITHMS,
+    LOSS_TYPES,
+    LossInputs,
+    kl_penalty,
+    logprobs_from_logits,
+    staleness_stats,
+    truncated_is_weights,
+)
 from marginal_rl.train.config import RunConfig
 from marginal_rl.train.packing import pack_microbatches, pad_batch
 from marginal_rl.train.value import forward_policy_and_values
 
 STAT_KEYS = ("loss/policy", "loss/value", "loss/kl", "loss/clip_fraction", "tokens", "kl_k3_sum", "ratio_sum",
-             "ratio_sq_sum", "clip_zeroed_tokens")
+             "ratio_sq_sum", "clip_zeroed_tokens", "clip_low_tokens", "clip_high_tokens", "entropy_sum", "ref_kl_sum")
 
 
 @dataclass
@@ -51,10 +59,11 @@ def make_batch(trajectories: Sequence[Trajectory], advantages: Sequence[float], 
                  torch.tensor([t.reward for t in trajectories], dtype=torch.float32))
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the sampler used."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (B, L-1, V)
-    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float, *,
+                   with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the sampler used (and
+    the entropies, with `with_entropy`: algorithms.logprobs_from_logits)."""
+    return logprobs_from_logits(model(input_ids=ids, attention_mask=attn).logits, ids, temperature, with_entropy)
 
 
 def sequence_advantages(cfg: RunConfig, columns: TrajectoryColumns, admitted: np.ndarray) -> np.ndarray:
@@ -86,8 +95,8 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
             sync = m == len(microbatches) - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 loss, stats = _microbatch(model, [trajectories[j] for j in mb], advantages[mb], cfg, pad_id,
-                                          global_tokens, world, accelerator, reference, value_head, proximal, m,
-                                          first_epoch=epoch == 0)
+                                          global_tokens, len(trajectories), world, accelerator, reference,
+                                          value_head, proximal, m, first_epoch=epoch == 0)
                 for k in STAT_KEYS:
                     sums[k] += stats.get(k, 0.0)
                 if sync:  # one decision for every rank (a rank-local one would let the ranks' weights diverge)
@@ -113,8 +122,15 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
         optimizer.zero_grad(set_to_none=True)
     total = _reduce(sums, accelerator)
     n = max(total.pop("tokens", 0.0), 1.0)  # first-epoch tokens, for the staleness means
-    out = {k: v / cfg.algo.num_iterations for k, v in total.items() if k.startswith("loss/")}
+    iters = cfg.algo.num_iterations
+    out = {k: v / iters for k, v in total.items() if k.startswith("loss/")}
     mean_r = total.get("ratio_sum", 0.0) / n
+    low, high = total["clip_low_tokens"] / (n * iters), total["clip_high_tokens"] / (n * iters)
+    out.update({  # TRL's names for what both compute (docs/metrics.md)
+        "entropy": total["entropy_sum"] / n, "clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+        "clip_ratio/region_mean": low + high,
+        **({"kl": total["ref_kl_sum"] / (n * iters)} if cfg.algo.kl_coef > 0 else {}),
+    })
     out.update({
         "train/behaviour_kl": total.get("kl_k3_sum", 0.0) / n,
         "train/ratio_mean": mean_r,
@@ -126,7 +142,7 @@ def train_step(model, optimizer, trajectories: Sequence[Trajectory], advantages:
 
 
 def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarray, cfg: RunConfig, pad_id: int,
-                global_tokens: int, world: int, accelerator: Accelerator, reference, value_head,
+                global_tokens: int, global_sequences: int, world: int, accelerator: Accelerator, reference, value_head,
                 proximal: dict, key: int, first_epoch: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward of one micro-batch: its loss, to backward, and its sums for the step's statistics."""
     dev = accelerator.device
@@ -138,33 +154,40 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
     b = make_batch(trajectories, advantages, pad_id)
     ids, attn, mask, behaviour = b.ids.to(dev), b.attn.to(dev), b.mask.to(dev), b.old_logprobs.to(dev)
     if algo.value_head:
-        lp, values = forward_policy_and_values(model, value_head, ids, attn, cfg.rollout.temperature)
+        lp, entropy, values = forward_policy_and_values(model, value_head, ids, attn, cfg.rollout.temperature,
+                                                        with_entropy=True)
     else:
-        lp, values = token_logprobs(model, ids, attn, cfg.rollout.temperature), None
+        (lp, entropy), values = token_logprobs(model, ids, attn, cfg.rollout.temperature, with_entropy=True), None
     stats: dict[str, float] = {}
     if first_epoch:
         proximal[key] = (lp.detach(), values.detach() if values is not None else None)
         st = staleness_stats(lp.detach(), behaviour, mask, cfg.algo.clip_low, cfg.algo.clip_high,
                              advantages=b.advantages.to(dev))
         stats = {k: float(v) for k, v in st.items()}
+        stats["entropy_sum"] = float((entropy * mask).sum())
     prox_lp, old_values = proximal[key]
     if cfg.algo.is_level == "none":
         old, is_w = behaviour, None  # classic PPO: the clip acts on π / π_behaviour
     else:
         old, is_w = prox_lp, truncated_is_weights(prox_lp, behaviour, mask, cfg.algo.is_level, cfg.algo.is_cap)
+    weights, norm = LOSS_TYPES[cfg.algo.loss_type](mask, tokens=global_tokens, sequences=global_sequences,
+                                                   max_length=cfg.rollout.max_new_tokens)
     loss_sum, parts = algo.loss(LossInputs(lp, old, mask, b.advantages.to(dev), b.rewards.to(dev), is_w, values,
-                                           old_values), cfg.algo)
+                                           old_values, weights), cfg.algo)
     kl_sum = torch.zeros((), device=dev)
     if cfg.algo.kl_coef > 0:
         with torch.no_grad(), reference_context(model, reference) as ref_model:
             ref_lp = token_logprobs(ref_model, ids, attn, cfg.rollout.temperature)
-        kl_sum = kl_penalty(lp, ref_lp, mask)
-    # DDP averages gradients over ranks: scale by world so the update is the sum over all tokens / global_tokens.
-    # DeepSpeed averages over ranks too (its gradient_accumulation_steps is held at 1, so it divides by nothing else).
-    loss = (loss_sum + cfg.algo.kl_coef * kl_sum) * world / global_tokens
-    stats.update({"loss/policy": parts["policy_sum"].item() / global_tokens,
-                  "loss/value": parts["value_sum"].item() / global_tokens, "loss/kl": kl_sum.item() / global_tokens,
-                  "loss/clip_fraction": float(parts["clipped_tokens"]) / global_tokens})
+        kl_sum = kl_penalty(lp, ref_lp, mask, weights)
+        stats["ref_kl_sum"] = float(kl_penalty(lp.detach(), ref_lp, mask)) if weights is not None else float(kl_sum)
+    # DDP averages gradients over ranks: scale by world so the update is the loss type's sum over the whole batch /
+    # its normaliser. DeepSpeed averages over ranks too (its gradient_accumulation_steps is held at 1).
+    loss = (loss_sum + cfg.algo.kl_coef * kl_sum) * world / norm
+    stats.update({"loss/policy": parts["policy_sum"].item() / norm, "loss/value": parts["value_sum"].item() / norm,
+                  "loss/kl": kl_sum.item() / norm,
+                  "loss/clip_fraction": float(parts["clipped_tokens"]) / global_tokens,
+                  "clip_low_tokens": float(parts["clipped_low_tokens"]),
+                  "clip_high_tokens": float(parts["clipped_high_tokens"])})
     return loss, stats
 
 

@@ -1,4 +1,5 @@
-"""PPO's critic: a value head on the policy's last hidden state, and the per-token rewards that GAE discounts.
+"""PPO's critic: a value head on the policy's last hidden state (the per-token rewards GAE discounts are
+algorithms.token_rewards).
 
 A head sharing the trunk (as in TRL's PPO for small models and InstructGPT-style RLHF) costs one linear layer and no
 extra forward pass; a separate critic would double the memory and the forward passes for little gain at the model
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from marginal_rl.train.algorithms import logprobs_from_logits
 
 
 class ValueHead(nn.Module):
@@ -31,37 +34,14 @@ class ValueHead(nn.Module):
 
 
 def forward_policy_and_values(model, value_head: nn.Module, ids: torch.Tensor, attn: torch.Tensor,
-                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                              temperature: float, *, with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
     """One forward pass: (B, L-1) log-probabilities of each next token under softmax(logits / temperature), as the
-    sampler drew them, and (B, L-1) values of the states that chose those tokens.
+    sampler drew them, and (B, L-1) values of the states that chose those tokens; with `with_entropy`, also the
+    (B, L-1) entropies (algorithms.logprobs_from_logits).
 
     ids, attn: (B, L) right-padded prompt + completion. `model` may be wrapped (DDP) so its gradients sync.
     """
     out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-    logits = out.logits[:, :-1].float()  # (B, L-1, V): logits at j score token j+1
-    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logprobs = logprobs_from_logits(out.logits, ids, temperature, with_entropy)  # logits at j score token j+1
     values = value_head(out.hidden_states[-1][:, :-1])  # (B, L-1): the state at j chose token j+1
-    return logprobs, values
-
-
-def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, *, logprobs: torch.Tensor | None = None,
-                  ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
-    """(B, T) per-token rewards for GAE: each sequence's reward on its LAST policy token (the terminal reward),
-    minus, with kl_coef > 0, the per-token KL penalty kl_coef * (logprob - ref_logprob) on every policy token
-    (the InstructGPT form, Ouyang et al. 2022, arXiv 2203.02155; use it instead of, not with, a KL term in the loss).
-
-    rewards (B,); mask (B, T) 1 on policy tokens (observation tokens in between are 0); logprobs, ref_logprobs (B, T).
-    A row with no policy token gets no reward. Returns float32, detached.
-    """
-    m = mask > 0
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=1).values  # (B,) -1: no policy token
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    rows = (last >= 0).nonzero(as_tuple=True)[0]
-    out[rows, last[rows]] = rewards.detach().float()[rows]
-    if kl_coef > 0:
-        if logprobs is None or ref_logprobs is None:
-            raise ValueError("token_rewards: kl_coef > 0 needs logprobs and ref_logprobs")
-        kl = (logprobs.detach() - ref_logprobs.detach()).float()
-        out = out - kl_coef * torch.where(m, kl, torch.zeros_like(kl))
-    return out
+    return (*logprobs, values) if with_entropy else (logprobs, values)

@@ -18,7 +18,7 @@ import numpy as np
 
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.pricing import PriceComponents, fade_posterior, group_economics, price_arrays, risk_factor
-from marginal_rl.budget.records import PromptPlan
+from marginal_rl.budget.records import POOL_FULL, SAMPLED, PromptPlan
 from marginal_rl.budget.state import BudgetState, current_drift
 from marginal_rl.rollout.types import TrajectoryColumns
 
@@ -88,10 +88,13 @@ def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: P
 
 
 def make_plan(candidates: Sequence[str], samples: np.ndarray, p_mean: np.ndarray, p: np.ndarray,
-              informative: np.ndarray, gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray) -> PromptPlan:
-    """The plan, priced at the group size allocated (or the smallest group, for a skipped prompt)."""
+              informative: np.ndarray, gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray,
+              skip_reason: np.ndarray) -> PromptPlan:
+    """The plan, priced at the group size allocated (or the smallest group, for a skipped prompt); `skip_reason`
+    (P,): the reason code (records.SKIP_REASONS) of each prompt, read only where it gets no samples."""
     return PromptPlan(list(candidates), samples.astype(np.int64), p_mean, gain, cost, gain - cost,
-                      np.zeros(len(samples)), p, informative, tokens)
+                      np.zeros(len(samples)), p, informative, tokens,
+                      np.where(samples > 0, SAMPLED, skip_reason).astype(np.int8))
 
 
 def smallest_group(samples: np.ndarray, limits: SampleLimits, max_n: int) -> np.ndarray:
@@ -100,11 +103,12 @@ def smallest_group(samples: np.ndarray, limits: SampleLimits, max_n: int) -> np.
 
 
 def priced_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], samples: np.ndarray,
-                limits: SampleLimits, arrays: PromptArrays) -> PromptPlan:
+                limits: SampleLimits, arrays: PromptArrays, skip_reason: np.ndarray | int = POOL_FULL) -> PromptPlan:
     """The plan for a given allocation, priced at the posterior mean (for logging under the unpriced policies)."""
     p = arrays.mean
     at = smallest_group(samples, limits, max(limits.max_group_size, limits.group_size, limits.min_group_size))
-    return make_plan(candidates, samples, p, p, *group_tables(cfg, state, p, arrays, at))
+    return make_plan(candidates, samples, p, p, *group_tables(cfg, state, p, arrays, at),
+                     np.broadcast_to(skip_reason, samples.shape))
 
 
 def uniform_plan(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], step: int,

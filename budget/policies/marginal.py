@@ -33,7 +33,15 @@ from marginal_rl.budget.policies.base import (
     smallest_group,
 )
 from marginal_rl.budget.pricing import PriceComponents, allocate_greedy, consistent_admission, controller_step
-from marginal_rl.budget.records import DROPPED_PRICE, DROPPED_STALE, TRAINED, ZERO_SIGNAL, PromptPlan
+from marginal_rl.budget.records import (
+    BUDGET,
+    DROPPED_PRICE,
+    DROPPED_STALE,
+    PRICE,
+    TRAINED,
+    ZERO_SIGNAL,
+    PromptPlan,
+)
 from marginal_rl.budget.state import BudgetState
 
 
@@ -107,8 +115,10 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
                               max_tokens=max_tokens)
     at = smallest_group(samples, limits, max_n)
     rows = np.arange(len(candidates))
+    # a skipped prompt: no group size it could enter with has a positive price, or the step's limits were spent
+    priced = (gain[:, limits.min_group_size:] > cost[:, limits.min_group_size:]).any(axis=1)
     return make_plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
-                     tokens[rows, at])
+                     tokens[rows, at], np.where(priced, BUDGET, PRICE))
 
 
 def fates_marginal(cfg: MarginalConfig, arrays: TrajectoryArrays, comp: PriceComponents) -> np.ndarray:

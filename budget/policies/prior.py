@@ -14,7 +14,7 @@ import numpy as np
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.policies.base import Policy, SampleLimits, priced_plan, prompt_arrays
 from marginal_rl.budget.policies.zero_var import fates_zero_var
-from marginal_rl.budget.records import PromptPlan
+from marginal_rl.budget.records import HISTORY, POOL_FULL, PromptPlan
 from marginal_rl.budget.state import BudgetState
 
 
@@ -35,7 +35,8 @@ def plan_prior(cfg: PriorConfig, state: BudgetState, candidates: Sequence[str], 
     arrays = prompt_arrays(cfg, state, candidates)
     keep = rng.random(len(candidates)) < cfg.explore_prob ** arrays.streak
     chosen = keep & (np.cumsum(keep) <= limits.prompts_per_step)
-    return priced_plan(cfg, state, candidates, np.where(chosen, limits.group_size, 0), limits, arrays)
+    return priced_plan(cfg, state, candidates, np.where(chosen, limits.group_size, 0), limits, arrays,
+                       skip_reason=np.where(keep, POOL_FULL, HISTORY))
 
 
 POLICY = Policy(PriorConfig, plan=plan_prior, fates=fates_zero_var, chooses=True)

@@ -65,3 +65,14 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, policy_cache):
     assert summary["world_size"] == 2
     assert set(df.traj_id.str[:3]) == {"r0-", "r1-"}  # both ranks generated their share
     assert df.traj_id.is_unique and summary["tokens"]["rollout"] == int(df.tokens_rollout.sum())
+
+    # the same starting weights evaluate to the same numbers on one process: sampled and greedy, every family
+    from marginal_rl.cli import main
+
+    one = tmp_path / "one"
+    assert main(["train", "--config", str(HERE.parents[1] / "configs" / "quickstart.yaml"),
+                 *tiny_overrides(policy_cache, str(one)), "train.max_steps=1"]) == 0
+    start_one = json.loads((one / "summary.json").read_text())["eval_history"][0]
+    start_two = summary["eval_history"][0]
+    evals = {k: v for k, v in start_one.items() if k.startswith("eval/")}
+    assert len(evals) > 2 and evals == {k: v for k, v in start_two.items() if k.startswith("eval/")}

@@ -16,6 +16,7 @@ from marginal_rl.rollout.build import build_task
 from marginal_rl.train import loop
 from marginal_rl.train.config import load_config
 from marginal_rl.train.logger import NoOpLogger
+from marginal_rl.train.loop import TRL_METRIC_NAMES
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,11 +58,17 @@ def test_every_policy_runs_and_every_logged_key_is_documented(tmp_path, policy_c
         assert (trained.price > 0).all()
         assert (trained.groupby("group_id").reward.nunique() > 1).all()
     prompts = pd.read_parquet(Path(cfg.output_dir) / "prompts")
-    assert {"prompt_id", "samples", "pass_rate", "gain", "cost", "price", "fate"} <= set(prompts.columns)
+    assert {"prompt_id", "samples", "pass_rate", "gain", "cost", "price", "fate", "reason"} <= set(prompts.columns)
+    assert set(prompts.reason[prompts.samples == 0]) <= {"history", "pool_full", "price", "budget"}
+    assert (prompts.reason[prompts.samples > 0] == "").all()
+    assert (df["rewards/exact_match"] == df.reward).all()  # arith has one reward function
+    # TRL's names for what both compute (kl only with a KL term)
+    assert {n.replace("<func>", "exact_match") for n in TRL_METRIC_NAMES if n != "kl"} <= rec.keys
     doc = _documented_keys()
     for key in rec.keys:
         generic = re.sub(r"/(copy|add1|add21|add2|add3|mul2)$", "/<family>", key)
         generic = re.sub(r"/finish_(eos|length|submit|defer|turns)$", "/finish_<reason>", generic)
+        generic = re.sub(r"^rewards/[^/]+/(mean|std)$", r"rewards/<func>/\1", generic)
         assert f"`{generic}`" in doc or f"`{key}`" in doc, f"{key} is logged but not documented in docs/metrics.md"
 
 

@@ -9,7 +9,9 @@ import torch
 
 from marginal_rl.train.algorithms import (
     ALGORITHMS,
+    LOSS_TYPES,
     LossInputs,
+    aggregate,
     clipped_policy_loss,
     clipped_value_loss,
     gae_advantages,
@@ -49,9 +51,22 @@ def test_grpo_advantages_by_hand():
 
 
 def test_grpo_advantages_dr_grpo_no_scaling():
-    # scale_rewards=False (Dr. GRPO): A = r - mean only -> +.25, -.75, +.25, +.25; zero-variance and singleton 0.
-    adv = grpo_advantages(t(1, 0, 1, 1, 0, 0, 5), torch.tensor([0, 0, 0, 0, 1, 1, 2]), scale_rewards=False)
+    # scale="none" (Dr. GRPO): A = r - mean only -> +.25, -.75, +.25, +.25; zero-variance and singleton 0.
+    adv = grpo_advantages(t(1, 0, 1, 1, 0, 0, 5), torch.tensor([0, 0, 0, 0, 1, 1, 2]), scale="none")
     assert torch.allclose(adv, t(0.25, -0.75, 0.25, 0.25, 0, 0, 0))
+
+
+def test_grpo_advantages_batch_scaling():
+    # scale="batch" (TRL's scale_rewards="batch"): group-centred, divided by the std of every reward in the batch.
+    # rewards 1, 0, 1, 1 | 0, 0 | 5: mean 8/7, Σ(r − 8/7)² = 18.857143, unbiased std √(18.857143/6) = 1.772811;
+    # group 0's deviations +.25, -.75 over (1.772811 + 1e-4); the flat group and the singleton stay exactly 0
+    adv = grpo_advantages(t(1, 0, 1, 1, 0, 0, 5), torch.tensor([0, 0, 0, 0, 1, 1, 2]), scale="batch")
+    std = torch.tensor([1.0, 0, 1, 1, 0, 0, 5], dtype=F64).std().item()
+    assert std == pytest.approx(1.772811, abs=1e-6)
+    assert adv.tolist() == pytest.approx([0.25 / (std + 1e-4), -0.75 / (std + 1e-4), 0.25 / (std + 1e-4),
+                                          0.25 / (std + 1e-4), 0, 0, 0])
+    with pytest.raises(ValueError, match="scale: expected group, batch or none"):
+        grpo_advantages(t(1, 0), torch.tensor([0, 0]), scale="token")
 
 
 def test_grpo_advantages_exact_zero_for_equal_rewards_despite_rounding():
@@ -368,3 +383,31 @@ def test_grpo_and_ppo_losses_are_their_parts():
     loss, parts = ppo_loss(x, PPOAlgoConfig(clip_low=0.2, clip_high=0.28, gamma=1.0, lam=1.0, vf_coef=0.5))
     assert parts["policy_sum"].item() == pytest.approx(-2.88) and parts["value_sum"].item() == pytest.approx(1.5)
     assert loss.item() == pytest.approx(-2.88 + 0.75)
+
+
+# ------------------------------------------------------------------------------------------------ loss types
+
+
+def test_loss_types_by_hand():
+    # Per-token losses of 3 completions with 2, 1 and 3 policy tokens (T = 3, 99 = masked out), max_length 4:
+    #   row 0: 1, 3    row 1: 2    row 2: 1, 1, 7        Σ = 15 over 6 tokens
+    # dapo:    Σ l / tokens             = 15 / 6 = 2.5
+    # grpo:    Σ (row mean) / rows      = (4/2 + 2/1 + 9/3) / 3 = 7/3
+    # dr_grpo: Σ l / (rows · max_length) = 15 / 12 = 1.25
+    per_token = t(1, 3, 99, 2, 99, 99, 1, 1, 7).reshape(3, 3)
+    mask = t(1, 1, 0, 1, 0, 0, 1, 1, 1).reshape(3, 3)
+    kw = dict(tokens=6, sequences=3, max_length=4)
+    assert aggregate(per_token, mask, "dapo", **kw).item() == pytest.approx(2.5)
+    assert aggregate(per_token, mask, "grpo", **kw).item() == pytest.approx(7 / 3)
+    assert aggregate(per_token, mask, "dr_grpo", **kw).item() == pytest.approx(1.25)
+    # split into micro-batches (rows 0-1 and row 2), each weighted and summed, the parts add up to the whole
+    for loss_type in LOSS_TYPES:
+        parts = 0.0
+        for rows in (slice(0, 2), slice(2, 3)):
+            w, norm = LOSS_TYPES[loss_type](mask[rows], **kw)
+            terms = per_token[rows] if w is None else per_token[rows] * w
+            parts += (terms * mask[rows]).sum().item() / norm
+        assert parts == pytest.approx(aggregate(per_token, mask, loss_type, **kw).item())
+    # a row with no policy token contributes nothing (and does not divide by zero)
+    empty = t(0, 0, 0).reshape(1, 3)
+    assert aggregate(per_token[:1], empty, "grpo", tokens=1, sequences=1, max_length=4).item() == 0.0

@@ -111,7 +111,9 @@ def test_prompt_plan_equals_its_per_object_view(policy):
         assert isinstance(d, PromptDecision) and d == plan[i]
         assert d == PromptDecision(plan.prompt_ids[i], int(plan.samples[i]), float(plan.pass_rate[i]),
                                    float(plan.gain[i]), float(plan.cost[i]), float(plan.price[i]), float(plan.risk[i]),
-                                   float(plan.sampled_rate[i]), float(plan.informative[i]), float(plan.tokens[i]))
+                                   float(plan.sampled_rate[i]), float(plan.informative[i]), float(plan.tokens[i]),
+                                   plan.reasons[i])
+        assert (d.reason == "") == (d.samples > 0)  # a reason for every skipped prompt, none for a sampled one
     assert list(PromptPlan.of(decisions)) == decisions
 
 

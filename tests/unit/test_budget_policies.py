@@ -139,8 +139,8 @@ def test_default_prices_on_the_arithmetic_task():
     limits = SampleLimits(16, 8, 2, 16)
     plan = {d.prompt_id: d for d in plan_prompts(cfg, state, ["easy", "mid", "hard"], 0, np.random.default_rng(0), limits)}
     assert plan["mid"].samples >= 2 and plan["mid"].price > 0
-    assert plan["easy"].samples == 0 and plan["easy"].price < 0
-    assert plan["hard"].samples == 0 and plan["hard"].price < 0
+    assert plan["easy"].samples == 0 and plan["easy"].price < 0 and plan["easy"].reason == "price"
+    assert plan["hard"].samples == 0 and plan["hard"].price < 0 and plan["hard"].reason == "price"
     # an unseen prompt (Beta(1, 1), mean 0.5) is worth exploring at the default prices too
     (d,) = plan_prompts(cfg, BudgetState(), ["new"], 0, np.random.default_rng(0), limits)
     assert d.samples >= 2 and d.price > 0 and d.pass_rate == 0.5
@@ -167,6 +167,8 @@ def test_marginal_plan_caps_samples_under_a_token_budget():
         cfg = BudgetConfig("marginal", token_budget=100_000, max_samples_per_step=cap, thompson=False)
         plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
         assert sum(d.samples for d in plan) == expected  # unseen prompts (p = 0.5) are all worth sampling
+        # 48 samples reach every candidate; 10 do not, and the others were skipped with the cap spent, not for price
+        assert {d.reason for d in plan if not d.samples} == ({"budget"} if cap else set())
 
 
 def test_prior_plan_skips_zero_variance_history():
@@ -175,6 +177,7 @@ def test_prior_plan_skips_zero_variance_history():
     plan = plan_prompts(cfg, state, [f"p{i}" for i in range(8)], 0, np.random.default_rng(0), LIMITS)
     # explore_prob**1 = 0: p0, p2, p3 never rolled out; the first 4 others are taken
     assert [d.samples for d in plan] == [0, 8, 0, 0, 8, 8, 8, 0]
+    assert plan.reasons == ["history", "", "history", "history", "", "", "", "pool_full"]
 
 
 def test_prior_plan_explores_with_probability():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from marginal_rl.train.algorithms import gae_advantages
-from marginal_rl.train.value import ValueHead, forward_policy_and_values, token_rewards
+from marginal_rl.train.algorithms import gae_advantages, token_rewards
+from marginal_rl.train.value import ValueHead, forward_policy_and_values
 
 
 class _FixedModel(torch.nn.Module):
