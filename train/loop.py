@@ -44,7 +44,7 @@ from marginal_rl.train.checkpoint import (
 )
 from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict
 from marginal_rl.train.logger import NoOpLogger, Progress, WandbLogger
-from marginal_rl.train.store import StepStore, prompt_rows, trajectory_rows, write_final
+from marginal_rl.train.store import MetricsLog, StepStore, prompt_rows, trajectory_rows, write_final
 from marginal_rl.train.update import measure_drift, sequence_advantages, train_step
 
 # ------------------------------------------------------------------------------------------------ build_*
@@ -326,11 +326,13 @@ class Run:
         self.by_id = {p.prompt_id: p for p in task.train}
 
         self.traj_store, self.prompt_store = StepStore(self.out / "trajectories"), StepStore(self.out / "prompts")
+        self.metrics_log = MetricsLog(self.out / "metrics.jsonl")
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             self.traj_store.truncate(self.state.step)  # a resumed run rewrites the steps after its checkpoint
             self.prompt_store.truncate(self.state.step)
+            self.metrics_log.truncate(self.state.step)
         self.logger = build_logger(cfg, accelerator, self.out)
         self.watch = Stopwatch()
         # Async rollouts: while step t trains, a background thread generates step t+1's rollouts from the snapshot
@@ -559,6 +561,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             metrics.update(run.loop_metrics(plan, trajectories, columns, sampled_ahead, time.perf_counter() - t0,
                                             seconds))
             if run.main:
+                run.metrics_log.write(step + 1, metrics)
                 run.logger.log(metrics, step=step + 1)
                 run.logger.log_histograms(settled.histograms, step=step + 1)
                 if cfg.log.table_every and step % cfg.log.table_every == 0:

@@ -78,6 +78,28 @@ class StepStore:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
 
 
+class MetricsLog:
+    """metrics.jsonl: every scalar the step logged, one JSON line per step (NaN as null), what `marginal-rl report`
+    plots without W&B. Appended and flushed line by line; a resumed run drops the lines after its checkpoint."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def truncate(self, after_step: int) -> None:
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()
+                                if isinstance(v, int | float)}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.is_file() else []
+
+
 def write_final(out: Path, model, tokenizer, summary: dict, state_dict: dict | None = None) -> None:
     """The end of a run: final weights (only the adapter with LoRA) and summary.json, and the one-line result.
     `state_dict`: the full weights when `model`'s own are sharded (FSDP), from `accelerator.get_state_dict`."""

@@ -56,7 +56,8 @@ def _fake_finished(run, reward: float, ttt: int | None) -> None:
             {"step": 10, "tokens": 1000, "seconds": 5.0, "eval/reward": reward}]
     (run.dir / "summary.json").write_text(json.dumps({
         "final_eval_reward": reward, "best_eval_reward": reward, "tokens_to_target": ttt, "target_reward": 0.4,
-        "tokens": {"total": 1000, "rollout": 700, "train": 300}, "wall_seconds": 5.0, "eval_history": hist}))
+        "tokens": {"total": 1000, "rollout": 700, "train": 300}, "wall_seconds": 5.0, "eval_history": hist,
+        "ledger": {"tokens_by_fate": {"trained": 400, "zero_signal": 300, "dropped_price": 0, "dropped_stale": 0}}}))
 
 
 def test_finished_runs_are_skipped_and_a_changed_config_is_not(tmp_path):
@@ -93,3 +94,7 @@ def test_report_script_reads_a_grid_without_wandb(tmp_path):
     assert "| none | 2 | 2/2 | 800 [800, 800]" in out.stdout
     assert (tmp_path / "grid" / "reward_vs_tokens.png").stat().st_size > 1000
     assert (tmp_path / "grid" / "reward_vs_wall.png").is_file()
+    page = (tmp_path / "grid" / "report.html").read_text()
+    for image in ("reward_vs_tokens.png", "reward_vs_steps.png", "tokens_by_fate_per_arm.png"):
+        assert f'src="{image}"' in page and (tmp_path / "grid" / image).stat().st_size > 1000
+    assert "per arm (median [min, max] over seeds)" in page
