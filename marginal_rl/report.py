@@ -272,8 +272,8 @@ def report_run(run: Path) -> Path:
     store = run / "trajectories"
     if store.is_dir():
         df = pd.read_parquet(store)
-        uses = {u: int(df[col].sum()) for u, col in USES.items()}
-        print("tokens by use (store): " + ", ".join(f"{k} {v:,}" for k, v in uses.items()))
+        print("tokens by use (store): " + ", ".join(f"{col.removeprefix('tokens_')} {int(df[col].sum()):,}"
+                                                   for col in USES.values()))
         by_fate = df.groupby("fate")[["tokens_rollout", "tokens_train"]].sum()
         by_fate["trajectories"] = df.groupby("fate").size()
         print(by_fate.to_string())

@@ -25,6 +25,17 @@ def test_one_microbatch_equals_many():
         torch.testing.assert_close(one[k], many[k], rtol=1e-5, atol=1e-6)
 
 
+def test_every_loss_type_is_independent_of_the_split_and_they_differ():
+    trajs, _ = fixed_batch()
+    longest = max(t.tokens_prompt + t.tokens_completion for t in trajs)
+    dapo = updated_weights(10_000)[0]
+    for loss_type in ("grpo", "dr_grpo"):
+        one, many = updated_weights(10_000, loss_type=loss_type)[0], updated_weights(longest, loss_type=loss_type)[0]
+        for k in one:
+            torch.testing.assert_close(one[k], many[k], rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(one[k], dapo[k]) for k in one)  # another normalisation, another update
+
+
 def _torchrun(nproc: int, out: Path, mbt: int, *mode: str) -> dict:
     """The weights after ddp_update.py's one train_step on `nproc` processes; `mode`: [ddp|zero2|zero3] [nonfinite]."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
