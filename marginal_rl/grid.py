@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from marginal_rl.report import RESULT_COLUMNS, plot_curves, ratio_lines, result_row, summarize, summary_markdown
+from marginal_rl.report import RESULT_COLUMNS, ratio_lines, report_grid, result_row, summarize, summary_markdown
 from marginal_rl.train.config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml
 
 # The command each runner's runs start with; `--config BASE key=value ...` follow.
@@ -165,14 +165,8 @@ def run_grid(path: str, parallel: int = 1, dry_run: bool = False) -> int:
         writer.writerows(results)
     table = summarize(results)
     table.to_csv(out / "summary.csv", index=False)
-    md = summary_markdown(table)
-    ratios = ratio_lines(table)
-    (out / "summary.md").write_text(md + "\n\nmedian tokens to target, ratios:\n" + "\n".join(ratios) + "\n")
-    arms: dict[str, list[Path]] = {}
-    for r in done:
-        arms.setdefault(r.arm, []).append(r.dir)
-    plots = plot_curves(arms, out, runs[0].config.budget.target_reward)
-    print(md)
-    print("\n".join(ratios))
-    print(f"results: {out / 'results.csv'}; plots: {', '.join(str(p) for p in plots)}")
+    (out / "summary.md").write_text(summary_markdown(table) + "\n\nmedian tokens to target, ratios:\n"
+                                    + "\n".join(ratio_lines(table)) + "\n")
+    report_grid(out)  # the table, the ratios, the plots and report.html
+    print(f"results: {out / 'results.csv'}")
     return 1 if failed else 0

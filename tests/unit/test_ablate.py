@@ -44,7 +44,8 @@ hist = [{{"step": 0, "tokens": 0, "seconds": 0.5, "eval/reward": 0.3}},
         {{"step": 5, "tokens": 2 * ttt, "seconds": 2.0, "eval/reward": 0.45}}]
 (out / "summary.json").write_text(json.dumps({{
     "final_eval_reward": 0.45, "best_eval_reward": 0.45, "tokens_to_target": ttt, "target_reward": 0.42,
-    "tokens": {{"total": 2 * ttt, "rollout": ttt, "train": ttt}}, "wall_seconds": 2.0, "eval_history": hist}}))
+    "tokens": {{"total": 2 * ttt, "rollout": ttt, "train": ttt}}, "wall_seconds": 2.0, "eval_history": hist,
+    "ledger": {{"tokens_by_fate": {{"trained": ttt, "zero_signal": 0, "dropped_price": 0, "dropped_stale": 0}}}}}}))
 '''
 
 
@@ -80,6 +81,7 @@ def test_grid_runs_everything_then_resumes_skipping_finished_runs(fake_grid, cap
     assert "| none | 2 | 2/2 | 450 [300, 600]" in summary  # median of 300 and 600
     assert "none / marginal" not in summary and "none / fast" not in summary  # ratios are against the `marginal` arm
     assert (out / "reward_vs_tokens.png").stat().st_size > 1000 and (out / "reward_vs_wall.png").is_file()
+    assert (out / "report.html").is_file() and (out / "tokens_by_fate_per_arm.png").is_file()
 
     # Interrupted grid: one run lost its summary (killed mid-run) and left a stray file behind.
     half = out / "fast" / "seed1"
