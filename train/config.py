@@ -27,7 +27,7 @@ import yaml
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.policies import POLICIES
 from marginal_rl.budget.policies.zero_var import ZeroVarConfig
-from marginal_rl.rollout.config import TASK_CONFIGS, ArithTaskConfig, RolloutConfig, TaskConfig
+from marginal_rl.rollout.config import ROLLOUT_CONFIGS, TASK_CONFIGS, ArithTaskConfig, RolloutConfig, TaskConfig
 
 
 class ConfigError(Exception):
@@ -272,6 +272,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 # A variant base class -> (its name key, name -> variant class, the default name).
 VARIANTS: dict[type, tuple[str, dict[str, type], str]] = {
     TaskConfig: ("name", TASK_CONFIGS, ArithTaskConfig.name),
+    RolloutConfig: ("backend", ROLLOUT_CONFIGS, RolloutConfig.backend),
     BudgetConfig: ("policy", {name: p.config for name, p in POLICIES.items()}, ZeroVarConfig.policy),
     AlgoConfig: ("name", ALGO_CONFIGS, GRPOAlgoConfig.name),
 }

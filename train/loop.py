@@ -25,12 +25,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from marginal_rl.budget.allocator import Budget, Update
 from marginal_rl.budget.ledger import Ledger
 from marginal_rl.budget.policies import SampleLimits
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
+from marginal_rl.rollout.engine import VLLMEngine
 from marginal_rl.rollout.tasks import TaskSet
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 from marginal_rl.train import zero
@@ -133,6 +134,34 @@ def evaluate(model, tokenizer, task: TaskSet, cfg: RunConfig, accelerator: Accel
             for family in sorted({f for _, _, f, _ in scored} - {""}):
                 out[f"{key}/{family}"] = float(np.mean([r for _, _, f, r in scored if f == family]))
     return out
+
+
+def build_engine(cfg: RunConfig, policy, tokenizer, accelerator: Accelerator, out: Path) -> VLLMEngine:
+    """rollout.backend=vllm: the vLLM server that generates the rollouts, started by the main process on the starting
+    policy (exported under output_dir/vllm/policy) or attached at rollout.vllm_url; every rank gets its client."""
+    r = cfg.rollout
+    if cfg.model.lora_r > 0:
+        raise ConfigError("rollout.backend=vllm: LoRA adapters are not pushed to the server yet; use model.lora_r=0 or "
+                          "rollout.backend=transformers")
+    if zero.requested() or _fsdp(accelerator):
+        raise ConfigError("rollout.backend=vllm: pushing weights gathers them on one process; run it under DDP or on "
+                          "one process (FSDP and DeepSpeed ZeRO are not supported with vLLM yet)")
+    url = [r.vllm_url]
+    engine = None
+    if accelerator.is_main_process and not r.vllm_url:
+        policy_dir = out / "vllm" / "policy"
+        policy.save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+        engine = VLLMEngine.start(r.vllm_python, str(policy_dir.resolve()), out / "vllm" / "server.log",
+                                  port=r.vllm_port, dtype=cfg.model.dtype, kv_cache_gb=r.vllm_kv_cache_gb,
+                                  gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                                  startup_timeout_s=r.vllm_startup_timeout_s, seed=cfg.seed)
+        url = [engine.url]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(url)
+    engine = engine or VLLMEngine(url[0])
+    engine.health()
+    return engine
 
 
 def _fsdp(accelerator: Accelerator) -> bool:
@@ -308,8 +337,9 @@ class Run:
         self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations))
         ckpt = self._resume(model, value_head) if cfg.train.resume_from else None
         # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
-        # every weight on every rank to generate on its own
-        self.snapshot = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rollout.max_staleness else None
+        # every weight on every rank to generate on its own (with vLLM the server holds the lagging weights)
+        lagging = cfg.rollout.max_staleness and cfg.rollout.backend == "transformers"
+        self.snapshot = copy.deepcopy(model).eval().requires_grad_(False) if lagging else None
         if not (self.snapshot is not None and ckpt is not None and load_snapshot(ckpt, self.snapshot)):
             self.state.behaviour_version = self.state.version  # sample from the weights as they are now
         if value_head is not None and zero.active(accelerator):  # the engine trains one module: the head joins it
@@ -321,8 +351,13 @@ class Run:
         self.value_head = value_head
         self.policy = accelerator.unwrap_model(self.model)
         # Rollouts may run ahead of training by up to max_staleness versions: they sample from a snapshot of the
-        # weights that is refreshed once it is that many versions behind (on-policy: the policy itself).
-        self.behaviour = self.snapshot if self.snapshot is not None else self.policy
+        # weights that is refreshed once it is that many versions behind (on-policy: the policy itself), or from the
+        # vLLM server, which gets the trained weights as often.
+        self.engine = None
+        if cfg.rollout.backend == "vllm":
+            self.engine = build_engine(cfg, self.policy, self.tokenizer, accelerator, self.out)
+            self.engine.version = self.state.behaviour_version = self.state.version
+        self.behaviour = self.engine or (self.snapshot if self.snapshot is not None else self.policy)
         self.by_id = {p.prompt_id: p for p in task.train}
 
         self.traj_store, self.prompt_store = StepStore(self.out / "trajectories"), StepStore(self.out / "prompts")
@@ -369,9 +404,19 @@ class Run:
         more than max_staleness versions stale (on-policy: the behaviour is the policy itself, never behind)."""
         s = self.state
         if s.version + trains_after - s.behaviour_version > self.cfg.rollout.max_staleness:
-            if self.snapshot is not None:  # on-policy there is nothing to copy (or, sharded, to gather)
+            if self.engine is not None:
+                self.push_weights()
+            elif self.snapshot is not None:  # on-policy there is nothing to copy (or, sharded, to gather)
                 sync_snapshot(self.snapshot, self.model, self.accelerator)
             s.behaviour_version = s.version
+
+    def push_weights(self) -> None:
+        """The trained weights to the vLLM server: written under output_dir/vllm/weights, reloaded in place there."""
+        if self.accelerator.is_main_process:
+            path = self.out / "vllm" / "weights"
+            self.policy.save_pretrained(path)
+            self.engine.update_weights(str(path.resolve()), self.state.version)
+        self.accelerator.wait_for_everyone()
 
     def generate(self, step: int, plan: PromptPlan, version: int) -> list[Trajectory]:
         """This rank's share of the planned groups, sampled from the behaviour weights (at policy `version`)."""
@@ -480,9 +525,11 @@ class Run:
         self.logger.log_completions(columns, rows, step=step)
 
     def close(self) -> None:
-        """At the end or after an error: let a rollout in flight finish, start nothing new."""
+        """At the end or after an error: let a rollout in flight finish, start nothing new, stop the vLLM server."""
         if self.producer is not None:
             self.producer.shutdown(wait=True, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.close()
 
     def finish(self) -> dict:
         s = self.state

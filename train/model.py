@@ -188,7 +188,10 @@ def load_policy(path: str, gguf_file: str = "", dtype: str = "float32"):
         directory, name = gguf
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch_dtype, local_files_only=True)
-        model.hf_quantizer = None  # dequantised on load: let save_pretrained write plain weights
+        # dequantised on load: save_pretrained writes plain weights, and the saved config must not claim a
+        # quantisation they do not have (vLLM refuses a `quant_method: gguf` config over float safetensors)
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     else:
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.path: {path!r} has no config.json and no .gguf file")
