@@ -84,8 +84,9 @@ class VLLMEngine:
             with urllib.request.urlopen(req, timeout=timeout or self.request_timeout_s) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:  # the server answered with an error of its own
+            where = f"; its log: {self.log}{self._log_tail()}" if self.log else ""
             raise RolloutError(f"the vLLM server at {self.url} failed {endpoint}: "
-                               f"{json.loads(e.read() or b'{}').get('error', e.reason)}") from None
+                               f"{json.loads(e.read() or b'{}').get('error', e.reason)}{where}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             gone = self.process is not None and self.process.poll() is not None
             why = f"exited with status {self.process.returncode}" if gone else f"did not answer ({e})"
