@@ -43,7 +43,7 @@ class VLLMEngine:
     @classmethod
     def start(cls, python: str, model: str, log: Path, *, port: int = 0, dtype: str = "float32",
               kv_cache_gb: int = 1, gpu_memory_utilization: float = 0.3, startup_timeout_s: float = 600.0,
-              seed: int = 0) -> VLLMEngine:
+              seed: int = 0, eager: bool = True) -> VLLMEngine:
         """Start a server on `model` with the interpreter `python` and wait until it answers /health."""
         if not Path(python).is_file():
             raise RolloutError(f"rollout.vllm_python: {python!r} does not exist; install vLLM into its own venv "
@@ -51,7 +51,7 @@ class VLLMEngine:
                                f"rollout.vllm_url")
         port = port or _free_port()
         cmd = [python, "-P", str(SERVER), "--model", model, "--port", str(port), "--dtype", dtype, "--seed", str(seed),
-               "--gpu-memory-utilization", str(gpu_memory_utilization)]
+               "--gpu-memory-utilization", str(gpu_memory_utilization), *([] if eager else ["--no-enforce-eager"])]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:

@@ -133,3 +133,22 @@ def test_engine_errors_name_the_problem(tmp_path):
         VLLMEngine.start(str(tmp_path / "no-python"), str(tmp_path), tmp_path / "log")
     with pytest.raises(RolloutError, match="did not answer"):
         VLLMEngine("http://127.0.0.1:9").health()  # nothing listens there
+
+
+def test_agent_episodes_run_through_the_server(tiny):
+    """Multi-turn fix_test episodes sample every turn from the server: the policy's tokens carry its logprobs, the
+    environment's observations sit between them, masked out."""
+    from marginal_rl.rollout.config import FixTestTaskConfig, RolloutConfig
+    from marginal_rl.rollout.fix_test_task import build_fix_test
+
+    model, tokenizer, engine, _, _ = tiny
+    task = build_fix_test(FixTestTaskConfig(num_train=2, num_eval=1, warm_start_episodes=1), RolloutConfig())
+    torch.manual_seed(0)
+    episodes = task.rollout(engine, tokenizer, [(task.train[0], 2)], RolloutConfig(max_turns=3, max_new_tokens=8),
+                            step=0, version=0, temperature=1.0)
+    assert len(episodes) == 2
+    for t in episodes:
+        assert len(t.behavior_logprobs) == len(t.completion_ids) == len(t.completion_mask)
+        assert 0 in t.completion_mask and 1 in t.completion_mask  # observations between the policy's turns
+        policy_lps = [lp for lp, m in zip(t.behavior_logprobs, t.completion_mask, strict=True) if m]
+        assert all(lp < 0 for lp in policy_lps)  # the engine's logprobs of the sampled tokens
