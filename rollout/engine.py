@@ -97,14 +97,14 @@ class VLLMEngine:
         return self._request("/health", timeout=5.0)
 
     def sample(self, prompt_ids: Sequence[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-               eos_id: int, seed: int) -> list[tuple[list[int], list[float], str]]:
+               eos_id: int) -> list[tuple[list[int], list[float], str]]:
         """One completion per prompt: (token ids up to and including EOS, their logprobs under the sampling
-        distribution, "eos" | "length"). Prompt k is sampled with seed + k."""
+        distribution, "eos" | "length"), drawn from the server's generator (seeded with the run's seed)."""
         if temperature <= 0:
             raise RolloutError("the vLLM backend samples training rollouts (temperature > 0); greedy eval runs on "
                                "the trainer's weights")
         out = self._request("/generate", {"prompt_ids": [list(p) for p in prompt_ids], "max_tokens": max_new_tokens,
-                                          "temperature": temperature, "top_p": top_p, "seed": seed})["samples"]
+                                          "temperature": temperature, "top_p": top_p})["samples"]
         return [(s["ids"], s["logprobs"], "eos" if s["ids"] and s["ids"][-1] == eos_id else "length") for s in out]
 
     def update_weights(self, path: str, version: int) -> dict:

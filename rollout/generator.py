@@ -28,10 +28,9 @@ def sample(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: in
 
     The recorded log-probabilities are those of the sampling distribution, log softmax(logits / temperature), the
     same scaling the trainer uses, so the ratio is exactly 1 for an unchanged policy (top_p truncation excepted)."""
-    if isinstance(model, VLLMEngine):  # a serving engine samples for itself, seeded from the trainer's RNG
-        seed = int(torch.randint(0, 2**31 - 1 - len(prompt_ids), (1,)))
+    if isinstance(model, VLLMEngine):  # a serving engine samples for itself
         return [Sample(list(p), ids, lps, reason) for p, (ids, lps, reason) in zip(
-            prompt_ids, model.sample(prompt_ids, max_new_tokens, temperature, top_p, tokenizer.eos_token_id, seed),
+            prompt_ids, model.sample(prompt_ids, max_new_tokens, temperature, top_p, tokenizer.eos_token_id),
             strict=True)]
     was_training = model.training
     model.eval()

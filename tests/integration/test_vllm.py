@@ -56,7 +56,7 @@ def _trainer_logprobs(model, prompt: list[int], completion: list[int], temperatu
 def _max_gap(model, tokenizer, engine, temperature: float) -> float:
     prompts = [tokenizer(p)["input_ids"] for p in ("12+3=", "copy 123=", "45*67=", "9+9=")]
     gap = 0.0
-    for p, (ids, lps, reason) in zip(prompts, engine.sample(prompts, 8, temperature, 1.0, tokenizer.eos_token_id, 7),
+    for p, (ids, lps, reason) in zip(prompts, engine.sample(prompts, 8, temperature, 1.0, tokenizer.eos_token_id),
                                      strict=True):
         assert reason in ("eos", "length") and len(ids) == len(lps) > 0
         gap = max(gap, *(abs(a - b) for a, b in zip(_trainer_logprobs(model, p, ids, temperature), lps, strict=True)))
