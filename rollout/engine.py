@@ -51,7 +51,8 @@ class VLLMEngine:
                                f"rollout.vllm_url")
         port = port or _free_port()
         cmd = [python, "-P", str(SERVER), "--model", model, "--port", str(port), "--dtype", dtype, "--seed", str(seed),
-               "--gpu-memory-utilization", str(gpu_memory_utilization), *([] if eager else ["--no-enforce-eager"])]
+               "--gpu-memory-utilization", str(gpu_memory_utilization), "--parent-pid", str(os.getpid()),
+               *([] if eager else ["--no-enforce-eager"])]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:

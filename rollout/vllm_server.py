@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -100,6 +101,16 @@ def serve(args: argparse.Namespace) -> None:
         def log_message(self, fmt, *a):  # requests are not worth a log line each
             pass
 
+    if args.parent_pid:  # the trainer that started the server: when it is gone (even by kill -9), so is the server
+        def watch_parent() -> None:
+            while True:
+                time.sleep(2.0)
+                try:
+                    os.kill(args.parent_pid, 0)
+                except ProcessLookupError:
+                    os._exit(0)
+
+        threading.Thread(target=watch_parent, daemon=True).start()
     server = HTTPServer((args.host, args.port), Handler)
     server.shutdown_requested = False
     print(f"vllm server ready on {args.host}:{server.server_address[1]} (vllm {vllm.__version__})", flush=True)
@@ -117,6 +128,7 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's own")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0 = never)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU machine
     try:

@@ -152,3 +152,16 @@ def test_agent_episodes_run_through_the_server(tiny):
         assert 0 in t.completion_mask and 1 in t.completion_mask  # observations between the policy's turns
         policy_lps = [lp for lp, m in zip(t.behavior_logprobs, t.completion_mask, strict=True) if m]
         assert all(lp < 0 for lp in policy_lps)  # the engine's logprobs of the sampled tokens
+
+
+def test_the_server_does_not_outlive_a_killed_trainer(tmp_path, tiny):
+    _, _, _, served, _ = tiny
+    code = ("import os; from pathlib import Path; from marginal_rl.rollout.engine import VLLMEngine; "
+            f"e = VLLMEngine.start({str(PYTHON)!r}, {str(served)!r}, Path({str(tmp_path / 'log')!r})); "
+            "print(e.process.pid, flush=True); os._exit(9)")  # the trainer dies without stopping its server
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    pid = int(r.stdout.split()[-1])
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists()
