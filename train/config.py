@@ -167,9 +167,11 @@ class TrainConfig:
         for key in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: expected an integer >= 0, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: expected a number > 0, got {self.lr}")
-        if self.max_grad_norm < 0:
+        if not 0 < self.lr <= 1:  # also refuses NaN and inf; an AdamW step above 1 is a typo, not a setting
+            raise ValueError(f"lr: expected a learning rate in (0, 1], got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay: expected a number >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm: expected a number >= 0, got {self.max_grad_norm}")
 
 
@@ -217,6 +219,10 @@ class RunConfig:
             raise ValueError(f"rollout.min_group_size: expected >= 2 with algo.name=grpo, got {self.rollout.min_group_size}")
         if not self.output_dir:
             raise ValueError("output_dir: expected a directory path, got nothing")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"output_dir: {self.output_dir!r} exists and is not a directory")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -55,6 +55,10 @@ def test_override_values_are_yaml():
         ("train=5", "train: expected a mapping"),
         ("model.dtype=float16", "model.dtype: float16 weights cannot be trained stably"),
         ("rollout.async_rollout=true", "rollout.async_rollout: the next step's rollouts are generated before"),
+        ("train.lr=nan", "train.lr: expected a learning rate in (0, 1], got nan"),
+        ("train.lr=1e30", "train.lr: expected a learning rate in (0, 1], got 1e+30"),
+        ("train.weight_decay=-1", "train.weight_decay: expected a number >= 0"),
+        ("seed=-1", "seed: expected an integer >= 0, got -1"),
     ],
 )
 def test_bad_config_names_key(override, needle):
@@ -118,6 +122,13 @@ def test_trl_table_matches_trl_and_our_keys_and_the_docs():
     rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
             for line in doc.splitlines() if line.startswith("| `")}
     assert {k: v.split(" ")[0].strip("`") for k, v in rows.items()} == TRL_KEYS
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_model(tmp_path):
+    f = tmp_path / "run"
+    f.write_text("not a directory")
+    with pytest.raises(ConfigError, match=f"output_dir: '{f}' exists and is not a directory"):
+        load_config([], [f"output_dir={f}"])
 
 
 def test_ppo_allows_group_of_one():
