@@ -320,6 +320,7 @@ class Run:
     reference, value head, optimiser, then the checkpoint (if resuming) and accelerate's prepare."""
 
     def __init__(self, cfg: RunConfig, task: TaskSet):
+        started = time.time()  # the run's wall clock includes building (and warm-starting) the policy
         self.cfg, self.task = cfg, task
         self.accelerator = accelerator = build_accelerator(cfg)
         self.main, self.world, self.rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
@@ -334,7 +335,7 @@ class Run:
         self.optimizer, self.scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
         self.limits = SampleLimits(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.min_group_size,
                                    cfg.rollout.max_group_size)
-        self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations))
+        self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations), started=started)
         ckpt = self._resume(model, value_head) if cfg.train.resume_from else None
         # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
         # every weight on every rank to generate on its own (with vLLM the server holds the lagging weights)
