@@ -19,7 +19,6 @@ are cleaned and rerun.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from marginal_rl.report import RESULT_COLUMNS, ratio_lines, report_grid, result_row, summarize, summary_markdown
+from marginal_rl.report import report_grid
 from marginal_rl.train.config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml
 
 # The command each runner's runs start with; `--config BASE key=value ...` follow.
@@ -157,16 +156,6 @@ def run_grid(path: str, parallel: int = 1, dry_run: bool = False) -> int:
                 bar.update(1)
                 bar.set_postfix(last=f"{run.arm}/seed{run.seed}")
 
-    done = [r for r in runs if (r.dir / "summary.json").is_file()]
-    results = [result_row(r.arm, r.seed, r.dir) for r in done]
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(results)
-    table = summarize(results)
-    table.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(summary_markdown(table) + "\n\nmedian tokens to target, ratios:\n"
-                                    + "\n".join(ratio_lines(table)) + "\n")
-    report_grid(out)  # the table, the ratios, the plots and report.html
-    print(f"results: {out / 'results.csv'}")
+    if any((r.dir / "summary.json").is_file() for r in runs):
+        report_grid(out)  # results.csv, summary.md/.csv, the plots and report.html
     return 1 if failed else 0

@@ -13,6 +13,7 @@ the curves per arm with their seed bands, tokens by fate per arm, and the table.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
@@ -300,9 +301,15 @@ def report_grid(grid: Path) -> Path:
     if not runs:
         raise SystemExit(f"{grid}: no finished runs (expected <arm>/seed<k>/summary.json)")
     results = [result_row(r.parent.name, int(r.name.removeprefix("seed")), r) for r in runs]
+    with (grid / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(results)
     table = summarize(results)
-    print(summary_markdown(table))
-    ratios = ratio_lines(table)
+    table.to_csv(grid / "summary.csv", index=False)
+    md, ratios = summary_markdown(table), ratio_lines(table)
+    (grid / "summary.md").write_text(md + "\n\nmedian tokens to target, ratios:\n" + "\n".join(ratios) + "\n")
+    print(md)
     print("\n".join(ratios))
     arms: dict[str, list[Path]] = {}
     for r in runs:
@@ -313,7 +320,7 @@ def report_grid(grid: Path) -> Path:
     intro = (f"{len(runs)} runs in {len(arms)} arms. Median tokens to target, ratios: {'; '.join(ratios) or 'none'}.")
     page = write_html(grid / "report.html", f"grid {grid.name}", intro, plots,
                       [("per arm (median [min, max] over seeds)", table.to_html(index=False, float_format="%.4g"))])
-    print(f"report: {page}")
+    print(f"report: {page}; results: {grid / 'results.csv'}")
     return page
 def report(path: Path) -> int:
     """Report a run directory (it has summary.json) or a grid directory; 2 when `path` is neither."""

@@ -153,11 +153,13 @@ def _microbatch(model, trajectories: Sequence[Trajectory], advantages: np.ndarra
     algo = ALGORITHMS[cfg.algo.name]
     b = make_batch(trajectories, advantages, pad_id)
     ids, attn, mask, behaviour = b.ids.to(dev), b.attn.to(dev), b.mask.to(dev), b.old_logprobs.to(dev)
+    # the entropy is a first-epoch statistic: later epochs skip its pass over the vocabulary
     if algo.value_head:
-        lp, entropy, values = forward_policy_and_values(model, value_head, ids, attn, cfg.rollout.temperature,
-                                                        with_entropy=True)
+        res = forward_policy_and_values(model, value_head, ids, attn, cfg.rollout.temperature, with_entropy=first_epoch)
+        lp, values, entropy = (res[0], res[2], res[1]) if first_epoch else (*res, None)
     else:
-        (lp, entropy), values = token_logprobs(model, ids, attn, cfg.rollout.temperature, with_entropy=True), None
+        res = token_logprobs(model, ids, attn, cfg.rollout.temperature, with_entropy=first_epoch)
+        (lp, entropy), values = (res if first_epoch else (res, None)), None
     stats: dict[str, float] = {}
     if first_epoch:
         proximal[key] = (lp.detach(), values.detach() if values is not None else None)
