@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -56,7 +57,9 @@ class VLLMEngine:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            # its own process group: closing the engine can then stop vLLM's EngineCore and workers too, which
+            # outlive a server that was killed
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         engine = cls(f"http://127.0.0.1:{port}", process, log)
         deadline = time.time() + startup_timeout_s
         while time.time() < deadline:
@@ -115,12 +118,17 @@ class VLLMEngine:
         return reply
 
     def close(self) -> None:
-        """Stop the server this engine started (an attached one keeps running)."""
-        if self.process is None or self.process.poll() is not None:
+        """Stop the server this engine started, with every process of its group (an attached one keeps running)."""
+        if self.process is None:
             return
-        try:
-            self._request("/shutdown", {}, timeout=10.0)
-            self.process.wait(timeout=30)
-        except (RolloutError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            try:
+                self._request("/shutdown", {}, timeout=10.0)
+                self.process.wait(timeout=30)
+            except (RolloutError, subprocess.TimeoutExpired):
+                pass
+        try:  # whatever is left of the group: a killed server leaves vLLM's EngineCore and workers behind
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -108,7 +109,7 @@ def serve(args: argparse.Namespace) -> None:
                 try:
                     os.kill(args.parent_pid, 0)
                 except ProcessLookupError:
-                    os._exit(0)
+                    stop_everything()
 
         threading.Thread(target=watch_parent, daemon=True).start()
     server = HTTPServer((args.host, args.port), Handler)
@@ -116,6 +117,16 @@ def serve(args: argparse.Namespace) -> None:
     print(f"vllm server ready on {args.host}:{server.server_address[1]} (vllm {vllm.__version__})", flush=True)
     while not server.shutdown_requested:
         server.handle_request()
+    stop_everything()
+
+
+def stop_everything() -> None:
+    """End the server with the engine's processes (EngineCore, workers): they outlive a plain exit. The trainer starts
+    the server as the leader of its own process group, so the group is exactly the server and its children."""
+    sys.stdout.flush()
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(0)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -108,12 +110,18 @@ def test_a_server_killed_mid_run_stops_it_with_a_clear_error(tmp_path, policy_ca
     proc = subprocess.Popen(_train_cmd(policy_cache, out, "train.max_steps=200"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
+    killed = []
+
     def kill_after_two_steps() -> None:
         deadline = time.time() + 500
         while time.time() < deadline:
             log = out / "metrics.jsonl"
             if log.is_file() and len(log.read_text().splitlines()) >= 2:
-                subprocess.run(["pkill", "-9", "-f", f"vllm_server.py --model {out.resolve()}"], check=False)
+                found = subprocess.run(["pgrep", "-f", f"vllm_server.py --model {out.resolve()}"],
+                                       capture_output=True, text=True).stdout.split()
+                killed.extend(int(p) for p in found)
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
                 return
             time.sleep(0.2)
 
@@ -126,6 +134,10 @@ def test_a_server_killed_mid_run_stops_it_with_a_clear_error(tmp_path, policy_ca
     assert f"every step before this one is in {out}/trajectories" in err
     done = pd.read_parquet(out / "trajectories").step.nunique()
     assert done >= 2  # what was written before the server died stays readable
+    deadline = time.time() + 30  # the trainer stopped the rest of the server's group; the orphans are reaped by init
+    while time.time() < deadline and not all(_group_gone(pid) for pid in killed):
+        time.sleep(0.5)
+    assert killed and all(_group_gone(pid) for pid in killed)  # vLLM's EngineCore and workers went with it
 
 
 def test_engine_errors_name_the_problem(tmp_path):
@@ -162,6 +174,14 @@ def test_the_server_does_not_outlive_a_killed_trainer(tmp_path, tiny):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     pid = int(r.stdout.split()[-1])
     deadline = time.time() + 30
-    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+    while time.time() < deadline and not _group_gone(pid):
         time.sleep(0.5)
-    assert not Path(f"/proc/{pid}").exists()
+    assert _group_gone(pid)  # the server and vLLM's EngineCore and workers of its process group
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
