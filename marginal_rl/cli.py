@@ -35,6 +35,35 @@ def _keys_epilog() -> str:
             f"TRL's GRPOConfig names (learning_rate, num_generations, beta, ...): see docs/configuration.md")
 
 
+def reported(fn, args: argparse.Namespace, output_dir: str = "") -> int:
+    """Run `fn()`, turning the errors a user, their data or their machine can cause into one line on stderr and an
+    exit status (2: the config or a checkpoint; 1: reward code, data, a diverged run, the disk; 128 + N: stopped by
+    signal N). Anything else is a bug and keeps its traceback; `--debug` keeps it for everything."""
+    from marginal_rl.rollout.errors import RolloutError, TaskError
+    from marginal_rl.train.checkpoint import CheckpointError
+    from marginal_rl.train.loop import Preempted
+    from marginal_rl.train.store import StorageError
+
+    kept = f" (every step before this one is in {output_dir}/trajectories)" if output_dir else ""
+    try:
+        fn()
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except (ConfigError, TaskError, CheckpointError, RolloutError, FloatingPointError, StorageError, OSError,
+            KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        label = {ConfigError: "config error", TaskError: "config error", CheckpointError: "checkpoint error"}
+        prefix = next((v for k, v in label.items() if isinstance(e, k)), "error")
+        print(f"{prefix}: {e}{kept if isinstance(e, RolloutError | FloatingPointError) else ''}", file=sys.stderr)
+        return 2 if prefix != "error" else 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     if cfg is None:
@@ -45,21 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
 
-    from marginal_rl.rollout.build import TaskError, build_task
-    from marginal_rl.rollout.errors import RolloutError
-    from marginal_rl.train.checkpoint import CheckpointError
+    from marginal_rl.rollout.build import build_task
     from marginal_rl.train.loop import train
 
-    try:
-        task = build_task(cfg.task, cfg.rollout)
-        train(cfg, task)
-    except (ConfigError, TaskError, CheckpointError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (RolloutError, FloatingPointError) as e:  # user reward code or data, or a diverged run: stop cleanly
-        print(f"error: {e}\n(every step before this one is in {cfg.output_dir}/trajectories)", file=sys.stderr)
-        return 1
-    return 0
+    return reported(lambda: train(cfg, build_task(cfg.task, cfg.rollout)), args, cfg.output_dir)
 
 
 def cmd_train_trl(args: argparse.Namespace) -> int:
@@ -77,20 +95,18 @@ def cmd_train_trl(args: argparse.Namespace) -> int:
         for k, v in grpo_config_kwargs(cfg).items():
             print(f"{k}: {v}")
         return 0
-    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.rollout.build import build_task
     from marginal_rl.rollout.tasks import TaskSet
     from marginal_rl.trl_peer import train_trl
 
-    try:
+    def run() -> None:
         task = build_task(cfg.task, cfg.rollout)
         if type(task).rollout is not TaskSet.rollout:
             raise ConfigError(f"task.name: {cfg.task.name} has multi-turn episodes; marginal-rl train-trl needs a "
                               f"single-turn task (GRPOTrainer generates one completion per prompt)")
-    except (ConfigError, TaskError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    train_trl(cfg, task)
-    return 0
+        train_trl(cfg, task)
+
+    return reported(run, args, cfg.output_dir)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -99,19 +115,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     if cfg is None:
         return 2
+    return reported(lambda: _eval(cfg, args), args)
 
+
+def _eval(cfg, args: argparse.Namespace) -> None:
     import torch
     from accelerate import Accelerator
 
-    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.rollout.build import build_task
     from marginal_rl.train.loop import build_policy
 
     torch.manual_seed(cfg.seed)
-    try:
-        task = build_task(cfg.task, cfg.rollout)
-    except TaskError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    task = build_task(cfg.task, cfg.rollout)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, tokenizer = build_policy(cfg, task, accelerator)
     t0 = time.time()
@@ -137,7 +152,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "mean_observation_tokens": sum(t.tokens_observation for t in episodes) / len(episodes),
         "rollout_seconds": round(seconds, 1), "device": str(accelerator.device), "dtype": cfg.model.dtype,
     }, indent=2))
-    return 0
 
 
 def cmd_build_policy(args: argparse.Namespace) -> int:
@@ -146,20 +160,19 @@ def cmd_build_policy(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     if cfg is None:
         return 2
+    return reported(lambda: _build_policy(cfg, args), args)
 
+
+def _build_policy(cfg, args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from marginal_rl.rollout.build import TaskError, build_task
+    from marginal_rl.rollout.build import build_task
     from marginal_rl.train.model import load_policy, resolve_policy_path
 
-    try:
-        task = build_task(cfg.task, cfg.rollout)
-        path = resolve_policy_path(cfg.model, task, cfg.seed)
-        model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
-    except (ConfigError, TaskError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    task = build_task(cfg.task, cfg.rollout)
+    path = resolve_policy_path(cfg.model, task, cfg.seed)
+    model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
     torch.manual_seed(cfg.seed)
     episodes = task.rollout(model, tokenizer, [(q, args.samples) for q in task.train], cfg.rollout, step=0, version=0,
                             temperature=cfg.rollout.temperature)
@@ -174,7 +187,6 @@ def cmd_build_policy(args: argparse.Namespace) -> int:
         r = [np.mean(v) for k, v in rates.items() if fam in ("all", family[k])]
         never, always = sum(x == 0 for x in r), sum(x == 1 for x in r)
         print(f"{fam:<10} {len(r):>7} {np.mean(r):>9.2f} {never:>6} {len(r) - never - always:>6} {always:>6}")
-    return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -187,6 +199,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from marginal_rl.report import report
 
     return report(args.path)
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error (by default a problem "
+                        "with the config, data, reward code, a checkpoint or the disk is one line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=raw, epilog=_keys_epilog())
     add_config_arguments(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _debug_flag(train)
     train.set_defaults(func=cmd_train)
 
     trl = sub.add_parser("train-trl", help="the same run on TRL's GRPOTrainer (the peer arm of a benchmark)",
@@ -210,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=raw)
     add_config_arguments(trl)
     trl.add_argument("--dry-run", action="store_true", help="print the GRPOConfig arguments and exit")
+    _debug_flag(trl)
     trl.set_defaults(func=cmd_train_trl)
 
     ev = sub.add_parser("eval", help="measure the starting policy on the eval split (pass rate per family, actions)",
@@ -217,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(ev, "config overrides")
     ev.add_argument("--samples", type=int, default=4, help="episodes per eval prompt")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    _debug_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
     build = sub.add_parser("build-policy", help="build or load the starting policy and report how often it is right",
                            description=cmd_build_policy.__doc__)
     add_config_arguments(build, "config overrides")
     build.add_argument("--samples", type=int, default=8, help="samples per prompt at the rollout temperature")
+    _debug_flag(build)
     build.set_defaults(func=cmd_build_policy)
 
     ablate = sub.add_parser("ablate", help="run an ablation grid (arms x seeds), then tabulate and plot it",

@@ -39,6 +39,8 @@ def check_supported(cfg: RunConfig) -> None:
         "algo.name": (cfg.algo.name == "grpo", "grpo (TRL's GRPOTrainer has no PPO)"),
         "rollout.max_staleness": (cfg.rollout.max_staleness == 0, "0 (GRPOTrainer rolls out on-policy)"),
         "model.lora_r": (cfg.model.lora_r == 0, "0 (full fine-tuning)"),
+        "train.resume_from": (not cfg.train.resume_from, "'' (the peer arm does not checkpoint)"),
+        "train.save_every": (cfg.train.save_every == 0, "0 (the peer arm does not checkpoint)"),
     }
     for key, (ok, expected) in problems.items():
         if not ok:
@@ -85,13 +87,14 @@ def train_trl(cfg: RunConfig, task) -> dict:
     from marginal_rl.train.config import config_to_dict
     from marginal_rl.train.loop import build_logger, evaluate, record_eval, run_summary
     from marginal_rl.train.model import load_policy, resolve_policy_path
-    from marginal_rl.train.store import StepStore, trajectory_rows, write_final
+    from marginal_rl.train.store import StepStore, prepare_run_dir, trajectory_rows, write_final
     from marginal_rl.train.update import sequence_advantages
 
     # transformers deprecation notices that GRPOTrainer triggers on every step; they say nothing about the run
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     t_start = time.time()
     out = Path(cfg.output_dir)
+    prepare_run_dir(out, resume=False, overwrite=cfg.train.overwrite)
     if cfg.budget.policy != "none":
         print(f"note: budget.policy={cfg.budget.policy} is ignored: GRPOTrainer trains on every sample")
     model, tokenizer = load_policy(resolve_policy_path(cfg.model, task, cfg.seed), cfg.model.gguf_file, cfg.model.dtype)

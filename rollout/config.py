@@ -13,6 +13,14 @@ class TaskConfig:
 
     name: ClassVar[str]
     seed: int = field(default=1234, metadata={"help": "seed of the task generator or split (independent of the run seed)"})
+    long_prompts: str = field(default="error", metadata={
+        "help": "a prompt whose tokens plus the completion budget (rollout.max_new_tokens; agent tasks: "
+                "rollout.max_episode_tokens) exceed the model's context: error (name it, before training) | drop "
+                "(leave it out of its split, counted in the log)"})
+
+    def __post_init__(self) -> None:
+        if self.long_prompts not in ("error", "drop"):
+            raise ValueError(f"long_prompts: expected 'error' or 'drop', got {self.long_prompts!r}")
 
 
 @dataclass
@@ -23,6 +31,7 @@ class _GeneratedSplits(TaskConfig):
     num_eval: int = field(default=128, metadata={"help": "number of held-out eval prompts"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_train < 1:
             raise ValueError(f"num_train: expected an integer >= 1, got {self.num_train}")
         if self.num_eval < 0:
@@ -81,9 +90,15 @@ class DatasetTaskConfig(TaskConfig):
                                                 "with any callables of the Python API); default: all 1.0"}
     )
 
+    reward_timeout_s: float = field(default=600.0, metadata={
+        "help": "seconds one call of a reward function may take before the run stops with an error naming it"})
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.dataset:
             raise ValueError("dataset: expected a path when task.name=dataset, got nothing")
+        if not self.reward_timeout_s > 0:
+            raise ValueError(f"reward_timeout_s: expected a number of seconds > 0, got {self.reward_timeout_s}")
 
 
 TASK_CONFIGS: dict[str, type[TaskConfig]] = {c.name: c for c in (ArithTaskConfig, FixTestTaskConfig, DatasetTaskConfig)}

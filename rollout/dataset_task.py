@@ -46,7 +46,7 @@ def read_rows(path: str, key: str = "task.dataset") -> dict[str, list[dict]]:
 
         try:
             loaded = datasets.load_from_disk(str(p))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError, OSError) as e:
             raise TaskError(f"{key}: {path!r} is a directory but not one written by datasets.save_to_disk ({e})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
@@ -55,7 +55,13 @@ def read_rows(path: str, key: str = "task.dataset") -> dict[str, list[dict]]:
         return {"train": loaded.to_list()}
     if p.suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[: e.start].count(b"\n") + 1
+            raise TaskError(f"{key}: {path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as "
+                            f"UTF-8") from None
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -67,9 +73,13 @@ def read_rows(path: str, key: str = "task.dataset") -> dict[str, list[dict]]:
             rows.append(row)
         return {"train": rows}
     if p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return {"train": pq.read_table(p).to_pylist()}
+        try:
+            return {"train": pq.read_table(p).to_pylist()}
+        except (pa.ArrowException, OSError) as e:
+            raise TaskError(f"{key}: {path}: not a readable parquet file ({e})") from None
     raise TaskError(f"{key}: {path!r}: expected a .jsonl or .parquet file or a datasets directory, got {p.suffix!r}")
 
 
@@ -119,6 +129,7 @@ class DatasetTaskSet(TaskSet):
 
     funcs: list[RewardFunc] = field(default_factory=list)
     raw_prompts: dict[str, PromptValue] = field(default_factory=dict)
+    reward_timeout_s: float | None = None
 
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
                 version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:
@@ -126,9 +137,7 @@ class DatasetTaskSet(TaskSet):
         if not flat:
             return []
         rendered = {p.prompt_id: render_prompt(tokenizer, self.raw_prompts[p.prompt_id]) for p, _ in allocation}
-        chat = tokenizer.chat_template is not None
-        encoded = {pid: encode_prompt(tokenizer, text, chat=chat and not isinstance(self.raw_prompts[pid], str))
-                   for pid, text in rendered.items()}
+        encoded = {pid: self._encode(tokenizer, pid, text) for pid, text in rendered.items()}
         samples = sample(model, tokenizer, [encoded[p.prompt_id] for _, p in flat], cfg.max_new_tokens, temperature,
                          cfg.top_p, cfg.batch_size)
         texts = [decode_completion(tokenizer, s.completion_ids) for s in samples]
@@ -145,25 +154,34 @@ class DatasetTaskSet(TaskSet):
             for k, ((g, p), s, text, r) in enumerate(zip(flat, samples, texts, rewards, strict=True))
         ]
 
+    def _encode(self, tokenizer, prompt_id: str, rendered: str) -> list[int]:
+        chat = tokenizer.chat_template is not None and not isinstance(self.raw_prompts[prompt_id], str)
+        return encode_prompt(tokenizer, rendered, chat=chat)
+
+    def prompt_lengths(self, tokenizer, prompts: Sequence[Prompt]) -> list[int]:
+        return [len(self._encode(tokenizer, p.prompt_id, render_prompt(tokenizer, self.raw_prompts[p.prompt_id])))
+                for p in prompts]
+
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], completion_ids: Sequence[list[int]] | None,
               step: int) -> tuple[list[float], list[list[float | None]]]:
-        return score_prompts(self.funcs, self.raw_prompts, prompts, completions, completion_ids, step)
+        return score_prompts(self.funcs, self.raw_prompts, prompts, completions, completion_ids, step,
+                             self.reward_timeout_s)
 
 
 def score_prompts(funcs: Sequence[RewardFunc], raw_prompts: dict[str, PromptValue], prompts: Sequence[Prompt],
                   completions: Sequence[str], completion_ids: Sequence[list[int]] | None = None,
-                  step: int = -1) -> tuple[list[float], list[list[float | None]]]:
+                  step: int = -1, timeout_s: float | None = None) -> tuple[list[float], list[list[float | None]]]:
     """(combined rewards, each function's values) of `completions`, each function called once with the prompts'
     columns as keyword lists."""
     names = dict.fromkeys(k for p in prompts for k in p.meta)
     columns = {name: [p.meta.get(name) for p in prompts] for name in names}
     return score_completions(funcs, [raw_prompts[p.prompt_id] for p in prompts], completions, completion_ids, columns,
-                             prompt_ids=[p.prompt_id for p in prompts], step=step)
+                             prompt_ids=[p.prompt_id for p in prompts], step=step, timeout_s=timeout_s)
 
 
 def _combined_rewards(funcs: Sequence[RewardFunc], raw_prompts: dict[str, PromptValue], prompts: Sequence[Prompt],
-                      completions: Sequence[str]) -> list[float]:
-    return score_prompts(funcs, raw_prompts, prompts, completions)[0]
+                      completions: Sequence[str], timeout_s: float | None = None) -> list[float]:
+    return score_prompts(funcs, raw_prompts, prompts, completions, timeout_s=timeout_s)[0]
 
 
 def split_rows(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
@@ -196,10 +214,11 @@ def build_dataset(cfg: DatasetTaskConfig, rollout_cfg: RolloutConfig,
     demos = [(_plain_text(row["prompt"]), row["completion"]) for row in train_rows
              if isinstance(row.get("completion"), str)]
     return DatasetTaskSet(
-        train=train, eval=eval_, reward=functools.partial(_combined_rewards, funcs, raw_prompts),
+        train=train, eval=eval_,
+        reward=functools.partial(_combined_rewards, funcs, raw_prompts, timeout_s=cfg.reward_timeout_s),
         demonstrations=functools.partial(_demonstrations, demos, cfg.dataset),
         key={"name": "dataset", "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset, "seed": cfg.seed},
-        funcs=funcs, raw_prompts=raw_prompts,
+        funcs=funcs, raw_prompts=raw_prompts, reward_timeout_s=cfg.reward_timeout_s,
     )
 
 

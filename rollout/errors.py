@@ -17,3 +17,7 @@ class RolloutError(RuntimeError):
 
 class RewardFunctionError(RolloutError):
     """A user reward function raised, or returned something other than one float-or-None per completion."""
+
+
+class RewardTimeoutError(RewardFunctionError):
+    """A user reward function did not return within task.reward_timeout_s."""

@@ -28,10 +28,11 @@ import ast
 import operator
 import random
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from marginal_rl.rollout.sandbox import SandboxResult, run_sandboxed
+from marginal_rl.rollout.sandbox import SandboxError, SandboxResult, run_sandboxed
 from marginal_rl.rollout.types import Prompt
 
 ACTIONS = ("plan", "edit", "run_tests", "submit", "defer")
@@ -215,14 +216,27 @@ class FixTestEnv:
         if action.kind == "edit":
             return StepResult(observation=self._edit(action.payload), done=False, reward=0.0, action="edit")
         if action.kind == "run_tests":
-            result = run_task_tests(self.task, self.source, self.timeout_s, self.memory_mb)
+            result = self._test()
+            if isinstance(result, str):
+                return StepResult(result, done=False, reward=0.0, action="run_tests", verify=True, tests_passed=False)
             obs = summarize_test_run(result, self.max_observation_chars)
             return StepResult(obs, done=False, reward=0.0, action="run_tests", verify=True, tests_passed=result.ok)
         if action.kind == "submit":
-            passed = run_task_tests(self.task, self.source, self.timeout_s, self.memory_mb).ok
-            obs = "submitted: tests pass" if passed else "submitted: tests fail"
+            result = self._test()
+            passed = not isinstance(result, str) and result.ok
+            verdict = result if isinstance(result, str) else "tests pass" if passed else "tests fail"
+            obs = f"submitted: {verdict}"
             return StepResult(obs, True, float(passed), "submit", tests_passed=passed, finish_reason="submit")
         return StepResult("deferred", True, self.defer_reward, "defer", finish_reason="defer")
+
+    def _test(self) -> SandboxResult | str:
+        """The test run on the current code, or what kept the sandbox from running it: a broken sandbox scores as
+        failing tests, so no step raises (the warning keeps a broken sandbox from passing unnoticed)."""
+        try:
+            return run_task_tests(self.task, self.source, self.timeout_s, self.memory_mb)
+        except (SandboxError, OSError) as exc:
+            warnings.warn(f"FixTestEnv: sandbox failure scored as failing tests: {exc}", RuntimeWarning, stacklevel=4)
+            return f"sandbox error: {exc}"[: self.max_observation_chars]
 
     def _edit(self, source: str) -> str:
         """Replace the whole code with `source` if it parses and still defines the entry point; say why not if not."""

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from marginal_rl.rollout.agent import plain_demonstration_pairs, run_episodes
+from marginal_rl.rollout.agent import TurnFormat, plain_demonstration_pairs, run_episodes
 from marginal_rl.rollout.config import FixTestTaskConfig, RolloutConfig
 from marginal_rl.rollout.errors import TaskError
 from marginal_rl.rollout.fix_test import FixTask, FixTestEnv, example_conversation, generate_fix_tasks, to_prompt
@@ -90,6 +90,16 @@ class FixTestTaskSet(TaskSet):
     few_shot: bool = True
     finish_reasons: ClassVar[tuple[str, ...]] = ("submit", "defer", "turns", "length")
 
+    def prompt_lengths(self, tokenizer, prompts: Sequence[Prompt]) -> list[int]:
+        fmt = TurnFormat(tokenizer, self._example())
+        return [len(fmt.prompt_ids(p.text)) for p in prompts]  # the text is the env's first user message
+
+    def completion_budget(self, cfg: RolloutConfig) -> tuple[int, str]:
+        return cfg.max_episode_tokens, "rollout.max_episode_tokens"
+
+    def _example(self) -> list[dict[str, str]]:
+        return example_conversation() if self.few_shot else []
+
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
                 version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:
         def new_env(prompt: Prompt) -> FixTestEnv:
@@ -97,7 +107,7 @@ class FixTestTaskSet(TaskSet):
 
         return run_episodes(model, tokenizer, allocation, new_env, cfg, step=step, version=version,
                             temperature=temperature, step_cost=self.step_cost, id_prefix=id_prefix,
-                            example=example_conversation() if self.few_shot else ())
+                            example=self._example())
 
 
 def build_fix_test(cfg: FixTestTaskConfig, rollout_cfg: RolloutConfig) -> FixTestTaskSet:

@@ -19,19 +19,21 @@ TRL's `nansum` gives). The full guide is docs/reward_functions.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import math
 import numbers
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from marginal_rl.rollout.errors import RewardFunctionError, TaskError
+from marginal_rl.rollout.errors import RewardFunctionError, RewardTimeoutError, TaskError
 
 PromptValue = str | list[dict[str, str]]  # plain text, or chat messages
 
@@ -110,16 +112,18 @@ def combine_rewards(values: Sequence[Sequence[float | None]], weights: Sequence[
 
 def score_completions(funcs: Sequence[RewardFunc], prompts: Sequence[PromptValue], completions: Sequence[str],
                       completion_ids: Sequence[list[int]] | None, columns: dict[str, list], *,
-                      prompt_ids: Sequence[str], step: int) -> tuple[list[float], list[list[float | None]]]:
+                      prompt_ids: Sequence[str], step: int, timeout_s: float | None = None,
+                      ) -> tuple[list[float], list[list[float | None]]]:
     """(combined rewards, each function's checked values) for a batch of completions of `prompts`.
 
     Raises RewardFunctionError naming the function and a prompt it failed on when a function raises, returns the
-    wrong number of values, or returns something that is not a number or None."""
+    wrong number of values, or returns something that is not a number or None; RewardTimeoutError when one call
+    takes longer than `timeout_s`."""
     chat = bool(prompts) and not isinstance(prompts[0], str)
     completions_in: list = [[{"role": "assistant", "content": c}] for c in completions] if chat else list(completions)
     values = []
     for f in funcs:
-        raw = _call(f, list(prompts), completions_in, completion_ids, columns, prompt_ids, step)
+        raw = _call(f, list(prompts), completions_in, completion_ids, columns, prompt_ids, step, timeout_s)
         values.append(_check(f, raw, prompts, prompt_ids))
     return combine_rewards(values, [f.weight for f in funcs]), values
 
@@ -130,12 +134,40 @@ def _invoke(f: RewardFunc, prompts: list, completions: list, completion_ids, col
     return asyncio.run(out) if inspect.iscoroutine(out) else out  # TRL accepts async reward functions too
 
 
+def _within(timeout_s: float | None, fn: Callable[[], Any], f: RewardFunc, prompt_ids: Sequence[str]) -> Any:
+    """fn() on a daemon thread, waiting at most `timeout_s`: a hung reward function cannot be killed from inside the
+    process, but it no longer stops the run forever (the thread is left behind; the run ends with the error)."""
+    if timeout_s is None:
+        return fn()
+    done: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            done["value"] = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            done["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward {f.path}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeoutError(f"reward function {f.path!r} did not return within {timeout_s:g} s "
+                                 f"(task.reward_timeout_s) on a batch of {len(prompt_ids)} completions, first prompt "
+                                 f"{prompt_ids[0]!r}")
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
+
+
 def _call(f: RewardFunc, prompts: list, completions: list, completion_ids, columns: dict[str, list],
-          prompt_ids: Sequence[str], step: int):
+          prompt_ids: Sequence[str], step: int, timeout_s: float | None):
     try:
-        return _invoke(f, prompts, completions, completion_ids, columns, step)
+        call = functools.partial(_invoke, f, prompts, completions, completion_ids, columns, step)
+        return _within(timeout_s, call, f, prompt_ids)
+    except RewardTimeoutError:
+        raise  # not retried one completion at a time: each would hang as long
     except Exception as batch_error:  # user code: find the completion it fails on and say so
-        culprit = _first_failing(f, prompts, completions, completion_ids, columns, step)
+        culprit = _first_failing(f, prompts, completions, completion_ids, columns, prompt_ids, step, timeout_s)
         if culprit is None:
             where = f"a batch of {len(prompts)} completions (each alone scored fine); first prompt {prompt_ids[0]!r}"
             error = batch_error
@@ -148,12 +180,13 @@ def _call(f: RewardFunc, prompts: list, completions: list, completion_ids, colum
 
 
 def _first_failing(f: RewardFunc, prompts: list, completions: list, completion_ids, columns: dict[str, list],
-                   step: int) -> tuple[int, Exception] | None:
+                   prompt_ids: Sequence[str], step: int, timeout_s: float | None) -> tuple[int, Exception] | None:
     for k in range(len(prompts)):
+        one = functools.partial(_invoke, f, prompts[k : k + 1], completions[k : k + 1],
+                                None if completion_ids is None else completion_ids[k : k + 1],
+                                {name: col[k : k + 1] for name, col in columns.items()}, step)
         try:
-            _invoke(f, prompts[k : k + 1], completions[k : k + 1],
-                    None if completion_ids is None else completion_ids[k : k + 1],
-                    {name: col[k : k + 1] for name, col in columns.items()}, step)
+            _within(timeout_s, one, f, prompt_ids[k : k + 1])
         except Exception as e:  # noqa: BLE001  (any error of user code is what we are looking for)
             return k, e
     return None

@@ -5,14 +5,19 @@
 
 Layout of one call (threat model and limits in docs/sandbox.md):
 
-    this process ──► supervisor (python -I -S, own session, child subreaper, new network namespace when allowed)
-                        └─► child (setsid, rlimits, unprivileged uid when we are root, python -I main.py)
-                               └─► anything it forks, detached or not: reparented to the supervisor, killed at the end
+    this process ──► supervisor (python -I -S, own session, child subreaper; when allowed: new network, IPC
+                     │            and mount namespaces, all mounts read-only but the workdir and a private /dev/shm)
+                     └─► child (setsid, rlimits, unprivileged uid when root, seccomp filter, python -I main.py)
+                            └─► anything it forks, detached or not: reparented to the supervisor, killed at the end
 
 The supervisor is trusted code: it waits for the child with a wall-clock limit, then kills every process left in
 its subtree. A child subreaper sees every orphan the code leaves behind, so "no child left" means "no descendant
-left", however the code detached (double fork, setsid). This process kills the supervisor's session and every
+left", however the code detached (double fork, setsid). The namespaces die with the supervisor's subtree, and with
+them every SysV IPC object and /dev/shm file the code made. This process kills the supervisor's session and every
 process of the sandbox uid as a backstop if the supervisor itself does not finish in time.
+
+Everything the caller acts on comes out of band: the child's wait status and the supervisor's report on a private
+pipe, never the child's output. A failure before the child's exec reaches the supervisor on a close-on-exec pipe.
 """
 
 from __future__ import annotations
@@ -39,38 +44,143 @@ _UID_SPAN = 1_000_000
 _NOBODY = 65534
 _GRACE_S = 2.0  # how long past timeout_s the parent waits for the supervisor before killing it
 _MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
-_SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
+_SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+# The child's seccomp filter, per machine (syscall numbers from the kernel's tables; no filter elsewhere). Always
+# refused: socket(AF_UNIX) and datagram socketpair() (filesystem sockets reach outside any namespace; a read-only
+# mount does not stop connect()), io_uring (it makes sockets without passing the filter), kernel keys (a uid's
+# keyring outlives its processes). Without an IPC namespace, SysV IPC and POSIX message queues are refused too.
+_SECCOMP = {
+    "x86_64": {
+        "arch": 0xC000003E, "x32": True, "socket": 41, "socketpair": 53,
+        "refused": [425, 248, 249, 250],  # io_uring_setup, add_key, request_key, keyctl
+        # shmget shmat shmctl semget semop semctl msgget msgsnd msgrcv msgctl semtimedop mq_open mq_unlink
+        "refused_without_ipc_ns": [29, 30, 31, 64, 65, 66, 68, 69, 70, 71, 220, 240, 241],
+    },
+    "aarch64": {
+        "arch": 0xC00000B7, "x32": False, "socket": 198, "socketpair": 199,
+        "refused": [425, 217, 218, 219],
+        "refused_without_ipc_ns": [194, 196, 195, 190, 193, 191, 186, 189, 188, 187, 192, 180, 181],  # same order
+    },
+}
 
 # Runs as `python -I -S -c _SUPERVISOR <json config>`; stdlib only, no site, so it starts in ~10 ms.
 _SUPERVISOR = r"""
-import ctypes, json, os, resource, select, signal, sys, time
+import ctypes, errno, json, os, resource, select, signal, struct, sys, time
 cfg = json.loads(sys.argv[1])
 status_fd = cfg["status_fd"]
 os.set_inheritable(status_fd, False)
 libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_CHILD_SUBREAPER, CLONE_NEWNET = 36, 0x40000000
-if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-    raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-net_isolated = bool(cfg["isolate_network"]) and libc.unshare(CLONE_NEWNET) == 0
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 36, 38, 22, 2
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x20000, 0x08000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_PRIVATE = 2, 4, 4096, 1 << 18
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 1  # 442 on every 64-bit arch
+
+
+def check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s failed: %s" % (what, os.strerror(err)))
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def mount_setattr(path, flags, **attr):
+    # Changes only the bits asked for, so per-mount flags a container locked (nosuid, nodev, ...) stay as they are.
+    a = MountAttr(**attr)
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags, ctypes.byref(a), ctypes.c_size_t(32)),
+          "mount_setattr(%s, %s)" % (path, attr))
+
+
+def mount(source, target, fstype, flags, options):
+    check(libc.mount(source.encode(), target.encode(), fstype and fstype.encode(), ctypes.c_ulong(flags),
+                     options and options.encode()), "mount(%s on %s)" % (fstype or "bind", target))
+
+
+def confine_filesystem(workdir, shm_mb):
+    # Private first, so nothing below propagates to the caller's mount namespace. The workdir gets its own mount
+    # so that it alone can be made writable again; /dev/shm gets a fresh tmpfs that dies with the namespace,
+    # unless the workdir itself lives there (TMPDIR=/dev/shm): the tmpfs would hide it, so /dev/shm stays read-only.
+    mount_setattr("/", AT_RECURSIVE, propagation=MS_PRIVATE)
+    mount(workdir, workdir, None, MS_BIND, None)
+    mount_setattr("/", AT_RECURSIVE, attr_set=MOUNT_ATTR_RDONLY)
+    mount_setattr(workdir, 0, attr_clr=MOUNT_ATTR_RDONLY)
+    shm = os.path.realpath("/dev/shm")
+    if os.path.isdir(shm) and not os.path.realpath(workdir).startswith(shm + "/"):
+        mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,nr_inodes=4096,mode=1777" % shm_mb)
+
+
+def seccomp_program(spec, refused):
+    # Classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}; little-endian, so the low
+    # word of args[0] is at offset 16 and of args[1] at 24. Another ABI (i386 on x86_64, x32) kills the process.
+    def op(code, k, jt=0, jf=0):
+        return struct.pack("=HBBI", code, jt, jf, k)
+    LD, JEQ, JGE, AND, RET = 0x20, 0x15, 0x35, 0x54, 0x06
+    ALLOW, KILL, REFUSE = 0x7FFF0000, 0x80000000, 0x00050000 | errno.EACCES
+    prog = [op(LD, 4), op(JEQ, spec["arch"], 1, 0), op(RET, KILL), op(LD, 0)]
+    if spec["x32"]:
+        prog += [op(JGE, 0x40000000, 0, 1), op(RET, KILL)]
+    for nr in refused:
+        prog += [op(JEQ, nr, 0, 1), op(RET, REFUSE)]
+    prog += [
+        op(JEQ, spec["socket"], 2, 0), op(JEQ, spec["socketpair"], 5, 0), op(RET, ALLOW),
+        op(LD, 16), op(JEQ, 1, 0, 1), op(RET, REFUSE), op(RET, ALLOW),  # socket(AF_UNIX, ...) is refused
+        op(LD, 24), op(AND, 0xF), op(JEQ, 1, 1, 0), op(RET, REFUSE), op(RET, ALLOW),  # socketpair: SOCK_STREAM only
+    ]
+    return b"".join(prog)
+
+
+def report(**fields):
+    os.write(status_fd, json.dumps(fields).encode())
+
+
+isolate_network = bool(cfg["isolate_network"])
+namespaced = libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWNET if isolate_network else 0)) == 0
+spec = cfg["seccomp"]
+try:
+    check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+    if namespaced:
+        confine_filesystem(cfg["workdir"], cfg["shm_mb"])
+    fprog = None
+    if spec is not None:
+        code = seccomp_program(spec, spec["refused"] + ([] if namespaced else spec["refused_without_ipc_ns"]))
+        bpf = ctypes.create_string_buffer(code, len(code))
+        fprog = SockFprog(len(code) // 8, ctypes.addressof(bpf))
+except Exception as exc:
+    report(start_error="sandbox: could not set up the sandbox: %s: %s" % (type(exc).__name__, exc))
+    sys.exit(0)
 uid = cfg["uid"]
 kill_by_uid = cfg["dedicated_uid"]
+exec_error_r, exec_error_w = os.pipe()  # close-on-exec: EOF means the exec happened, bytes mean it did not
 start = time.monotonic()
 pid = os.fork()
 if pid == 0:
     # A forked child must never fall back into the supervisor's code: any failure ends it here.
     try:
-        os.setsid()
-        for name, value in cfg["limits"]:
-            resource.setrlimit(getattr(resource, name), tuple(value))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        os.chdir(cfg["workdir"])
-        os.execve(cfg["python"], [cfg["python"], "-I", "-B", "main.py"], cfg["env"])
-    except BaseException as exc:
-        os.write(2, ("sandbox: could not start the child: %r\n" % (exc,)).encode())
-    os._exit(127)
+        try:
+            os.setsid()
+            for name, value in cfg["limits"]:
+                resource.setrlimit(getattr(resource, name), tuple(value))
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            os.chdir(cfg["workdir"])
+            if fprog is not None:  # last: the filter then covers only the exec and the code
+                check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+                check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp filter")
+            os.execve(cfg["python"], [cfg["python"], "-I", "-B", "main.py"], cfg["env"])
+        except BaseException as exc:
+            os.write(exec_error_w, ("%s: %s" % (type(exc).__name__, exc)).encode()[:1000])
+    finally:
+        os._exit(127)
+os.close(exec_error_w)
 
 pidfd = os.pidfd_open(pid)
 ready, _, _ = select.select([pidfd], [], [], cfg["timeout_s"])
@@ -79,6 +189,7 @@ if timed_out:
     os.kill(pid, signal.SIGKILL)
 _, wait_status = os.waitpid(pid, 0)
 child_wall_s = time.monotonic() - start
+exec_error = os.read(exec_error_r, 4096).decode("utf-8", "replace")  # the child is gone: no writer is left
 
 
 def kill_uid():
@@ -127,10 +238,12 @@ while True:
         except ProcessLookupError:
             pass
     time.sleep(0.001)
-os.write(status_fd, json.dumps({
-    "wait_status": wait_status, "timed_out": timed_out, "net_isolated": net_isolated,
-    "leftover": len(leftover), "child_wall_s": child_wall_s,
-}).encode())
+report(
+    wait_status=wait_status, timed_out=timed_out, leftover=len(leftover), child_wall_s=child_wall_s,
+    start_error=exec_error and "sandbox: could not start the child: %s" % exec_error,
+    net_isolated=namespaced and isolate_network, ipc_isolated=namespaced, fs_readonly=namespaced,
+    seccomp=fprog is not None,
+)
 """
 
 
@@ -140,18 +253,28 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """Outcome of one sandboxed run. `returncode` follows subprocess: negative signal number when killed."""
+    """Outcome of one sandboxed run. `returncode` follows subprocess: negative signal number when killed.
+
+    Every field but `stdout`, `stderr` and `stderr_hint` comes from the kernel or the supervisor, never from the
+    code's output. The isolation flags say what was in effect (docs/sandbox.md says what each one stops).
+    """
 
     returncode: int
     timed_out: bool
     stdout: str
     stderr: str
-    killed_reason: str = ""  # "" | wall_time | cpu_time | file_size | memory | signal:<NAME> | supervisor_lost
+    killed_reason: str = ""  # "" | wall_time | cpu_time | file_size | signal:<NAME or number> | supervisor_lost
     wall_s: float = 0.0  # seconds this call took, process start and cleanup included
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     leftover_processes: int = 0  # processes still alive when the main one ended, all killed before returning
     network_isolated: bool = False  # the code ran in an empty network namespace
+    ipc_isolated: bool = False  # ... in its own IPC namespace: SysV IPC and message queues died with it
+    fs_readonly: bool = False  # ... with every mount read-only but its workdir and a private /dev/shm tmpfs
+    seccomp: bool = False  # ... under the seccomp filter (no AF_UNIX sockets, io_uring, kernel keys)
+    # "" | memory | file_size: read from the code's own stderr (a MemoryError or EFBIG traceback), so the code can
+    # forge it; for logs only, never for control decisions
+    stderr_hint: str = ""
 
     @property
     def ok(self) -> bool:
@@ -174,8 +297,10 @@ def run_sandboxed(
 
     Returns when the code and every process it started are gone. Output past `max_output_bytes` per stream is
     read and discarded, so a print bomb costs time (bounded by the timeout) but not memory. When this process
-    is root the code runs as a fresh unprivileged uid; otherwise as the current user, and then `max_processes`
-    is added to the processes the user already runs, because RLIMIT_NPROC counts per user.
+    is root the code runs as a fresh unprivileged uid in its own network, IPC and read-only mount namespaces;
+    otherwise as the current user, and then `max_processes` is added to the processes the user already runs,
+    because RLIMIT_NPROC counts per user. Raises SandboxError only when the sandbox itself could not start the
+    code (never because of anything the code does), ValueError for bad limits.
     """
     if not sys.platform.startswith("linux"):
         raise SandboxError(f"run_sandboxed needs Linux (prctl, /proc, pidfd); this is {sys.platform}")
@@ -211,6 +336,8 @@ def run_sandboxed(
             "workdir": workdir,
             "python": python,
             "isolate_network": isolate_network,
+            "shm_mb": max_file_mb,
+            "seccomp": _SECCOMP.get(os.uname().machine),
             "env": {"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir},
             "limits": [
                 ("RLIMIT_CPU", (cpu_s, cpu_s + 1)),
@@ -260,24 +387,28 @@ def run_sandboxed(
             stdout_truncated=out_cut,
             stderr_truncated=err_cut,
         )
+    if status["start_error"]:
+        raise SandboxError(status["start_error"])
     wait_status = status["wait_status"]
     if os.WIFSIGNALED(wait_status):
         returncode = -os.WTERMSIG(wait_status)
     else:
         returncode = os.WEXITSTATUS(wait_status)
-    if returncode == 127 and stderr.startswith("sandbox: could not start the child"):
-        raise SandboxError(stderr.strip())
     return SandboxResult(
         returncode=returncode,
         timed_out=status["timed_out"],
         stdout=out.decode("utf-8", errors="replace"),
         stderr=stderr,
-        killed_reason=_killed_reason(returncode, status["timed_out"], stderr),
+        killed_reason=_killed_reason(returncode, status["timed_out"]),
         wall_s=time.monotonic() - start,
         stdout_truncated=out_cut,
         stderr_truncated=err_cut,
         leftover_processes=status["leftover"],
         network_isolated=status["net_isolated"],
+        ipc_isolated=status["ipc_isolated"],
+        fs_readonly=status["fs_readonly"],
+        seccomp=status["seccomp"],
+        stderr_hint=_stderr_hint(returncode, stderr),
     )
 
 
@@ -357,19 +488,34 @@ def _count_own_processes() -> int:
     return sum(_real_uid(p) == me for p in _pids())
 
 
-def _killed_reason(returncode: int, timed_out: bool, stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    last = lines[-1] if lines else ""
+def _killed_reason(returncode: int, timed_out: bool) -> str:
+    """Why the code ended, from the wait status and the supervisor's clock alone (a signal the code sent itself
+    reads the same as one from the kernel, but it can only ever label the result, not break the caller)."""
     if timed_out:
         return "wall_time"
     if returncode == -signal.SIGXCPU:
         return "cpu_time"
-    if returncode == -signal.SIGXFSZ or (returncode != 0 and "[Errno 27] File too large" in last):
-        return "file_size"  # CPython ignores SIGXFSZ, so the limit shows up as EFBIG from write()
-    if returncode != 0 and last.startswith("MemoryError"):
-        return "memory"
+    if returncode == -signal.SIGXFSZ:
+        return "file_size"  # only when the code restored SIGXFSZ's default: CPython ignores it (write() gets EFBIG)
     if returncode < 0:
-        return f"signal:{signal.Signals(-returncode).name}"
+        try:
+            return f"signal:{signal.Signals(-returncode).name}"
+        except ValueError:  # real-time signals other than SIGRTMIN/SIGRTMAX have no name
+            return f"signal:{-returncode}"
+    return ""
+
+
+def _stderr_hint(returncode: int, stderr: str) -> str:
+    """Which limit the code's own traceback names: RLIMIT_AS and RLIMIT_FSIZE fail a call inside the code, which
+    sees MemoryError or EFBIG like any other error. Forgeable, hence kept apart from killed_reason."""
+    if returncode == 0:
+        return ""
+    lines = stderr.strip().splitlines()
+    last = lines[-1] if lines else ""
+    if last.startswith("MemoryError"):
+        return "memory"
+    if "[Errno 27] File too large" in last:
+        return "file_size"
     return ""
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from marginal_rl.rollout.config import ArithTaskConfig, RolloutConfig
-from marginal_rl.rollout.generator import rollout_groups
+from marginal_rl.rollout.generator import encode_prompt, rollout_groups
 from marginal_rl.rollout.types import Prompt, Trajectory
 
 
@@ -109,6 +109,14 @@ class TaskSet:
     key: dict  # what identifies the task, for caching a policy warm-started on it
     reward_name: str = "reward"  # how metrics and the store name `reward` (TRL: the reward function's name)
     finish_reasons: ClassVar[tuple[str, ...]] = ("eos", "length")  # how an episode can end (Trajectory.finish_reason)
+
+    def prompt_lengths(self, tokenizer, prompts: Sequence[Prompt]) -> list[int]:
+        """Tokens of each prompt as `rollout` feeds it to the model (what the context check reads)."""
+        return [len(encode_prompt(tokenizer, p.text)) for p in prompts]
+
+    def completion_budget(self, cfg: RolloutConfig) -> tuple[int, str]:
+        """The most tokens an episode adds after its prompt, and the key that sets it."""
+        return cfg.max_new_tokens, "rollout.max_new_tokens"
 
     def rollout(self, model, tokenizer, allocation: Sequence[tuple[Prompt, int]], cfg: RolloutConfig, *, step: int,
                 version: int, temperature: float, id_prefix: str = "") -> list[Trajectory]:

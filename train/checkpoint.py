@@ -9,9 +9,9 @@ Layout: `output_dir/checkpoints/step-000042/` holds
 - `manifest.json`: size and sha256 of every other file.
 
 A checkpoint is written to a hidden temporary directory, synced to disk and renamed into place, so a directory
-under its final name is always complete. `latest` resolves to the newest checkpoint and verifies it; a broken newest
-checkpoint is an error (not silently skipped) whose message names the broken file and the previous intact checkpoint
-to resume from instead. Everything is loaded with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+under its final name is always complete. `latest` resolves to the newest checkpoint that verifies (a broken one is
+skipped with a warning naming the broken file); a save that fails (a full disk) removes its temporary directory and
+says which directory it could not write. Everything is loaded with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 
 Supported with one process or DDP (every rank holds full weights and optimiser state). Under FSDP or DeepSpeed
 ZeRO the weights and optimiser state are sharded; this module does not gather them.
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from marginal_rl.train.store import storage_error
 
 MANIFEST = "manifest.json"
 SNAPSHOT = "snapshot.safetensors"
@@ -118,6 +120,23 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra
         shutil.rmtree(leftover, ignore_errors=True)
     final = base / f"step-{step:06d}"
     tmp = base / f".tmp-step-{step:06d}-{os.getpid()}"
+    try:
+        _write(tmp, final, base, model=model, optimizer=optimizer, scheduler=scheduler, value_head=value_head,
+               rng_states=rng_states, snapshot=snapshot, state_json=state_json)
+    except (OSError, RuntimeError) as e:  # a full disk: torch says "unexpected pos", safetensors and json other words
+        error = storage_error(f"checkpoint {final.name}", base, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from e
+    done = list_checkpoints(root)
+    later = [p for p in done if checkpoint_step(p) > step]
+    for old in later + [p for p in done if checkpoint_step(p) <= step][:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write(tmp: Path, final: Path, base: Path, *, model, optimizer, scheduler, value_head, rng_states, snapshot,
+           state_json: str) -> None:
+    """Every file into `tmp`, synced, then renamed to `final` (an existing `final` is moved aside first)."""
     tmp.mkdir()
     model.save_pretrained(tmp / "model")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -136,18 +155,13 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra
     for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
         _fsync(p)
     if final.exists():  # re-saving a step after a resume: move the old one aside so the name is never half-written
-        aside = base / f".old-step-{step:06d}-{os.getpid()}"
+        aside = base / f".old-{final.name}-{os.getpid()}"
         os.replace(final, aside)
         os.replace(tmp, final)
         shutil.rmtree(aside)
     else:
         os.replace(tmp, final)
     _fsync(base)
-    done = list_checkpoints(root)
-    later = [p for p in done if checkpoint_step(p) > step]
-    for old in later + [p for p in done if checkpoint_step(p) <= step][:-keep_last]:
-        shutil.rmtree(old)
-    return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -161,18 +175,34 @@ def list_checkpoints(root: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------------ load
 
 
+REQUIRED = ("trainer.pt", "rng.pt", "state.json")  # besides model/*.safetensors
+
+
 def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError naming the first missing, truncated or corrupt file."""
+    """Raise CheckpointError naming the first missing, truncated or corrupt file. A manifest of any other shape than
+    save_checkpoint's (empty, a list, binary garbage, entries without size or sha256, required files absent) is
+    corrupt too."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is missing (not a complete checkpoint)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt (not valid JSON)") from None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in manifest.values()):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt (expected an object of files, each with a "
+                              f"size and a sha256)")
+    absent = [f for f in REQUIRED if f not in manifest]
+    if absent or not any(name.startswith("model/") and name.endswith(".safetensors") for name in manifest):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt (it lists no "
+                              f"{', '.join(absent) or 'model/*.safetensors'})")
     for name, entry in manifest.items():
         f = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt (names a file outside it: {name!r})")
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if f.stat().st_size != entry["size"]:
@@ -180,6 +210,14 @@ def verify_checkpoint(path: Path) -> None:
                                   f"({f.stat().st_size} bytes, expected {entry['size']})")
         if _sha256(f) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 does not match the manifest)")
+
+
+def read_state(path: Path) -> dict:
+    """The caller's extra state of a verified checkpoint (state.json)."""
+    state = json.loads((Path(path) / "state.json").read_text())
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: state.json is corrupt (expected a JSON object)")
+    return state
 
 
 def _verifies(path: Path) -> bool:
@@ -191,11 +229,11 @@ def _verifies(path: Path) -> bool:
 
 
 def find_checkpoint(root: Path, resume_from: str) -> Path:
-    """`latest` -> the newest checkpoint under root, verified; anything else is a checkpoint directory, verified.
+    """`latest` -> the newest checkpoint under root that verifies; anything else is a checkpoint directory, verified.
 
-    A broken newest checkpoint is an error, not silently skipped (skipping would quietly redo steps and rewrite
-    the stores): the message names the broken file and the previous checkpoint that verifies, so the user decides
-    (`train.resume_from=<that path>`)."""
+    A broken newest checkpoint (a save killed by a full disk, a corrupted file) is skipped with a warning that names
+    the broken file: the run resumes from the previous intact one, rewrites the stores from there and deletes the
+    broken one at its next save. A named checkpoint that is broken is an error."""
     if resume_from != "latest":
         path = Path(resume_from)
         if not path.is_dir():
@@ -205,14 +243,19 @@ def find_checkpoint(root: Path, resume_from: str) -> Path:
     found = list_checkpoints(root)
     if not found:
         raise CheckpointError(f"train.resume_from=latest: no checkpoint under {Path(root) / 'checkpoints'}")
-    try:
-        verify_checkpoint(found[-1])
-    except CheckpointError as e:
-        intact = next((p for p in reversed(found[:-1]) if _verifies(p)), None)
-        hint = (f"; the previous checkpoint {intact} is intact: resume from it with train.resume_from={intact}"
-                if intact else "; no earlier intact checkpoint")
-        raise CheckpointError(f"{e}{hint}") from None
-    return found[-1]
+    broken = []
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            broken.append(str(e))
+            continue
+        if broken:
+            warnings.warn(f"train.resume_from=latest: skipping {len(broken)} broken checkpoint(s) ({'; '.join(broken)}); "
+                          f"resuming from {path}", stacklevel=2)
+        return path
+    raise CheckpointError(f"train.resume_from=latest: no intact checkpoint under {Path(root) / 'checkpoints'} "
+                          f"({'; '.join(broken)})")
 
 
 def _load_weights(path: Path, model) -> None:
@@ -271,7 +314,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, value_head: torc
         warnings.warn(f"checkpoint {path} holds the RNG states of {len(ranks)} rank(s); rank {rank} keeps its seeded "
                       f"RNG, so this resumed run does not reproduce an uninterrupted one sample for sample",
                       stacklevel=2)
-    return json.loads((path / "state.json").read_text())
+    return read_state(path)
 
 
 def load_snapshot(path: Path, snapshot: torch.nn.Module) -> bool:

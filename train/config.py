@@ -158,6 +158,12 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
     resume_from: str = field(default="", metadata={"help": "checkpoint directory, or `latest`, to resume from"})
+    force_resume: bool = field(default=False, metadata={
+        "help": "resume even where the checkpoint's recorded config differs from this run's in keys that change the "
+                "run (they are printed); the resumed run then is not the one the checkpoint began"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in a non-empty output_dir: the old run's files (stores, checkpoints, summary, final "
+                "weights) are deleted first; without it (or train.resume_from) a non-empty output_dir is an error"})
     max_nonfinite: int = field(default=3, metadata={"help": "stop after this many non-finite losses/gradients in a row"})
 
     def __post_init__(self) -> None:
@@ -447,6 +453,38 @@ def config_to_dict(cfg: Any) -> dict:
         value = getattr(cfg, f.name)
         out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
     return out
+
+
+# Keys a resumed run may change without changing what it computes: where things are, how long it runs, what it
+# logs and how often it evaluates (eval draws from its own seeded RNG). Anything else differing from the
+# checkpoint's recorded config is refused unless train.force_resume=true.
+RESUME_FREE_KEYS = ("output_dir", "model.cache_dir", "train.max_steps", "train.resume_from", "train.force_resume",
+                    "train.overwrite", "train.keep_last", "train.eval_every", "train.max_nonfinite",
+                    "task.reward_timeout_s", "rollout.env_workers", "rollout.vllm_python", "rollout.vllm_url",
+                    "rollout.vllm_port", "rollout.vllm_startup_timeout_s", "rollout.vllm_kv_cache_gb",
+                    "rollout.vllm_gpu_memory_utilization", "log.")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}."""
+    out = {}
+    for k, v in data.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_mismatch(recorded: dict, cfg: RunConfig) -> list[str]:
+    """'key: checkpoint value -> this run's value' for every key that differs and changes the run. Without async
+    rollouts the checkpoint cadence (train.save_every) changes nothing either; with them no step is sampled ahead
+    across a checkpoint, so it does."""
+    free = RESUME_FREE_KEYS + (() if cfg.rollout.async_rollout else ("train.save_every",))
+    try:  # through today's loader, so a key added to the schema since the checkpoint compares as its default
+        recorded = config_to_dict(config_from_dict(recorded))
+    except ConfigError:
+        pass  # a key the schema no longer has: compared as recorded, so it shows up as a difference
+    old, new = flatten(recorded), flatten(config_to_dict(cfg))
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)]
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -13,7 +13,11 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -41,11 +45,12 @@ from marginal_rl.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_snapshot,
+    read_state,
     save_checkpoint,
 )
-from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict
+from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict, resume_mismatch
 from marginal_rl.train.logger import NoOpLogger, Progress, WandbLogger
-from marginal_rl.train.store import MetricsLog, StepStore, prompt_rows, trajectory_rows, write_final
+from marginal_rl.train.store import MetricsLog, StepStore, prepare_run_dir, prompt_rows, trajectory_rows, write_final
 from marginal_rl.train.update import measure_drift, sequence_advantages, train_step
 
 # ------------------------------------------------------------------------------------------------ build_*
@@ -78,6 +83,32 @@ def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
 
         model = apply_lora(model, cfg.model)
     return model.to(accelerator.device), tokenizer
+
+
+def fit_prompts_to_context(cfg: RunConfig, task: TaskSet, tokenizer, model_config) -> None:
+    """Refuse (task.long_prompts=error) or leave out (drop) the prompts whose tokens plus the completion budget do not
+    fit the model's positions (max_position_embeddings; a model without one is not checked). Generating past them
+    fails or degrades silently, and a prompt of thousands of tokens can exhaust memory before it does."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not limit:
+        return
+    budget, key = task.completion_budget(cfg.rollout)
+    for split in ("train", "eval"):
+        prompts = getattr(task, split)
+        lengths = task.prompt_lengths(tokenizer, prompts)
+        long = [(p, n) for p, n in zip(prompts, lengths, strict=True) if n + budget > limit]
+        if not long:
+            continue
+        p, n = long[0]
+        what = (f"{len(long)} of {len(prompts)} {split} prompts do not fit the model's context of {limit} tokens with "
+                f"{key}={budget}, first {p.prompt_id!r} ({n} tokens: {p.text[:60]!r}...)")
+        if cfg.task.long_prompts == "error":
+            raise ConfigError(f"task.long_prompts: {what}; shorten them, lower {key}, or set task.long_prompts=drop")
+        kept = [q for q, m in zip(prompts, lengths, strict=True) if m + budget <= limit]
+        if not kept:
+            raise ConfigError(f"task.long_prompts=drop: {what}; none is left")
+        setattr(task, split, kept)
+        print(f"task.long_prompts=drop: left out {what}", file=sys.stderr)
 
 
 def build_reference(cfg: RunConfig, model: torch.nn.Module):
@@ -209,7 +240,7 @@ def record_eval(result: dict[str, float], step: int, ledger: Ledger, evals: list
 
 
 def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: str, world_size: int,
-                started: float) -> dict:
+                started: float, unscored_steps: int = 0) -> dict:
     """summary.json: what the run reached and what it spent (shared with the TRL peer)."""
     target = cfg.budget.target_reward
     return {
@@ -221,6 +252,7 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
         "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
         "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
         "ledger": ledger.summary(target),
+        "unscored_steps": unscored_steps,  # steps where every reward function returned None/NaN for every completion
         "wall_seconds": round(time.time() - started, 2),
     }
 
@@ -231,6 +263,11 @@ TRL_METRIC_NAMES = ("reward", "reward_std", "rewards/<func>/mean", "rewards/<fun
                     "completions/mean_length", "completions/min_length", "completions/max_length",
                     "completions/clipped_ratio", "num_tokens", "entropy", "kl", "clip_ratio/low_mean",
                     "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+def _unscored(t: Trajectory) -> bool:
+    """No reward function gave this completion a value (each returned None or NaN): its reward 0.0 is TRL's nansum."""
+    return bool(t.rewards) and all(v is None or v != v for v in t.rewards.values())
 
 
 def _nanstd(x: np.ndarray) -> float:
@@ -268,6 +305,7 @@ class RunState:
     behaviour_version: int = 0  # version of the weights rollouts sample from (lags `version` with stale rollouts)
     evals: list[dict] = field(default_factory=list)
     nonfinite_in_row: int = 0
+    unscored_steps: int = 0  # steps where no reward function scored any completion (all None/NaN)
     started: float = field(default_factory=time.time)  # wall clock of the run's start (earlier on resume)
 
     def record_eval(self, step: int, result: dict[str, float]) -> None:
@@ -275,13 +313,14 @@ class RunState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "version": self.version, "behaviour_version": self.behaviour_version,
-                "evals": self.evals, "nonfinite_in_row": self.nonfinite_in_row,
+                "evals": self.evals, "nonfinite_in_row": self.nonfinite_in_row, "unscored_steps": self.unscored_steps,
                 "elapsed_seconds": time.time() - self.started, **self.budget.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self.budget.load_state_dict(d)
         self.step, self.version, self.evals = d["step"], d["version"], d["evals"]
         self.behaviour_version, self.nonfinite_in_row = d["behaviour_version"], d["nonfinite_in_row"]
+        self.unscored_steps = d.get("unscored_steps", 0)
         self.started = time.time() - d["elapsed_seconds"]
 
 
@@ -328,8 +367,11 @@ class Run:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + self.rank)
+        if self.main:  # before the model is built: the other ranks wait for it in build_policy
+            prepare_run_dir(self.out, resume=bool(cfg.train.resume_from), overwrite=cfg.train.overwrite)
 
         model, self.tokenizer = build_policy(cfg, task, accelerator)
+        fit_prompts_to_context(cfg, task, self.tokenizer, model.config)
         self.reference = build_reference(cfg, model)
         value_head = build_value_head(cfg, model)
         self.optimizer, self.scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
@@ -382,6 +424,17 @@ class Run:
 
     def _resume(self, model, value_head) -> Path:
         ckpt = find_checkpoint(self.out, self.cfg.train.resume_from)
+        recorded = read_state(ckpt).get("config")
+        differs = resume_mismatch(recorded, self.cfg) if recorded is not None else []
+        if recorded is None:
+            warnings.warn(f"checkpoint {ckpt} records no config (written by an older version): resuming without "
+                          f"comparing it with this run's", stacklevel=2)
+        elif differs and not self.cfg.train.force_resume:
+            raise ConfigError(f"train.resume_from: checkpoint {ckpt} was written under another config ("
+                              f"{'; '.join(differs)}); resume with the checkpoint's config, or set "
+                              f"train.force_resume=true to resume anyway")
+        elif differs and self.main:
+            print(f"train.force_resume: resuming {ckpt} under a changed config ({'; '.join(differs)})", file=sys.stderr)
         self.state.load_state_dict(load_checkpoint(ckpt, model=model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, value_head=value_head, rank=self.rank))
         if self.main:
@@ -490,7 +543,8 @@ class Run:
             head = self.accelerator.unwrap_model(self.value_head) if self.value_head is not None else None
             save_checkpoint(self.out, step, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
                             value_head=head, keep_last=self.cfg.train.keep_last, rng_states=rng_states,
-                            snapshot=self.snapshot, extra_state=self.state.state_dict())
+                            snapshot=self.snapshot,
+                            extra_state={**self.state.state_dict(), "config": config_to_dict(self.cfg)})
 
     def loop_metrics(self, plan: PromptPlan, trajectories: list[Trajectory], columns: TrajectoryColumns,
                      sampled_ahead: bool, step_s: float, seconds: dict[str, float]) -> dict[str, float]:
@@ -500,6 +554,7 @@ class Run:
             "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
             "rollout/samples": len(trajectories), "rollout/groups": int((plan.samples > 0).sum()),
             "rollout/sampled_ahead": float(sampled_ahead),
+            "rollout/unscored_fraction": float(np.mean([_unscored(t) for t in trajectories] or [0])),
             "rollout/completion_tokens_mean": float(columns.tokens_completion.mean()) if len(columns) else 0.0,
             **{f"rollout/finish_{reason}": float(np.mean([t.finish_reason == reason for t in trajectories] or [0]))
                for reason in self.task.finish_reasons},
@@ -535,7 +590,7 @@ class Run:
     def finish(self) -> dict:
         s = self.state
         summary = run_summary(self.cfg, s.budget.ledger, s.evals, policy=self.cfg.budget.policy, world_size=self.world,
-                              started=s.started)
+                              started=s.started, unscored_steps=s.unscored_steps)
         weights = self.accelerator.get_state_dict(self.model)  # a collective under FSDP and ZeRO-3: full weights
         if zero.active(self.accelerator):
             weights = zero.policy_weights(weights)
@@ -545,6 +600,57 @@ class Run:
         self.logger.finish()
         self.accelerator.end_training()
         return summary
+
+
+class Preempted(Exception):
+    """The run stopped at a step boundary on SIGTERM or SIGINT (with a checkpoint when checkpointing is on)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) ask the loop to stop at the next step boundary; a second
+    one stops at once. Handlers are installed only from the main thread (Python allows no other) and restored at the
+    end of the run."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, main: bool):
+        self.signum = 0
+        self.main = main
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:  # the second signal: stop now
+            self.restore()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+        if self.main:
+            print(f"\n{signal.Signals(signum).name}: stopping at the end of this step (send it again to stop now)",
+                  file=sys.stderr, flush=True)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank once any rank was signalled (ranks must stop at the same step)."""
+        if accelerator.num_processes > 1:
+            self.signum = max(gather_object([self.signum]))
+        return bool(self.signum)
+
+    def message(self, step: int, out: Path, saved: bool) -> str:
+        name = signal.Signals(self.signum).name
+        if saved:
+            return (f"stopped by {name} at step {step}: checkpoint {out / 'checkpoints' / f'step-{step:06d}'}; "
+                    f"continue with the same command and train.resume_from=latest")
+        return (f"stopped by {name} at step {step} without a checkpoint (train.save_every=0); the stores under {out} "
+                f"hold steps 0-{step - 1}")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -562,11 +668,21 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
         print(f"eval at step {s.evals[-1]['step']}: reward {s.evals[-1]['eval/reward']:.3f} "
               f"(greedy {s.evals[-1]['eval/reward_greedy']:.3f})")
     bar = Progress(cfg.train.max_steps, s.step, cfg.log.progress_every) if run.main and cfg.log.progress else None
+    stop = StopRequest(run.main)
+    saved_at = s.step if cfg.train.resume_from else -1  # the step of the newest checkpoint of this timeline
     try:
         for step in range(s.step, cfg.train.max_steps):
+            # A stop (SIGTERM, SIGINT) ends the run here, at a step boundary, unless the last step started this one's
+            # rollouts ahead: then this step runs too (starting nothing ahead), so the checkpoint is exact.
+            stopping = stop.agreed(run.accelerator)
+            if stopping and run.ahead is None:
+                if cfg.train.save_every and saved_at < step:
+                    run.save(step)
+                    saved_at = step
+                raise Preempted(stop.signum, stop.message(step, run.out, saved_at == step and bool(cfg.train.save_every)))
             t0, budget.seconds = time.perf_counter(), 0.0
             saves = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
-            ahead = run.producer is not None and step + 1 < cfg.train.max_steps and not saves
+            ahead = run.producer is not None and step + 1 < cfg.train.max_steps and not saves and not stopping
 
             # 1-2. Plan and roll out: the budget decides how many samples each candidate prompt gets, each rank
             # generates its share of the groups, then every rank sees every trajectory (started ahead if async).
@@ -575,6 +691,12 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             plan_s = budget.seconds  # the budget's part of the rollout phase
             with watch("budget"):
                 columns = TrajectoryColumns.of(trajectories)  # what the budget reads, built once
+            if trajectories and all(_unscored(t) for t in trajectories):
+                s.unscored_steps += 1
+                if run.main:
+                    print(f"warning: step {step}: every reward function returned None/NaN for all {len(trajectories)} "
+                          f"completions, so every reward is 0.0 and nothing is learnt from this step "
+                          f"({s.unscored_steps} such step(s) so far; summary.json counts them)", file=sys.stderr)
 
             # 3-5. Settle: every trajectory gets a price and a fate, the trainer updates on the admitted ones (after
             # starting the next step's rollouts, if async), and the budget folds the step's evidence in (posteriors,
@@ -600,6 +722,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             s.step = step + 1
             if saves:
                 run.save(step + 1)
+                saved_at = step + 1
             run.accelerator.wait_for_everyone()
             metrics.update(settled.metrics)
             metrics.update(budget.ledger_metrics())  # after the eval: tokens_to_target
@@ -618,6 +741,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                     bar.update(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{s.evals[-1]['eval/reward']:.3f}",
                                tokens=f"{budget.ledger.total_tokens / 1e3:.0f}k")
     finally:
+        stop.restore()
         run.close()
     if bar is not None:
         bar.close()

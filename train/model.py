@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,7 +65,13 @@ def warm_start(model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str, str
     eos = tokenizer.eos_token_id
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-    encoded = [(p, c + [eos]) for p, c in zip(prompts, completions, strict=True)]
+    limit = model.config.max_position_embeddings
+    encoded = [(p, c + [eos]) for p, c in zip(prompts, completions, strict=True) if len(p) + len(c) < limit]
+    if not encoded:
+        raise ConfigError(f"warm start: none of the {len(pairs)} demonstrations fits the model's {limit} positions")
+    if len(encoded) < len(pairs):  # a prompt of thousands of tokens would only blow up the batch's memory
+        warnings.warn(f"warm start: left out {len(pairs) - len(encoded)} of {len(pairs)} demonstrations longer than "
+                      f"the model's {limit} positions", stacklevel=2)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / max(steps, 1)))
     model.train()

@@ -5,8 +5,10 @@ only complete files; `pandas.read_parquet(dir)` and `datasets.load_dataset("parq
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,50 @@ import pandas as pd
 from marginal_rl.budget.ledger import train_tokens, trajectory_tokens
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
 from marginal_rl.rollout.types import Trajectory
+from marginal_rl.train.config import ConfigError
+
+# What a run (and `marginal-rl report`) writes under output_dir: what train.overwrite deletes, and nothing else.
+RUN_FILES = ("config.yaml", "trajectories", "prompts", "metrics.jsonl", "checkpoints", "summary.json", "final", "vllm",
+             "wandb", "report.html")
+
+
+class StorageError(RuntimeError):
+    """A run file could not be written (a full disk, permissions); the message names the directory."""
+
+
+def storage_error(what: str, directory: Path, exc: BaseException) -> StorageError:
+    """What failed, where, and whether the device is full: torch reports a full disk as "unexpected pos", pyarrow and
+    safetensors in words of their own, so the free space decides when no ENOSPC is in the chain."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = -1
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    full = any(getattr(c, "errno", None) == errno.ENOSPC for c in chain) or 0 <= free < 1 << 20
+    reason = "no space left on the device" if full else f"{type(exc).__name__}: {exc}"
+    return StorageError(f"{what}: could not write under {directory} ({reason}; {max(free, 0) / 2**20:.1f} MiB free)")
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start in a non-empty `out` unless resuming or overwriting (then delete the old run's files first).
+
+    Starting afresh over an old run used to rewrite its stores but keep its checkpoints, so a later
+    `resume_from=latest` resumed the other run into stores with steps missing."""
+    out = Path(out)
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(f"output_dir: {out} is not empty ({shown}); resume it with train.resume_from=latest, start "
+                          f"afresh with train.overwrite=true (deletes the old run's files), or choose another output_dir")
+    for name in entries:
+        path = out / name
+        if name in RUN_FILES or name.endswith(".png"):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory], prices: TrajectoryPrices, advantages: Sequence[float],
@@ -62,8 +108,13 @@ class StepStore:
         if not rows:
             return
         tmp = self.dir / f".tmp-step-{step:06d}.parquet"
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
-        os.replace(tmp, self.path(step))
+        try:
+            pd.DataFrame(rows).to_parquet(tmp, index=False)
+            os.replace(tmp, self.path(step))
+        except OSError as e:  # pyarrow raises OSError subclasses; nothing half-written stays under the final name
+            error = storage_error(f"step {step} of the store", self.dir, e)
+            tmp.unlink(missing_ok=True)
+            raise error from e
 
     def truncate(self, from_step: int) -> None:
         """Remove the files of steps >= from_step (a resumed run rewrites them) and any partial temporaries."""
@@ -93,8 +144,11 @@ class MetricsLog:
     def write(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()
                                 if isinstance(v, int | float)}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise storage_error(f"step {step} of {self.path.name}", self.path.parent, e) from e
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.is_file() else []
@@ -105,7 +159,9 @@ def write_final(out: Path, model, tokenizer, summary: dict, state_dict: dict | N
     `state_dict`: the full weights when `model`'s own are sharded (FSDP), from `accelerator.get_state_dict`."""
     model.save_pretrained(out / "final", state_dict=state_dict)
     tokenizer.save_pretrained(out / "final")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    tmp = out / ".summary.json.tmp"  # written last and renamed: a summary.json is the mark of a finished run
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
     print(f"eval: start {summary['initial_eval_reward']:.3f} -> end {summary['final_eval_reward']:.3f} "
           f"(greedy {summary['final_eval_reward_greedy']:.3f}); tokens {summary['tokens']['total']:,}; "
           f"{summary['wall_seconds']:.0f} s; run directory {out}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from marginal_rl.train.checkpoint import (
 )
 from marginal_rl.train.config import ModelConfig
 from marginal_rl.train.lora import apply_lora
+from marginal_rl.train.store import StorageError
 from marginal_rl.train.value import ValueHead
 
 
@@ -76,17 +79,71 @@ def test_keep_last_and_temporaries_are_ignored(tmp_path):
     assert find_checkpoint(tmp_path, "latest").name == "step-000004"
 
 
-def test_truncated_checkpoint_names_the_file_and_the_previous_one_still_works(tmp_path):
+def test_latest_skips_a_truncated_checkpoint_naming_the_file_and_resumes_the_previous_one(tmp_path):
     model, opt, sched = _setup()
     _save(tmp_path, 1, model, opt, sched)
     newest = _save(tmp_path, 2, model, opt, sched)
     weights = next((newest / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"model/model.safetensors is truncated.*step-000001 is intact.*resume_from="):
-        find_checkpoint(tmp_path, "latest")
+    with pytest.warns(UserWarning, match=r"skipping 1 broken.*model/model.safetensors is truncated.*step-000001"):
+        found = find_checkpoint(tmp_path, "latest")
+    assert found.name == "step-000001"
     fresh, fopt, fsched = _setup(seed=1)
-    assert load_checkpoint(tmp_path / "checkpoints" / "step-000001", model=fresh, optimizer=fopt,
-                           scheduler=fsched)["step"] == 1
+    assert load_checkpoint(found, model=fresh, optimizer=fopt, scheduler=fsched)["step"] == 1
+    with pytest.raises(CheckpointError, match="model/model.safetensors is truncated"):  # named, it is an error
+        find_checkpoint(tmp_path, str(newest))
+
+
+MANIFEST_SHAPES = {
+    "empty object": b"{}", "list": b"[]", "binary": bytes(range(256)) * 4, "number": b"42", "empty file": b"",
+    "entry not an object": b'{"trainer.pt": 5}', "entry without sha256": b'{"trainer.pt": {"size": 1}}',
+    "required files absent": b'{"extra.bin": {"size": 0, "sha256": "e3b0"}}',
+}
+
+
+@pytest.mark.parametrize("shape", list(MANIFEST_SHAPES))
+def test_every_corrupt_manifest_shape_fails_verification_and_latest_falls_back(tmp_path, shape):
+    model, opt, sched = _setup()
+    _save(tmp_path, 1, model, opt, sched)
+    newest = _save(tmp_path, 2, model, opt, sched)
+    (newest / "manifest.json").write_bytes(MANIFEST_SHAPES[shape])
+    with pytest.raises(CheckpointError, match=r"step-000002: manifest.json is corrupt"):
+        load_checkpoint(newest, model=model, optimizer=opt, scheduler=sched)
+    with pytest.warns(UserWarning, match="manifest.json is corrupt"):
+        assert find_checkpoint(tmp_path, "latest").name == "step-000001"
+
+
+def test_a_manifest_naming_files_outside_the_checkpoint_is_corrupt(tmp_path):
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 1, model, opt, sched)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["../../etc/passwd"] = {"size": 1, "sha256": "00"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="names a file outside it"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each_broken_one(tmp_path):
+    model, opt, sched = _setup()
+    for step in (1, 2):
+        (_save(tmp_path, step, model, opt, sched) / "manifest.json").write_bytes(b"[]")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint.*step-000002.*step-000001"):
+        find_checkpoint(tmp_path, "latest")
+
+
+def test_a_failed_save_removes_its_temporary_directory_and_names_the_directory(tmp_path, monkeypatch):
+    model, opt, sched = _setup()
+    _save(tmp_path, 1, model, opt, sched)
+
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1234 vs 1200")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))
+    with pytest.raises(StorageError, match=r"checkpoint step-000002: could not write under .*checkpoints "
+                                            r"\(no space left on the device"):
+        _save(tmp_path, 2, model, opt, sched)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
 
 
 def test_corrupt_bytes_of_same_size_are_caught(tmp_path):

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from marginal_rl.rollout import fix_test
 from marginal_rl.rollout.fix_test import (
     ACTIONS,
     EXAMPLE_TASK,
@@ -26,6 +27,7 @@ from marginal_rl.rollout.fix_test import (
     run_task_tests,
     to_prompt,
 )
+from marginal_rl.rollout.sandbox import SandboxError
 
 TASK = FixTask(
     task_id="t0",
@@ -132,7 +134,6 @@ def test_fix_episode_runs_tests_then_submits_for_reward_one() -> None:
 
 
 @needs_linux
-@needs_linux
 def test_the_few_shot_example_replays_in_the_real_environment() -> None:
     messages = example_conversation()
     env = FixTestEnv(EXAMPLE_TASK, timeout_s=2.0)
@@ -178,6 +179,41 @@ def test_infinite_loop_in_an_edit_times_out_and_is_reported() -> None:
     env.step("<edit>\ndef f(x):\n    while True:\n        pass\n</edit>")
     result = env.step("<run_tests/>")
     assert result.observation == "FAIL: timed out" and result.tests_passed is False
+
+
+@pytest.mark.parametrize("failure", [SandboxError("sandbox: could not start the child: boom"), OSError(28, "No space")])
+def test_a_failing_sandbox_is_a_failed_test_run_not_an_exception(
+    failure: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(fix_test, "run_sandboxed", broken)
+    env = FixTestEnv(TASK)
+    env.reset()
+    env.step(FIX)
+    with pytest.warns(RuntimeWarning, match="sandbox failure scored as failing tests"):
+        ran = env.step("<run_tests/>")
+        submitted = env.step("<submit/>")
+    assert (ran.done, ran.tests_passed, ran.verify) == (False, False, True)
+    assert ran.observation == f"sandbox error: {failure}"
+    assert (submitted.done, submitted.reward, submitted.tests_passed) == (True, 0.0, False)
+    assert submitted.finish_reason == "submit"
+    assert submitted.observation == f"submitted: sandbox error: {failure}"
+
+
+@needs_linux
+def test_a_solution_printing_the_sandbox_failure_line_just_fails_its_tests() -> None:
+    forged = "sandbox: could not start the child: forged"
+    env = FixTestEnv(TASK, timeout_s=1.0)
+    env.reset()
+    code = f"import sys\ndef f(x):\n    return x + 3\nprint('{forged}', file=sys.stderr)\nsys.exit(127)"
+    edit = env.step(f"<edit>\n{code}\n</edit>")  # exactly what the supervisor used to print, and its exit status
+    assert edit.observation.startswith("edit applied")
+    ran = env.step("<run_tests/>")
+    assert (ran.tests_passed, ran.observation) == (False, f"FAIL: {forged}")
+    submitted = env.step("<submit/>")
+    assert (submitted.done, submitted.reward, submitted.observation) == (True, 0.0, "submitted: tests fail")
 
 
 def test_format_observation_wraps_in_tags() -> None:

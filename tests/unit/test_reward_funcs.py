@@ -59,6 +59,10 @@ def infinite(completions, **kwargs):
 def not_a_list(completions, **kwargs):
     return 1.0
 
+def hangs(completions, **kwargs):
+    import time
+    time.sleep(60)
+
 async def asynchronous(completions, **kwargs):
     return [2.0] * len(completions)
 
@@ -174,6 +178,23 @@ def test_bad_return_values_are_clear_errors(workdir, name, message):
     assert message in str(info.value)
 
 
+def test_a_hung_reward_function_times_out_naming_itself_and_is_not_retried(workdir):
+    import time
+
+    from marginal_rl.rollout.errors import RewardTimeoutError
+
+    t0 = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match=r"'mrl_test_rewards.hangs' did not return within 0.5 s "
+                                                 r"\(task.reward_timeout_s\) on a batch of 3 completions, first "
+                                                 r"prompt 'a'"):
+        score_completions(_funcs("half", "hangs"), ["p", "q", "r"], ["x", "y", "z"], None, {},
+                          prompt_ids=["a", "b", "c"], step=0, timeout_s=0.5)
+    assert time.monotonic() - t0 < 3  # one timeout, not one per completion
+    rewards, _ = score_completions(_funcs("half", "asynchronous"), ["p"], ["x"], None, {}, prompt_ids=["a"], step=0,
+                                   timeout_s=5)
+    assert rewards == [2.5]  # a function that returns in time (async too) is unaffected
+
+
 # --------------------------------------------------------------------------------------------- the dataset task
 
 
@@ -200,6 +221,12 @@ def test_dataset_errors_name_the_problem(tmp_path, workdir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     with pytest.raises(TaskError, match=r"bad.jsonl:2: not valid JSON"):
         read_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "a"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(TaskError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        read_rows(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(TaskError, match=r"garbage.parquet: not a readable parquet file"):
+        read_rows(str(tmp_path / "garbage.parquet"))
     (tmp_path / "x.csv").write_text("prompt\na\n")
     with pytest.raises(TaskError, match="expected a .jsonl or .parquet file"):
         read_rows(str(tmp_path / "x.csv"))
