@@ -87,9 +87,10 @@ class Budget:
         return Settlement(prices, done, metrics, histograms)
 
     def ledger_metrics(self) -> dict[str, float]:
-        """The ledger's cumulative ledger/... scalars (tokens_to_target against budget.target_reward)."""
+        """The ledger's cumulative ledger/... scalars (tokens_to_target against budget.target_reward and, when set,
+        the run's start + budget.target_delta)."""
         t0 = time.perf_counter()
-        out = self.ledger.metrics(self.cfg.target_reward)
+        out = self.ledger.metrics(self.cfg.target_reward, self.cfg.target_delta or None)
         self.seconds += time.perf_counter() - t0
         return out
 

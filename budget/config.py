@@ -68,6 +68,12 @@ class BudgetConfig:
     target_reward: float = field(
         default=0.5, metadata={"help": "eval reward whose first attainment ledger/tokens_to_target reports"}
     )
+    target_delta: float = field(default=0.0, metadata={
+        "help": "a second target relative to the run's own start: the first eval + delta, whose first attainment "
+                "ledger/tokens_to_target_delta reports (0 = off)"})
+    target_metric: str = field(default="eval/reward", metadata={
+        "help": "the eval metric both targets (and the ledger's eval history) read: eval/reward (sampled at "
+                "rollout.eval_temperature) | eval/reward_greedy"})
     drift_probe: int = field(
         default=16, metadata={"help": "trained sequences re-scored after each update to measure the policy's drift (KL)"}
     )
@@ -81,6 +87,10 @@ class BudgetConfig:
             raise ValueError(f"pool_factor: expected an integer >= 1, got {self.pool_factor}")
         if not math.isfinite(self.target_reward):
             raise ValueError(f"target_reward: expected a finite number, got {self.target_reward}")
+        if not self.target_delta >= 0:
+            raise ValueError(f"target_delta: expected a number >= 0 (0 = off), got {self.target_delta}")
+        if self.target_metric not in ("eval/reward", "eval/reward_greedy"):
+            raise ValueError(f"target_metric: expected eval/reward or eval/reward_greedy, got {self.target_metric!r}")
         for key in ("value", "kappa_rollout", "kappa_verify", "kappa_update", "risk_aversion", "drift_prior",
                     "gain_half_samples"):
             if not getattr(self, key) >= 0:  # also rejects NaN

@@ -46,6 +46,7 @@ class Ledger:
     reward_sum: float = 0.0  # sum of rollout rewards
     hindsight_rollout: int = 0  # rollout tokens of groups that turned out to carry no signal
     hindsight_train: int = 0  # training tokens spent on such groups (policies that train on them)
+    hindsight_bound: int = 0  # tokens of sampling only the groups that carried a signal and training on all of them
     evals: list[list[float]] = field(default_factory=list)  # [step, eval reward, total tokens at that point]
 
     def record_step(self, cols: TrajectoryColumns, prices: TrajectoryPrices, num_iterations: int,
@@ -73,11 +74,12 @@ class Ledger:
         self.zero_signal_groups += int(flat_group.sum())
         self.hindsight_rollout += int(rollout[flat].sum())
         self.hindsight_train += int(trained[flat].sum())
+        self.hindsight_bound += int(rollout[~flat].sum()) * (1 + num_iterations)
         self.prompts_skipped += int(prompts_skipped)
         self.steps += 1
 
     def record_eval(self, step: int, reward: float) -> None:
-        """Note an eval result together with the total tokens spent so far."""
+        """Note an eval result (of budget.target_metric) together with the total tokens spent so far."""
         self.evals.append([int(step), float(reward), int(self.total_tokens)])
 
     @property
@@ -106,6 +108,15 @@ class Ledger:
         """Total tokens spent when an eval first reached `target`; None if none has."""
         return next((int(tok) for _, r, tok in self.evals if r >= target), None)
 
+    def tokens_to_delta(self, delta: float) -> int | None:
+        """tokens_to_target of the first eval + `delta` (a target relative to the run's own start)."""
+        return self.tokens_to_target(self.evals[0][1] + delta) if self.evals else None
+
+    def over_hindsight(self) -> float:
+        """The run's tokens over the hindsight bound (>= 1 for a run that trains on every signal group; NaN before a
+        signal group)."""
+        return self.total_tokens / self.hindsight_bound if self.hindsight_bound else float("nan")
+
     def reward_per_mtok(self) -> float:
         """Rollout reward earned per million tokens spent (rollout + training); NaN before any token."""
         return self.reward_sum / self.total_tokens * 1e6 if self.total_tokens else float("nan")
@@ -116,7 +127,7 @@ class Ledger:
             return float("nan")
         return (self.evals[-1][1] - self.evals[0][1]) / (self.evals[-1][2] - self.evals[0][2]) * 1e6
 
-    def metrics(self, target: float | None = None) -> dict[str, float]:
+    def metrics(self, target: float | None = None, delta: float | None = None) -> dict[str, float]:
         """Cumulative `ledger/...` scalars (tokens unless stated)."""
         total, roll = self.total_tokens, self.rollout_tokens
         out: dict[str, float] = {f"ledger/tokens_{use}": float(n) for use, n in self.by_use.items()}
@@ -130,14 +141,19 @@ class Ledger:
             "ledger/wasted_fraction": self.wasted_tokens / roll if roll else float("nan"),
             "ledger/hindsight_gap_tokens": float(self.hindsight_gap),
             "ledger/hindsight_gap_fraction": self.hindsight_gap / total if total else float("nan"),
+            "ledger/hindsight_bound_tokens": float(self.hindsight_bound),
+            "ledger/tokens_over_hindsight": self.over_hindsight(),
             "ledger/zero_signal_group_fraction": self.zero_signal_groups / self.groups if self.groups else float("nan"),
             "ledger/reward_per_mtok": self.reward_per_mtok(),
             "ledger/eval_gain_per_mtok": self.eval_gain_per_mtok(),
             "ledger/tokens_to_target": float("nan") if tt is None else float(tt),
         })
+        if delta is not None:
+            td = self.tokens_to_delta(delta)
+            out["ledger/tokens_to_target_delta"] = float("nan") if td is None else float(td)
         return out
 
-    def summary(self, target: float | None = None) -> dict:
+    def summary(self, target: float | None = None, delta: float | None = None) -> dict:
         """Plain-data summary for summary.json (None where a number is undefined)."""
 
         def num(x: float) -> float | None:
@@ -148,10 +164,12 @@ class Ledger:
             "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
             "tokens_rollout": self.rollout_tokens, "tokens_total": self.total_tokens,
             "tokens_wasted": self.wasted_tokens, "hindsight_gap_tokens": self.hindsight_gap,
+            "hindsight_bound_tokens": self.hindsight_bound, "tokens_over_hindsight": num(self.over_hindsight()),
             "zero_signal_groups": self.zero_signal_groups, "groups": self.groups,
             "reward_per_mtok": num(self.reward_per_mtok()), "eval_gain_per_mtok": num(self.eval_gain_per_mtok()),
             "target_reward": target,
             "tokens_to_target": self.tokens_to_target(target) if target is not None else None,
+            "target_delta": delta, "tokens_to_target_delta": self.tokens_to_delta(delta) if delta else None,
             "eval_history": [{"step": int(s), "reward": r, "tokens": int(tok)} for s, r, tok in self.evals],
         }
 
@@ -160,7 +178,7 @@ class Ledger:
                 "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
                 "steps": self.steps, "groups": self.groups, "zero_signal_groups": self.zero_signal_groups,
                 "reward_sum": self.reward_sum, "hindsight_rollout": self.hindsight_rollout,
-                "hindsight_train": self.hindsight_train, "evals": [list(e) for e in self.evals]}
+                "hindsight_train": self.hindsight_train, "hindsight_bound": self.hindsight_bound, "evals": [list(e) for e in self.evals]}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Ledger:
@@ -169,4 +187,4 @@ class Ledger:
                    steps=d.get("steps", 0), groups=d.get("groups", 0),
                    zero_signal_groups=d.get("zero_signal_groups", 0),
                    reward_sum=d.get("reward_sum", 0.0), hindsight_rollout=d.get("hindsight_rollout", 0),
-                   hindsight_train=d.get("hindsight_train", 0), evals=[list(e) for e in d.get("evals", [])])
+                   hindsight_train=d.get("hindsight_train", 0), hindsight_bound=d.get("hindsight_bound", 0), evals=[list(e) for e in d.get("evals", [])])

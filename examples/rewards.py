@@ -29,3 +29,9 @@ def accuracy_reward(completions, answer, **kwargs) -> list[float | None]:
         match = ANSWER.search(_text(completion))
         rewards.append(None if match is None else float(match.group(1).replace(" ", "") == str(reference)))
     return rewards
+
+
+def exact_match(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's first line, stripped, is the reference answer exactly (the string benchmark task,
+    configs/bench_strings.yaml; the arithmetic task's built-in verifier applies the same rule)."""
+    return [float(_text(c).split("\n")[0].strip() == str(a)) for c, a in zip(completions, answer, strict=True)]

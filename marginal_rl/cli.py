@@ -37,9 +37,10 @@ def _keys_epilog() -> str:
 
 def reported(fn, args: argparse.Namespace, output_dir: str = "") -> int:
     """Run `fn()`, turning the errors a user, their data or their machine can cause into one line on stderr and an
-    exit status (2: the config or a checkpoint; 1: reward code, data, a diverged run, the disk; 128 + N: stopped by
-    signal N). Anything else is a bug and keeps its traceback; `--debug` keeps it for everything."""
+    exit status (2: the config or a checkpoint; 1: reward code, data, a diverged run, the sandbox, the disk; 128 + N:
+    stopped by signal N). Anything else is a bug and keeps its traceback; `--debug` keeps it for everything."""
     from marginal_rl.rollout.errors import RolloutError, TaskError
+    from marginal_rl.rollout.sandbox import SandboxError
     from marginal_rl.train.checkpoint import CheckpointError
     from marginal_rl.train.loop import Preempted
     from marginal_rl.train.store import StorageError
@@ -50,8 +51,8 @@ def reported(fn, args: argparse.Namespace, output_dir: str = "") -> int:
     except Preempted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
-    except (ConfigError, TaskError, CheckpointError, RolloutError, FloatingPointError, StorageError, OSError,
-            KeyboardInterrupt) as e:
+    except (ConfigError, TaskError, CheckpointError, RolloutError, FloatingPointError, StorageError, SandboxError,
+            OSError, KeyboardInterrupt) as e:
         if args.debug:
             raise
         if isinstance(e, KeyboardInterrupt):

@@ -19,54 +19,140 @@ import math
 import sys
 from pathlib import Path
 
-RESULT_COLUMNS = ["arm", "seed", "final_eval_reward", "best_eval_reward", "tokens_to_target", "tokens_total",
-                  "tokens_rollout", "tokens_train", "wall_seconds", "run_dir"]
+RESULT_COLUMNS = ["arm", "seed", "initial_eval_reward", "final_eval_reward", "best_eval_reward", "tokens_to_target",
+                  "tokens_to_target_delta", "auc", "tokens_total", "tokens_rollout", "tokens_train", "steps",
+                  "tokens_per_step", "zero_signal_group_fraction", "hindsight_bound_tokens", "tokens_over_hindsight",
+                  "wall_seconds", "run_dir"]
+REFERENCE_ARM = "marginal"  # the arm every other arm's ratios are against
+MATCHED = 0.25  # an arm is compute-matched to the reference when its median tokens/step is within ±25 % of it
 
 
-def result_row(arm: str, seed: int, run_dir: Path) -> dict:
+def result_row(arm: str, seed: int, run_dir: Path, budget: float | None = None) -> dict:
+    """One run's figures. `budget`: the grid's common token budget, over which the reward-token AUC is taken (None:
+    the run's own total)."""
+    from marginal_rl.stats import reward_auc
+
     s = json.loads((run_dir / "summary.json").read_text())
-    return {"arm": arm, "seed": seed, "final_eval_reward": s["final_eval_reward"], "best_eval_reward": s["best_eval_reward"],
-            "tokens_to_target": s["tokens_to_target"], "tokens_total": s["tokens"]["total"],
-            "tokens_rollout": s["tokens"]["rollout"], "tokens_train": s["tokens"]["train"],
+    led = s["ledger"]
+    hist = s["eval_history"]
+    metric = s.get("target_metric", "eval/reward")
+    steps = s.get("steps") or 1
+    return {"arm": arm, "seed": seed, "initial_eval_reward": s["initial_eval_reward"],
+            "final_eval_reward": s["final_eval_reward"], "best_eval_reward": s["best_eval_reward"],
+            "tokens_to_target": s["tokens_to_target"], "tokens_to_target_delta": s.get("tokens_to_target_delta"),
+            "auc": reward_auc([h["tokens"] for h in hist], [h[metric] for h in hist], budget or s["tokens"]["total"]),
+            "tokens_total": s["tokens"]["total"], "tokens_rollout": s["tokens"]["rollout"],
+            "tokens_train": s["tokens"]["train"], "steps": s.get("steps"),
+            "tokens_per_step": s["tokens"]["total"] / steps,
+            "zero_signal_group_fraction": led.get("zero_signal_groups", 0) / led["groups"] if led.get("groups") else None,
+            "hindsight_bound_tokens": s.get("hindsight_bound_tokens"),
+            "tokens_over_hindsight": s.get("tokens_over_hindsight"),
             "wall_seconds": s["wall_seconds"], "run_dir": str(run_dir)}
 
 
-def summarize(results):
-    """Per arm: median, min and max of each figure over seeds. A run that never reached the target counts as
-    infinitely many tokens to target, so an arm's median is finite only when most of its seeds got there."""
+def common_budget(run_dirs: list[Path]) -> float:
+    """The grid's common token budget: train.max_tokens when every run had the same one, else the smallest total any
+    run spent (so every run's curve covers it)."""
+    summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+    budgets = {s.get("max_tokens") for s in summaries}
+    if len(budgets) == 1 and None not in budgets:
+        return float(budgets.pop())
+    return float(min(s["tokens"]["total"] for s in summaries))
+
+
+def summarize(results, budget: float):
+    """Per arm over its seeds: how many reached each target, tokens to target (median [min, max]; a run that never
+    reached it counts as infinitely many, so a median is finite only when most seeds got there), the AUC's mean and
+    95 % bootstrap interval, and the medians of the rest."""
     import pandas as pd
 
+    from marginal_rl.stats import mean_interval
+
     df = pd.DataFrame(results)
-    df["tokens_to_target"] = pd.to_numeric(df.tokens_to_target, errors="coerce").fillna(math.inf)
     rows = []
     for arm, g in df.groupby("arm", sort=False):
-        row = {"arm": arm, "runs": len(g), "reached_target": f"{int((g.tokens_to_target < math.inf).sum())}/{len(g)}"}
-        for col in ("final_eval_reward", "best_eval_reward", "tokens_to_target", "tokens_total", "wall_seconds"):
-            row[f"{col}_median"], row[f"{col}_min"], row[f"{col}_max"] = g[col].median(), g[col].min(), g[col].max()
+        row = {"arm": arm, "runs": len(g)}
+        for col in ("tokens_to_target", "tokens_to_target_delta"):
+            t = pd.to_numeric(g[col], errors="coerce").fillna(math.inf)
+            row[f"reached_{col.removeprefix('tokens_to_')}"] = f"{int((t < math.inf).sum())}/{len(g)}"
+            row[f"{col}_median"], row[f"{col}_min"], row[f"{col}_max"] = t.median(), t.min(), t.max()
+        row["auc_mean"], row["auc_lo"], row["auc_hi"] = mean_interval(g.auc.to_numpy())
+        for col in ("initial_eval_reward", "final_eval_reward", "tokens_total", "tokens_per_step",
+                    "zero_signal_group_fraction", "tokens_over_hindsight", "wall_seconds"):
+            values = pd.to_numeric(g[col], errors="coerce")
+            row[f"{col}_median"], row[f"{col}_min"], row[f"{col}_max"] = values.median(), values.min(), values.max()
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def summary_markdown(table) -> str:
-    lines = ["| arm | runs | reached target | tokens to target (median [min, max]) | final eval reward | best eval reward "
-             "| total tokens | wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    def cell(r: dict, col: str, fmt: str) -> str:
-        return f"{format(r[col + '_median'], fmt)} [{format(r[col + '_min'], fmt)}, {format(r[col + '_max'], fmt)}]"
+def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
+    """Every other arm against `reference`, paired by seed: the geometric mean of baseline / reference tokens to each
+    target (censored at the budget) and the reference's AUC minus the baseline's, each with a 95 % bootstrap
+    interval; `matched`: the baseline's median tokens/step is within ±25 % of the reference's."""
+    import pandas as pd
 
+    from marginal_rl.stats import censor, mean_interval, paired_ratio
+
+    df = pd.DataFrame(results)
+    if reference not in set(df.arm):
+        return pd.DataFrame()
+    ref = df[df.arm == reference].set_index("seed")
+    tps = dict(zip(table.arm, table.tokens_per_step_median, strict=True))
+    rows = []
+    for arm, g in df[df.arm != reference].groupby("arm", sort=False):
+        g = g.set_index("seed")
+        seeds = sorted(set(g.index) & set(ref.index))
+        if not seeds:
+            continue
+        row = {"arm": arm, "seeds": len(seeds), "tokens_per_step": tps[arm],
+               "matched": abs(tps[arm] / tps[reference] - 1) <= MATCHED}
+        for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
+            base, mine = (censor(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)), budget)
+                          for x in (g, ref))
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = paired_ratio(base, mine)
+        row["auc_diff"], row["auc_diff_lo"], row["auc_diff_hi"] = mean_interval(
+            ref.loc[seeds, "auc"].to_numpy() - g.loc[seeds, "auc"].to_numpy())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _range(r: dict, col: str, fmt: str) -> str:
+    return f"{format(r[col + '_median'], fmt)} [{format(r[col + '_min'], fmt)}, {format(r[col + '_max'], fmt)}]"
+
+
+def summary_markdown(table, target: float, delta: float | None) -> str:
+    lines = [f"| arm | runs | reached {target} | tokens to {target} (median [min, max]) | reached start+{delta} | "
+             f"tokens to start+{delta} | AUC (mean [95 % CI]) | final eval | tokens/step | zero-signal groups | "
+             f"tokens / hindsight bound | wall s |", "|" + " --- |" * 12]
     for r in table.to_dict("records"):
-        lines.append(f"| {r['arm']} | {r['runs']} | {r['reached_target']} | {cell(r, 'tokens_to_target', ',.0f')} | "
-                     f"{cell(r, 'final_eval_reward', '.3f')} | {cell(r, 'best_eval_reward', '.3f')} | "
-                     f"{cell(r, 'tokens_total', ',.0f')} | {cell(r, 'wall_seconds', '.0f')} |")
+        lines.append(f"| {r['arm']} | {r['runs']} | {r['reached_target']} | {_range(r, 'tokens_to_target', ',.0f')} | "
+                     f"{r['reached_target_delta']} | {_range(r, 'tokens_to_target_delta', ',.0f')} | "
+                     f"{r['auc_mean']:.4f} [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}] | "
+                     f"{_range(r, 'final_eval_reward', '.3f')} | {r['tokens_per_step_median']:,.0f} | "
+                     f"{r['zero_signal_group_fraction_median']:.2f} | {r['tokens_over_hindsight_median']:.2f} | "
+                     f"{r['wall_seconds_median']:.0f} |")
     return "\n".join(lines)
 
 
-def ratio_lines(table, arm: str = "marginal") -> list[str]:
-    """Median tokens-to-target of every other arm divided by `arm`'s (> 1: `arm` needs fewer tokens)."""
-    med = dict(zip(table.arm, table.tokens_to_target_median, strict=True))
-    if arm not in med:
-        return []
-    return [f"{other} / {arm}: {med[other] / med[arm]:.2f}x" for other in med if other != arm
-            and math.isfinite(med[arm]) and med[arm] > 0]
+def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
+    """The ratio table, then the reference against the best baseline overall and the best at matched compute."""
+    if ratios.empty:
+        return ""
+    lines = [f"| baseline | seeds | tokens/step | matched | baseline / {reference}, tokens to target [95 % CI] | "
+             f"to start + delta [95 % CI] | AUC {reference} − baseline [95 % CI] |", "|" + " --- |" * 7]
+    for r in ratios.to_dict("records"):
+        lines.append(f"| {r['arm']} | {r['seeds']} | {r['tokens_per_step']:,.0f} | {'yes' if r['matched'] else 'no'} | "
+                     f"{r['ratio']:.2f}x [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}] | {r['ratio_delta']:.2f}x "
+                     f"[{r['ratio_delta_lo']:.2f}, {r['ratio_delta_hi']:.2f}] | {r['auc_diff']:+.4f} "
+                     f"[{r['auc_diff_lo']:+.4f}, {r['auc_diff_hi']:+.4f}] |")
+    for label, subset in (("best baseline", ratios), ("best baseline at matched compute", ratios[ratios.matched])):
+        if subset.empty:
+            continue
+        b = subset.loc[subset.ratio.idxmin()].to_dict()  # the baseline that comes closest to the reference
+        lines.append(f"\n{label}: {b['arm']}: {b['ratio']:.2f}x [{b['ratio_lo']:.2f}, {b['ratio_hi']:.2f}] tokens to "
+                     f"target ({reference} needs that many times fewer), {b['ratio_delta']:.2f}x "
+                     f"[{b['ratio_delta_lo']:.2f}, {b['ratio_delta_hi']:.2f}] to start + delta")
+    return "\n".join(lines)
 
 
 def _pyplot():
@@ -85,9 +171,11 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None = None) -> list[Path]:
-    """eval reward against total tokens, wall time and training step: one line per arm (median over seeds,
-    interpolated on a common grid up to where the shortest seed ends), with the min-max band of the seeds."""
+def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None = None,
+                dashed: set[str] = frozenset()) -> list[Path]:
+    """eval reward against total tokens, wall time and training step: one line per arm (the mean over seeds,
+    interpolated on a common grid up to where the shortest seed ends) with the 95 % interval of the mean as a band
+    (normal approximation, ±1.96 standard errors); the arms in `dashed` (compute-matched baselines) are dashed."""
     import numpy as np
 
     plt = _pyplot()
@@ -95,26 +183,49 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
     for x_key, label, fname in (("tokens", "total tokens", "reward_vs_tokens.png"),
                                 ("seconds", "wall seconds", "reward_vs_wall.png"),
                                 ("step", "training step", "reward_vs_steps.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5))
         for arm, dirs in runs.items():
             curves = []
             for d in dirs:
                 hist = json.loads((d / "summary.json").read_text())["eval_history"]
                 curves.append((np.array([h[x_key] for h in hist], float), np.array([h["eval/reward"] for h in hist])))
-            grid = np.linspace(0, min(c[0][-1] for c in curves), 50)
+            grid = np.linspace(0, min(c[0][-1] for c in curves), 60)
             ys = np.array([np.interp(grid, x, y) for x, y in curves])
-            (line,) = ax.plot(grid, np.median(ys, axis=0), label=f"{arm} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")
-            ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.15)
+            mean = ys.mean(axis=0)
+            (line,) = ax.plot(grid, mean, ls="--" if arm in dashed else "-", lw=1.6,
+                              label=f"{arm} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")
+            if len(dirs) > 1:
+                half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(dirs))
+                ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.12)
         if target is not None:
             ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target}")
         ax.set_xlabel(label)
         ax.set_ylabel("eval reward")
         several = any(len(dirs) > 1 for dirs in runs.values())
-        ax.set_title(f"eval reward against {label}" + (" (median over seeds, band: min-max)" if several else ""))
+        ax.set_title(f"eval reward against {label}" + (" (mean over seeds, band: 95 % CI)" if several else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         written.append(_save(plt, fig, out_dir / fname))
     return written
+
+
+def plot_ratios(ratios, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
+    """Baseline / reference tokens to each target per baseline: the geometric mean over seeds and its 95 % interval
+    (log axis; right of 1: the reference needs fewer tokens)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(ratios) + 1.6))
+    for offset, (col, label) in ((-0.15, ("ratio", "absolute target")), (0.15, ("ratio_delta", "start + delta"))):
+        ys = [i + offset for i in range(len(ratios))]
+        err = [ratios[col] - ratios[f"{col}_lo"], ratios[f"{col}_hi"] - ratios[col]]
+        ax.errorbar(ratios[col], ys, xerr=err, fmt="o", capsize=3, label=label)
+    ax.axvline(1, color="grey", lw=1)
+    ax.set_yticks(range(len(ratios)))
+    ax.set_yticklabels([f"{a}{' (matched)' if m else ''}" for a, m in zip(ratios.arm, ratios.matched, strict=True)])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"baseline / {reference} tokens to target (geometric mean over seeds, 95 % CI)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out_dir / "ratios.png")
 
 
 USES = {"prefill": "tokens_prompt", "decode": "tokens_policy", "observation": "tokens_observation",
@@ -231,6 +342,9 @@ CAPTIONS = {
                             "risk).",
     "families.png": "Eval reward per task family at each eval.",
     "tokens_by_fate_per_arm.png": "Rollout tokens by fate per arm, median over seeds.",
+    "ratios.png": "Each baseline's tokens to target over the reference arm's, paired by seed: the geometric mean and "
+                  "its 95 % bootstrap interval, for the absolute target and the start + delta one (right of 1: the "
+                  "reference needs fewer tokens).",
 }
 
 
@@ -300,28 +414,41 @@ def report_grid(grid: Path) -> Path:
     runs = sorted(p.parent for p in grid.glob("*/seed*/summary.json"))
     if not runs:
         raise SystemExit(f"{grid}: no finished runs (expected <arm>/seed<k>/summary.json)")
-    results = [result_row(r.parent.name, int(r.name.removeprefix("seed")), r) for r in runs]
+    budget = common_budget(runs)
+    results = [result_row(r.parent.name, int(r.name.removeprefix("seed")), r, budget) for r in runs]
     with (grid / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(results)
-    table = summarize(results)
+    first = json.loads((runs[0] / "summary.json").read_text())
+    target, delta = first["target_reward"], first.get("target_delta")
+    table = summarize(results, budget)
     table.to_csv(grid / "summary.csv", index=False)
-    md, ratios = summary_markdown(table), ratio_lines(table)
-    (grid / "summary.md").write_text(md + "\n\nmedian tokens to target, ratios:\n" + "\n".join(ratios) + "\n")
+    ratios = compare(results, table, budget)
+    if not ratios.empty:
+        ratios.to_csv(grid / "ratios.csv", index=False)
+    md = (f"common token budget {budget:,.0f}; target {target} ({first.get('target_metric', 'eval/reward')}), "
+          f"start + {delta}\n\n{summary_markdown(table, target, delta)}\n\n{comparison_markdown(ratios)}\n")
+    (grid / "summary.md").write_text(md)
     print(md)
-    print("\n".join(ratios))
     arms: dict[str, list[Path]] = {}
     for r in runs:
         arms.setdefault(r.parent.name, []).append(r)
-    target = json.loads((runs[0] / "summary.json").read_text())["target_reward"]
-    plots = plot_curves(arms, grid, target) + [plot_fates_per_arm(arms, grid)]
+    dashed = set(ratios.arm[ratios.matched]) if not ratios.empty else set()
+    plots = plot_curves(arms, grid, target, dashed) + [plot_fates_per_arm(arms, grid)]
+    if not ratios.empty:
+        plots.append(plot_ratios(ratios, grid))
     print("plots: " + ", ".join(map(str, plots)))
-    intro = (f"{len(runs)} runs in {len(arms)} arms. Median tokens to target, ratios: {'; '.join(ratios) or 'none'}.")
-    page = write_html(grid / "report.html", f"grid {grid.name}", intro, plots,
-                      [("per arm (median [min, max] over seeds)", table.to_html(index=False, float_format="%.4g"))])
+    intro = f"{len(runs)} runs in {len(arms)} arms, common token budget {budget:,.0f}."
+    tables = [("per arm (median [min, max] over seeds; AUC: mean [95 % CI])",
+               table.to_html(index=False, float_format="%.4g"))]
+    if not ratios.empty:
+        tables.append((f"against {REFERENCE_ARM}, paired by seed", ratios.to_html(index=False, float_format="%.4g")))
+    page = write_html(grid / "report.html", f"grid {grid.name}", intro, plots, tables)
     print(f"report: {page}; results: {grid / 'results.csv'}")
     return page
+
+
 def report(path: Path) -> int:
     """Report a run directory (it has summary.json) or a grid directory; 2 when `path` is neither."""
     if (path / "summary.json").is_file():

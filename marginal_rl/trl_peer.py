@@ -41,6 +41,8 @@ def check_supported(cfg: RunConfig) -> None:
         "model.lora_r": (cfg.model.lora_r == 0, "0 (full fine-tuning)"),
         "train.resume_from": (not cfg.train.resume_from, "'' (the peer arm does not checkpoint)"),
         "train.save_every": (cfg.train.save_every == 0, "0 (the peer arm does not checkpoint)"),
+        "train.max_tokens": (cfg.train.max_tokens == 0, "0 (GRPOTrainer runs train.max_steps steps)"),
+        "train.eval_every_tokens": (cfg.train.eval_every_tokens == 0, "0 (the peer evaluates every eval_every steps)"),
     }
     for key, (ok, expected) in problems.items():
         if not ok:
@@ -141,8 +143,8 @@ def train_trl(cfg: RunConfig, task) -> dict:
 
     def run_eval(step: int) -> None:
         result = evaluate(trainer.model, tokenizer, task, cfg, trainer.accelerator)
-        record_eval(result, step, ledger, evals, t_start)
-        logger.log({**result, **ledger.metrics(cfg.budget.target_reward)}, step=step)
+        record_eval(result, step, ledger, evals, t_start, cfg.budget.target_metric)
+        logger.log({**result, **ledger.metrics(cfg.budget.target_reward, cfg.budget.target_delta or None)}, step=step)
 
     class EvalCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -106,7 +106,9 @@ def to_prompts(rows: Sequence[dict], id_prefix: str, where: str) -> tuple[list[P
         pid = f"{id_prefix}{i}"
         raw[pid] = _check_prompt(row.get("prompt"), f"{where} row {i}")
         meta = {k: row.get(k) for k in columns if k not in NOT_REWARD_KWARGS}
-        prompts.append(Prompt(prompt_id=pid, text=_plain_text(raw[pid]), meta=meta))
+        family = row.get("family")  # optional: per-family eval metrics, as the built-in tasks have
+        prompts.append(Prompt(prompt_id=pid, text=_plain_text(raw[pid]), meta=meta,
+                              family=family if isinstance(family, str) else ""))
     return prompts, raw
 
 

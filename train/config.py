@@ -146,7 +146,11 @@ ALGO_CONFIGS: dict[str, type[AlgoConfig]] = {c.name: c for c in (GRPOAlgoConfig,
 
 @dataclass
 class TrainConfig:
-    max_steps: int = field(default=100, metadata={"help": "training steps (one rollout + one optimiser update each)"})
+    max_steps: int = field(default=100, metadata={
+        "help": "training steps (one rollout + one optimiser update each); 0 = until train.max_tokens is spent"})
+    max_tokens: int = field(default=0, metadata={
+        "help": "token budget of the run (the ledger's total: rollout + training): the run ends after the first step "
+                "that reaches it, with a final eval (0 = no budget)"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
@@ -155,6 +159,9 @@ class TrainConfig:
         default=4096, metadata={"help": "token budget of one micro-batch; a step's micro-batches accumulate into one update"}
     )
     eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (0 = only at start and end)"})
+    eval_every_tokens: int = field(default=0, metadata={
+        "help": "evaluate after the first step past every multiple of N total tokens instead (0 = off; arms with "
+                "different tokens per step then evaluate at the same token points)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
     resume_from: str = field(default="", metadata={"help": "checkpoint directory, or `latest`, to resume from"})
@@ -167,12 +174,17 @@ class TrainConfig:
     max_nonfinite: int = field(default=3, metadata={"help": "stop after this many non-finite losses/gradients in a row"})
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_tokens", "max_nonfinite", "keep_last"):
+        for key in ("micro_batch_tokens", "max_nonfinite", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every", "save_every"):
+        for key in ("max_steps", "max_tokens", "warmup_steps", "eval_every", "eval_every_tokens", "save_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: expected an integer >= 0, got {getattr(self, key)}")
+        if self.max_steps == 0 and self.max_tokens == 0:
+            raise ValueError("max_steps: 0 (unbounded) needs a token budget, train.max_tokens > 0")
+        if self.eval_every and self.eval_every_tokens:
+            raise ValueError("eval_every_tokens: set either train.eval_every (steps) or train.eval_every_tokens, "
+                             "not both (train.eval_every=0 turns the step schedule off)")
         if not 0 < self.lr <= 1:  # also refuses NaN and inf; an AdamW step above 1 is a typo, not a setting
             raise ValueError(f"lr: expected a learning rate in (0, 1], got {self.lr}")
         if not self.weight_decay >= 0:
@@ -458,8 +470,8 @@ def config_to_dict(cfg: Any) -> dict:
 # Keys a resumed run may change without changing what it computes: where things are, how long it runs, what it
 # logs and how often it evaluates (eval draws from its own seeded RNG). Anything else differing from the
 # checkpoint's recorded config is refused unless train.force_resume=true.
-RESUME_FREE_KEYS = ("output_dir", "model.cache_dir", "train.max_steps", "train.resume_from", "train.force_resume",
-                    "train.overwrite", "train.keep_last", "train.eval_every", "train.max_nonfinite",
+RESUME_FREE_KEYS = ("output_dir", "model.cache_dir", "train.max_steps", "train.max_tokens", "train.resume_from", "train.force_resume",
+                    "train.overwrite", "train.keep_last", "train.eval_every", "train.eval_every_tokens", "train.max_nonfinite",
                     "task.reward_timeout_s", "rollout.env_workers", "rollout.vllm_python", "rollout.vllm_url",
                     "rollout.vllm_port", "rollout.vllm_startup_timeout_s", "rollout.vllm_kv_cache_gb",
                     "rollout.vllm_gpu_memory_utilization", "log.")

@@ -83,7 +83,7 @@ class Progress:
     """The training progress on the main process: a tqdm bar on a terminal; in a log file (not a TTY) one plain line
     every `every` steps and at the last, so a log does not fill with redrawn bars."""
 
-    def __init__(self, total: int, initial: int, every: int, stream=None):
+    def __init__(self, total: int | None, initial: int, every: int, stream=None):  # total None: run to a token budget
         self.stream = stream or sys.stderr
         self.total, self.step, self.every, self.t0 = total, initial, every, time.time()
         self.bar = None
@@ -100,7 +100,7 @@ class Progress:
         elif self.step % self.every == 0 or self.step == self.total:
             rate = (time.time() - self.t0) / max(self.step, 1)
             fields = ", ".join(f"{k} {v}" for k, v in postfix.items())
-            print(f"step {self.step}/{self.total}: {fields}; {rate:.2f} s/step", file=self.stream, flush=True)
+            print(f"step {self.step}/{self.total or '?'}: {fields}; {rate:.2f} s/step", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
+import math
 import random
 import signal
 import sys
@@ -233,25 +235,33 @@ def sync_snapshot(snapshot: torch.nn.Module, model, accelerator: Accelerator) ->
 # ------------------------------------------------------------------------------------------------ run state
 
 
-def record_eval(result: dict[str, float], step: int, ledger: Ledger, evals: list[dict], started: float) -> None:
-    """Note an eval in the ledger and the history, with the tokens and seconds spent so far."""
-    ledger.record_eval(step, result["eval/reward"])
+def record_eval(result: dict[str, float], step: int, ledger: Ledger, evals: list[dict], started: float,
+                metric: str = "eval/reward") -> None:
+    """Note an eval in the ledger (its `metric`, budget.target_metric) and the history, with the tokens and seconds
+    spent so far."""
+    ledger.record_eval(step, result[metric])
     evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - started, 2), **result})
 
 
 def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: str, world_size: int,
                 started: float, unscored_steps: int = 0) -> dict:
     """summary.json: what the run reached and what it spent (shared with the TRL peer)."""
-    target = cfg.budget.target_reward
+    b = cfg.budget
+    delta = b.target_delta or None
     return {
-        "steps": cfg.train.max_steps, "world_size": world_size, "algo": cfg.algo.name, "policy": policy,
+        "steps": ledger.steps, "world_size": world_size, "algo": cfg.algo.name, "policy": policy,
         "initial_eval_reward": evals[0]["eval/reward"], "final_eval_reward": evals[-1]["eval/reward"],
         "final_eval_reward_greedy": evals[-1]["eval/reward_greedy"],
         "best_eval_reward": max(e["eval/reward"] for e in evals),
-        "target_reward": target, "tokens_to_target": ledger.tokens_to_target(target),
+        "target_metric": b.target_metric, "target_reward": b.target_reward,
+        "tokens_to_target": ledger.tokens_to_target(b.target_reward),
+        "target_delta": delta, "tokens_to_target_delta": ledger.tokens_to_delta(delta) if delta else None,
+        "max_tokens": cfg.train.max_tokens or None,
         "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
+        "hindsight_bound_tokens": ledger.hindsight_bound,  # sampling only the groups with a signal, training on all
+        "tokens_over_hindsight": None if math.isnan(ledger.over_hindsight()) else ledger.over_hindsight(),
         "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
-        "ledger": ledger.summary(target),
+        "ledger": ledger.summary(b.target_reward, delta),
         "unscored_steps": unscored_steps,  # steps where every reward function returned None/NaN for every completion
         "wall_seconds": round(time.time() - started, 2),
     }
@@ -309,7 +319,7 @@ class RunState:
     started: float = field(default_factory=time.time)  # wall clock of the run's start (earlier on resume)
 
     def record_eval(self, step: int, result: dict[str, float]) -> None:
-        record_eval(result, step, self.budget.ledger, self.evals, self.started)
+        record_eval(result, step, self.budget.ledger, self.evals, self.started, self.budget.cfg.target_metric)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "version": self.version, "behaviour_version": self.behaviour_version,
@@ -602,6 +612,13 @@ class Run:
         return summary
 
 
+def _eval_due(t, step: int, tokens: int, tokens_at_last_eval: int) -> bool:
+    """After `step`: every eval_every steps, or (eval_every_tokens) at the first step past each multiple of it."""
+    if t.eval_every_tokens:
+        return tokens // t.eval_every_tokens > tokens_at_last_eval // t.eval_every_tokens
+    return bool(t.eval_every) and (step + 1) % t.eval_every == 0
+
+
 class Preempted(Exception):
     """The run stopped at a step boundary on SIGTERM or SIGINT (with a checkpoint when checkpointing is on)."""
 
@@ -667,11 +684,14 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
     if run.main:
         print(f"eval at step {s.evals[-1]['step']}: reward {s.evals[-1]['eval/reward']:.3f} "
               f"(greedy {s.evals[-1]['eval/reward_greedy']:.3f})")
-    bar = Progress(cfg.train.max_steps, s.step, cfg.log.progress_every) if run.main and cfg.log.progress else None
+    t = cfg.train
+    bar = Progress(t.max_steps or None, s.step, cfg.log.progress_every) if run.main and cfg.log.progress else None
     stop = StopRequest(run.main)
     saved_at = s.step if cfg.train.resume_from else -1  # the step of the newest checkpoint of this timeline
     try:
-        for step in range(s.step, cfg.train.max_steps):
+        for step in range(s.step, t.max_steps) if t.max_steps else itertools.count(s.step):
+            if t.max_tokens and budget.ledger.total_tokens >= t.max_tokens:
+                break  # a resumed run whose budget was spent at its checkpoint
             # A stop (SIGTERM, SIGINT) ends the run here, at a step boundary, unless the last step started this one's
             # rollouts ahead: then this step runs too (starting nothing ahead), so the checkpoint is exact.
             stopping = stop.agreed(run.accelerator)
@@ -682,7 +702,7 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 raise Preempted(stop.signum, stop.message(step, run.out, saved_at == step and bool(cfg.train.save_every)))
             t0, budget.seconds = time.perf_counter(), 0.0
             saves = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
-            ahead = run.producer is not None and step + 1 < cfg.train.max_steps and not saves and not stopping
+            ahead = run.producer is not None and step + 1 != t.max_steps and not saves and not stopping
 
             # 1-2. Plan and roll out: the budget decides how many samples each candidate prompt gets, each rank
             # generates its share of the groups, then every rank sees every trajectory (started ahead if async).
@@ -716,7 +736,9 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
 
             # 6. Eval, checkpoint, logs.
             metrics = dict(done.metrics)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
+            tokens = budget.ledger.total_tokens  # this step's rollout and training tokens included
+            last = step + 1 == t.max_steps or bool(t.max_tokens) and tokens >= t.max_tokens
+            if last or _eval_due(t, step, tokens, s.evals[-1]["tokens"]):
                 run.wait_ahead()  # sampling draws from the global RNG, which eval re-seeds (and restores)
                 metrics.update(run.evaluate(step + 1))
             s.step = step + 1
@@ -740,6 +762,8 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
                 if bar is not None:
                     bar.update(reward=f"{metrics['rollout/reward_mean']:.3f}", eval=f"{s.evals[-1]['eval/reward']:.3f}",
                                tokens=f"{budget.ledger.total_tokens / 1e3:.0f}k")
+            if last:
+                break
     finally:
         stop.restore()
         run.close()
