@@ -36,14 +36,14 @@ def result_row(arm: str, seed: int, run_dir: Path, budget: float | None = None) 
     led = s["ledger"]
     hist = s["eval_history"]
     metric = s.get("target_metric", "eval/reward")
-    steps = s.get("steps") or 1
-    return {"arm": arm, "seed": seed, "initial_eval_reward": s["initial_eval_reward"],
+    steps = s.get("steps")  # summaries from before benchmark v2 lack the newer fields: None
+    return {"arm": arm, "seed": seed, "initial_eval_reward": s.get("initial_eval_reward", hist[0]["eval/reward"]),
             "final_eval_reward": s["final_eval_reward"], "best_eval_reward": s["best_eval_reward"],
             "tokens_to_target": s["tokens_to_target"], "tokens_to_target_delta": s.get("tokens_to_target_delta"),
             "auc": reward_auc([h["tokens"] for h in hist], [h[metric] for h in hist], budget or s["tokens"]["total"]),
             "tokens_total": s["tokens"]["total"], "tokens_rollout": s["tokens"]["rollout"],
             "tokens_train": s["tokens"]["train"], "steps": s.get("steps"),
-            "tokens_per_step": s["tokens"]["total"] / steps,
+            "tokens_per_step": s["tokens"]["total"] / steps if steps else None,
             "zero_signal_group_fraction": led.get("zero_signal_groups", 0) / led["groups"] if led.get("groups") else None,
             "hindsight_bound_tokens": s.get("hindsight_bound_tokens"),
             "tokens_over_hindsight": s.get("tokens_over_hindsight"),
@@ -87,8 +87,9 @@ def summarize(results, budget: float):
 
 def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
     """Every other arm against `reference`, paired by seed: the geometric mean of baseline / reference tokens to each
-    target (censored at the budget) and the reference's AUC minus the baseline's, each with a 95 % bootstrap
-    interval; `matched`: the baseline's median tokens/step is within ±25 % of the reference's."""
+    target (censored at the budget; seeds that start at the target are left out, `ratio_seeds` counts the rest) and
+    the reference's AUC minus the baseline's, each with a 95 % bootstrap interval; `matched`: the baseline's median
+    tokens/step is within ±25 % of the reference's."""
     import pandas as pd
 
     from marginal_rl.stats import censor, mean_interval, paired_ratio
@@ -109,7 +110,10 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
         for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
             base, mine = (censor(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)), budget)
                           for x in (g, ref))
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = paired_ratio(base, mine)
+            informative = (base > 0) & (mine > 0)  # a seed whose start is already at the target says nothing
+            row[f"{name}_seeds"] = int(informative.sum())
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (
+                paired_ratio(base[informative], mine[informative]) if informative.any() else (math.nan,) * 3)
         row["auc_diff"], row["auc_diff_lo"], row["auc_diff_hi"] = mean_interval(
             ref.loc[seeds, "auc"].to_numpy() - g.loc[seeds, "auc"].to_numpy())
         rows.append(row)
@@ -138,10 +142,11 @@ def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
     """The ratio table, then the reference against the best baseline overall and the best at matched compute."""
     if ratios.empty:
         return ""
-    lines = [f"| baseline | seeds | tokens/step | matched | baseline / {reference}, tokens to target [95 % CI] | "
+    lines = [f"| baseline | seeds (absolute / relative target) | tokens/step | matched | baseline / {reference}, "
+             f"tokens to target [95 % CI] | "
              f"to start + delta [95 % CI] | AUC {reference} − baseline [95 % CI] |", "|" + " --- |" * 7]
     for r in ratios.to_dict("records"):
-        lines.append(f"| {r['arm']} | {r['seeds']} | {r['tokens_per_step']:,.0f} | {'yes' if r['matched'] else 'no'} | "
+        lines.append(f"| {r['arm']} | {r['ratio_seeds']} / {r['ratio_delta_seeds']} | {r['tokens_per_step']:,.0f} | {'yes' if r['matched'] else 'no'} | "
                      f"{r['ratio']:.2f}x [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}] | {r['ratio_delta']:.2f}x "
                      f"[{r['ratio_delta_lo']:.2f}, {r['ratio_delta_hi']:.2f}] | {r['auc_diff']:+.4f} "
                      f"[{r['auc_diff_lo']:+.4f}, {r['auc_diff_hi']:+.4f}] |")
@@ -180,15 +185,19 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
 
     plt = _pyplot()
     written = []
-    for x_key, label, fname in (("tokens", "total tokens", "reward_vs_tokens.png"),
-                                ("seconds", "wall seconds", "reward_vs_wall.png"),
-                                ("step", "training step", "reward_vs_steps.png")):
+    for x_key, label, fname, gain in (("tokens", "total tokens", "reward_vs_tokens.png", False),
+                                      ("tokens", "total tokens", "gain_vs_tokens.png", True),
+                                      ("seconds", "wall seconds", "reward_vs_wall.png", False),
+                                      ("step", "training step", "reward_vs_steps.png", False)):
+        if gain and not any(len(dirs) > 1 for dirs in runs.values()):
+            continue  # one seed: the gain plot is the reward plot shifted
         fig, ax = plt.subplots(figsize=(8, 5))
         for arm, dirs in runs.items():
             curves = []
             for d in dirs:
                 hist = json.loads((d / "summary.json").read_text())["eval_history"]
-                curves.append((np.array([h[x_key] for h in hist], float), np.array([h["eval/reward"] for h in hist])))
+                y = np.array([h["eval/reward"] for h in hist])
+                curves.append((np.array([h[x_key] for h in hist], float), y - y[0] if gain else y))
             grid = np.linspace(0, min(c[0][-1] for c in curves), 60)
             ys = np.array([np.interp(grid, x, y) for x, y in curves])
             mean = ys.mean(axis=0)
@@ -197,12 +206,13 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
             if len(dirs) > 1:
                 half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(dirs))
                 ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.12)
-        if target is not None:
+        if target is not None and not gain:
             ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target}")
         ax.set_xlabel(label)
-        ax.set_ylabel("eval reward")
+        what = "eval reward − the seed's start" if gain else "eval reward"
+        ax.set_ylabel(what)
         several = any(len(dirs) > 1 for dirs in runs.values())
-        ax.set_title(f"eval reward against {label}" + (" (mean over seeds, band: 95 % CI)" if several else ""))
+        ax.set_title(f"{what} against {label}" + (" (mean over seeds, band: 95 % CI)" if several else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         written.append(_save(plt, fig, out_dir / fname))
@@ -222,6 +232,11 @@ def plot_ratios(ratios, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
     ax.set_yticks(range(len(ratios)))
     ax.set_yticklabels([f"{a}{' (matched)' if m else ''}" for a, m in zip(ratios.arm, ratios.matched, strict=True)])
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.xaxis.set_major_locator(FixedLocator([0.25, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel(f"baseline / {reference} tokens to target (geometric mean over seeds, 95 % CI)")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)
@@ -332,6 +347,8 @@ def plot_fates_per_arm(arms: dict[str, list[Path]], out_dir: Path) -> Path:
 CAPTIONS = {
     "reward_vs_tokens.png": "Eval reward against the total tokens spent (rollout + training).",
     "reward_vs_steps.png": "Eval reward against the training step.",
+    "gain_vs_tokens.png": "Eval reward minus each seed's starting eval against total tokens: the seeds' different "
+                          "starting policies no longer widen the band (the comparison the paired ratios make).",
     "reward_vs_wall.png": "Eval reward against wall-clock seconds.",
     "tokens_by_use.png": "Tokens per step by use: prompt prefill, policy decode, tool observations, verification "
                          "and training.",

@@ -99,3 +99,17 @@ def test_python_api_trains_a_dataset_task_with_a_callable_reward(tmp_path, polic
     # 6 held-out rows (10 % of 64), each sampled once and once greedily
     assert len(df) == 16 and sum(batches) == 16 + 2 * (6 + 6)
     assert set(df.reward) <= {0.0, 1.0}
+
+
+def test_a_token_budget_ends_the_run_at_the_first_step_past_it_and_evals_follow_the_token_schedule(tmp_path,
+                                                                                                    policy_cache):
+    summary, out = _run(tmp_path, policy_cache, ["budget.policy=none", "train.max_steps=0", "train.max_tokens=3000",
+                                                 "train.eval_every_tokens=1000"])
+    totals = [m["ledger/tokens_total"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert totals[-1] >= 3000 > totals[-2]  # the first step past the budget is the last
+    assert summary["steps"] == len(totals) and summary["max_tokens"] == 3000
+    assert summary["tokens"]["total"] == totals[-1]
+    evals = summary["eval_history"]
+    # an eval at the start, after the first step past each multiple of 1000 tokens, and at the end
+    crossings = [t for prev, t in zip([0, *totals], totals, strict=False) if t // 1000 > prev // 1000]
+    assert [e["tokens"] for e in evals] == [0, *crossings]

@@ -43,7 +43,8 @@ ttt = (100 if cfg.budget.policy == "marginal" else 300) * (cfg.seed + 1)
 hist = [{{"step": 0, "tokens": 0, "seconds": 0.5, "eval/reward": 0.3}},
         {{"step": 5, "tokens": 2 * ttt, "seconds": 2.0, "eval/reward": 0.45}}]
 (out / "summary.json").write_text(json.dumps({{
-    "final_eval_reward": 0.45, "best_eval_reward": 0.45, "tokens_to_target": ttt, "target_reward": 0.42,
+    "initial_eval_reward": 0.3, "final_eval_reward": 0.45, "best_eval_reward": 0.45, "tokens_to_target": ttt,
+    "target_reward": 0.42, "target_delta": 0.1, "tokens_to_target_delta": ttt, "steps": 5,
     "tokens": {{"total": 2 * ttt, "rollout": ttt, "train": ttt}}, "wall_seconds": 2.0, "eval_history": hist,
     "ledger": {{"tokens_by_fate": {{"trained": ttt, "zero_signal": 0, "dropped_price": 0, "dropped_stale": 0}}}}}}))
 '''
@@ -79,7 +80,7 @@ def test_grid_runs_everything_then_resumes_skipping_finished_runs(fake_grid, cap
         ("none", "0", "300"), ("none", "1", "600"), ("fast", "0", "100"), ("fast", "1", "200")}
     summary = (out / "summary.md").read_text()
     assert "| none | 2 | 2/2 | 450 [300, 600]" in summary  # median of 300 and 600
-    assert "none / marginal" not in summary and "none / fast" not in summary  # ratios are against the `marginal` arm
+    assert "baseline /" not in summary  # ratios are against the `marginal` arm, which this grid has not
     assert (out / "reward_vs_tokens.png").stat().st_size > 1000 and (out / "reward_vs_wall.png").is_file()
     assert (out / "report.html").is_file() and (out / "tokens_by_fate_per_arm.png").is_file()
 
@@ -128,7 +129,9 @@ def test_bad_grid_exits_2_naming_the_arm_and_key(tmp_path, capsys):
 
 
 def test_trl_config_mapping_matches_our_grpo():
-    cfg = load_config([str(ROOT / "configs" / "bench_arith.yaml")], ["algo.num_iterations=2", "train.lr=3e-4"])
+    cfg = load_config([str(ROOT / "configs" / "bench_arith.yaml")], ["algo.num_iterations=2", "train.lr=3e-4",
+                                                                      "train.max_steps=150", "train.max_tokens=0",
+                                                                      "train.eval_every_tokens=0"])
     kw = train_trl.grpo_config_kwargs(cfg)
     # one generation batch (32 prompts x 8 samples) per optimiser step, no accumulation
     assert kw["per_device_train_batch_size"] == 256 and kw["gradient_accumulation_steps"] == 1

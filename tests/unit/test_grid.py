@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from marginal_rl.grid import is_finished, load_grid
-from marginal_rl.report import ratio_lines, result_row, summarize
+from marginal_rl.report import compare, comparison_markdown, result_row, summarize
 from marginal_rl.train.config import ConfigError, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,8 @@ def _fake_finished(run, reward: float, ttt: int | None) -> None:
     hist = [{"step": 0, "tokens": 0, "seconds": 1.0, "eval/reward": 0.3},
             {"step": 10, "tokens": 1000, "seconds": 5.0, "eval/reward": reward}]
     (run.dir / "summary.json").write_text(json.dumps({
-        "final_eval_reward": reward, "best_eval_reward": reward, "tokens_to_target": ttt, "target_reward": 0.4,
+        "initial_eval_reward": 0.3, "final_eval_reward": reward, "best_eval_reward": reward, "tokens_to_target": ttt,
+        "target_reward": 0.4, "target_delta": 0.1, "tokens_to_target_delta": ttt, "steps": 10,
         "tokens": {"total": 1000, "rollout": 700, "train": 300}, "wall_seconds": 5.0, "eval_history": hist,
         "ledger": {"tokens_by_fate": {"trained": 400, "zero_signal": 300, "dropped_price": 0, "dropped_stale": 0}}}))
 
@@ -70,18 +71,25 @@ def test_finished_runs_are_skipped_and_a_changed_config_is_not(tmp_path):
     assert not is_finished(changed[0])  # same directory, different config: rerun
 
 
-def test_summary_medians_count_unreached_targets_as_infinite(tmp_path):
+def test_summary_medians_count_unreached_targets_as_infinite_and_ratios_censor_them_at_the_budget(tmp_path):
     _, runs = load_grid(_grid(tmp_path, {"none": {}, "marginal": {"budget.policy": "marginal"}}, seeds=[0, 1, 2]))
     ttts = {"none": [900, None, 1000], "marginal": [300, 400, 500]}
     rows = []
     for r in runs:
         _fake_finished(r, 0.45, ttts[r.arm][r.seed])
-        rows.append(result_row(r.arm, r.seed, r.dir))
-    table = summarize(rows).set_index("arm")
+        rows.append(result_row(r.arm, r.seed, r.dir, budget=1000))
+    table = summarize(rows, budget=1000).set_index("arm")
     assert table.loc["none", "tokens_to_target_median"] == 1000  # median of [900, 1000, inf]
     assert math.isinf(table.loc["none", "tokens_to_target_max"]) and table.loc["none", "reached_target"] == "2/3"
     assert table.loc["marginal", "tokens_to_target_median"] == 400
-    assert ratio_lines(table.reset_index()) == ["none / marginal: 2.50x"]  # 1000 / 400
+    # AUC over the 1000-token budget: eval 0.3 at 0 tokens, 0.45 at 1000 -> mean 0.375 in every run
+    assert table.loc["marginal", "auc_mean"] == pytest.approx(0.375)
+    ratios = compare(rows, table.reset_index(), budget=1000).set_index("arm")
+    # paired by seed, the unreached seed censored at the budget: 900/300, 1000/400, 1000/500 -> geometric mean
+    assert ratios.loc["none", "ratio"] == pytest.approx((3 * 2.5 * 2) ** (1 / 3))
+    assert ratios.loc["none", "ratio_lo"] <= ratios.loc["none", "ratio"] <= ratios.loc["none", "ratio_hi"]
+    assert bool(ratios.loc["none", "matched"])  # same tokens per step in this fake grid
+    assert "best baseline at matched compute: none: 2.47x" in comparison_markdown(ratios.reset_index())
 
 
 def test_report_script_reads_a_grid_without_wandb(tmp_path):
@@ -97,4 +105,4 @@ def test_report_script_reads_a_grid_without_wandb(tmp_path):
     page = (tmp_path / "grid" / "report.html").read_text()
     for image in ("reward_vs_tokens.png", "reward_vs_steps.png", "tokens_by_fate_per_arm.png"):
         assert f'src="{image}"' in page and (tmp_path / "grid" / image).stat().st_size > 1000
-    assert "per arm (median [min, max] over seeds)" in page
+    assert "per arm (median [min, max] over seeds; AUC: mean [95 % CI])" in page

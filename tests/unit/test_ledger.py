@@ -52,6 +52,22 @@ def test_record_step_by_hand():
     assert m["ledger/hindsight_gap_fraction"] == 28 / 133
     assert m["ledger/prompts_skipped"] == 3
     assert math.isnan(m["ledger/tokens_to_target"])
+    # hindsight bound: only group a sampled (35 rollout tokens) and trained twice (70): 105; the run spent 133
+    assert ledger.hindsight_bound == 105 and m["ledger/hindsight_bound_tokens"] == 105
+    assert m["ledger/tokens_over_hindsight"] == 133 / 105
+
+
+def test_targets_absolute_and_relative_to_the_start():
+    ledger = Ledger()
+    for step, reward, tokens in ((0, 0.30, 0), (5, 0.33, 1000), (10, 0.36, 2000), (15, 0.41, 3000)):
+        ledger.by_use["decode"] = tokens  # the total the next eval records
+        ledger.record_eval(step, reward)
+    assert ledger.tokens_to_target(0.35) == 2000 and ledger.tokens_to_target(0.5) is None
+    assert ledger.tokens_to_delta(0.05) == 2000  # 0.30 + 0.05: first reached at 0.36
+    assert ledger.tokens_to_delta(0.11) == 3000 and ledger.tokens_to_delta(0.2) is None
+    m = ledger.metrics(target=0.4, delta=0.05)
+    assert (m["ledger/tokens_to_target"], m["ledger/tokens_to_target_delta"]) == (3000, 2000)
+    assert "ledger/tokens_to_target_delta" not in ledger.metrics(target=0.4)
 
 
 def test_hindsight_counts_training_on_flat_groups():
