@@ -440,8 +440,10 @@ def report_grid(grid: Path) -> Path:
     first = json.loads((runs[0] / "summary.json").read_text())
     target, delta = first["target_reward"], first.get("target_delta")
     table = summarize(results, budget)
-    table.to_csv(grid / "summary.csv", index=False)
     ratios = compare(results, table, budget)
+    # summary.csv: per arm, with its ratios against the reference (and their intervals) beside its own figures
+    merged = table if ratios.empty else table.merge(ratios.drop(columns="tokens_per_step"), on="arm", how="left")
+    merged.to_csv(grid / "summary.csv", index=False)
     if not ratios.empty:
         ratios.to_csv(grid / "ratios.csv", index=False)
     md = (f"common token budget {budget:,.0f}; target {target} ({first.get('target_metric', 'eval/reward')}), "
