@@ -87,7 +87,8 @@ def summarize(results, budget: float):
 
 def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
     """Every other arm against `reference`, paired by seed: the geometric mean of baseline / reference tokens to each
-    target (censored at the budget; seeds that start at the target are left out, `ratio_seeds` counts the rest) and
+    target (censored at the budget; seeds that start at the target or where neither run reached it are left out,
+    `ratio_seeds` counts the rest) and
     the reference's AUC minus the baseline's, each with a 95 % bootstrap interval; `matched`: the baseline's median
     tokens/step is within ±25 % of the reference's."""
     import pandas as pd
@@ -110,7 +111,8 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
         for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
             base, mine = (censor(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)), budget)
                           for x in (g, ref))
-            informative = (base > 0) & (mine > 0)  # a seed whose start is already at the target says nothing
+            # a seed whose start is already at the target, or where neither run reached it, says nothing
+            informative = (base > 0) & (mine > 0) & ((base < budget) | (mine < budget))
             row[f"{name}_seeds"] = int(informative.sum())
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (
                 paired_ratio(base[informative], mine[informative]) if informative.any() else (math.nan,) * 3)
@@ -139,7 +141,8 @@ def summary_markdown(table, target: float, delta: float | None) -> str:
 
 
 def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
-    """The ratio table, then the reference against the best baseline overall and the best at matched compute."""
+    """The ratio table, then the reference against the best baseline overall and the best at matched compute, on each
+    target (arms named `<reference>_...`, variants of the reference, are in the table but are not baselines)."""
     if ratios.empty:
         return ""
     lines = [f"| baseline | seeds (absolute / relative target) | tokens/step | matched | baseline / {reference}, "
@@ -150,13 +153,15 @@ def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
                      f"{r['ratio']:.2f}x [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}] | {r['ratio_delta']:.2f}x "
                      f"[{r['ratio_delta_lo']:.2f}, {r['ratio_delta_hi']:.2f}] | {r['auc_diff']:+.4f} "
                      f"[{r['auc_diff_lo']:+.4f}, {r['auc_diff_hi']:+.4f}] |")
-    for label, subset in (("best baseline", ratios), ("best baseline at matched compute", ratios[ratios.matched])):
-        if subset.empty:
-            continue
-        b = subset.loc[subset.ratio.idxmin()].to_dict()  # the baseline that comes closest to the reference
-        lines.append(f"\n{label}: {b['arm']}: {b['ratio']:.2f}x [{b['ratio_lo']:.2f}, {b['ratio_hi']:.2f}] tokens to "
-                     f"target ({reference} needs that many times fewer), {b['ratio_delta']:.2f}x "
-                     f"[{b['ratio_delta_lo']:.2f}, {b['ratio_delta_hi']:.2f}] to start + delta")
+    lines.append("")
+    baselines = ratios[~ratios.arm.str.startswith(f"{reference}_")]  # variants of the reference are not baselines
+    for label, subset in (("best baseline", baselines),
+                          ("best baseline at matched compute", baselines[baselines.matched])):
+        for col, target in (("ratio", "the absolute target"), ("ratio_delta", "start + delta")):
+            if subset[col].notna().any():  # the baseline that comes closest to (or beats) the reference
+                b = subset.loc[subset[col].idxmin()].to_dict()
+                lines.append(f"- {label}, {target}: {b['arm']}: {b[col]:.2f}x [{b[col + '_lo']:.2f}, "
+                             f"{b[col + '_hi']:.2f}] ({reference} needs that many times fewer tokens)")
     return "\n".join(lines)
 
 
@@ -203,7 +208,7 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
             mean = ys.mean(axis=0)
             (line,) = ax.plot(grid, mean, ls="--" if arm in dashed else "-", lw=1.6,
                               label=f"{arm} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")
-            if len(dirs) > 1:
+            if len(dirs) > 1 and len(runs) <= 4:  # more bands than that hide each other: see plot_pairs
                 half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(dirs))
                 ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.12)
         if target is not None and not gain:
@@ -212,11 +217,61 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
         what = "eval reward − the seed's start" if gain else "eval reward"
         ax.set_ylabel(what)
         several = any(len(dirs) > 1 for dirs in runs.values())
-        ax.set_title(f"{what} against {label}" + (" (mean over seeds, band: 95 % CI)" if several else ""))
+        band = ", band: 95 % CI" if len(runs) <= 4 else ""
+        ax.set_title(f"{what} against {label}" + (f" (mean over seeds{band})" if several else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         written.append(_save(plt, fig, out_dir / fname))
     return written
+
+
+def _gain_curves(dirs: list[Path], grid):
+    """(seeds, len(grid)): each run's eval reward minus its start, interpolated on `grid` tokens."""
+    import numpy as np
+
+    out = []
+    for d in dirs:
+        hist = json.loads((d / "summary.json").read_text())["eval_history"]
+        y = np.array([h["eval/reward"] for h in hist])
+        out.append(np.interp(grid, np.array([h["tokens"] for h in hist], float), y - y[0]))
+    return np.array(out)
+
+
+def plot_pairs(runs: dict[str, list[Path]], out_dir: Path, matched: set[str],
+               reference: str = REFERENCE_ARM) -> Path | None:
+    """One panel per baseline: its eval gain over the seed's start against tokens beside the reference's, each the
+    mean over seeds with its 95 % interval as a band (compute-matched baselines dashed, their panel titled so)."""
+    import numpy as np
+
+    others = [a for a in runs if a != reference]
+    if reference not in runs or not others:
+        return None
+    plt = _pyplot()
+    end = min(json.loads((d / "summary.json").read_text())["eval_history"][-1]["tokens"]
+              for dirs in runs.values() for d in dirs)
+    grid = np.linspace(0, end, 60)
+    cols = min(3, len(others))
+    rows = -(-len(others) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[len(others):]:
+        ax.set_visible(False)
+    for ax, arm in zip(axes.flat, others, strict=False):
+        for name, color, ls in ((reference, "C0", "-"), (arm, "C3", "--" if arm in matched else "-")):
+            ys = _gain_curves(runs[name], grid)
+            mean = ys.mean(axis=0)
+            ax.plot(grid, mean, color=color, ls=ls, lw=1.5, label=name)
+            if len(ys) > 1:
+                half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(ys))
+                ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.15)
+        ax.set_title(f"{arm}{' (matched compute)' if arm in matched else ''}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("eval reward − start")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("total tokens")
+    fig.suptitle(f"each baseline against {reference}: mean over seeds, band: 95 % CI", fontsize=10)
+    return _save(plt, fig, out_dir / "gain_pairs.png")
 
 
 def plot_ratios(ratios, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
@@ -339,7 +394,7 @@ def plot_fates_per_arm(arms: dict[str, list[Path]], out_dir: Path) -> Path:
         bottom += values
     ax.set_ylabel("rollout tokens (median over seeds)")
     ax.set_title("where each arm's rollout tokens went")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.tick_params(axis="x", rotation=30)
     return _save(plt, fig, out_dir / "tokens_by_fate_per_arm.png")
 
@@ -359,6 +414,9 @@ CAPTIONS = {
                             "risk).",
     "families.png": "Eval reward per task family at each eval.",
     "tokens_by_fate_per_arm.png": "Rollout tokens by fate per arm, median over seeds.",
+    "gain_pairs.png": "One panel per baseline: its eval gain over the seed's start against total tokens beside the "
+                      "reference arm's, each the mean over seeds with its 95 % interval as a band (matched-compute "
+                      "baselines dashed).",
     "ratios.png": "Each baseline's tokens to target over the reference arm's, paired by seed: the geometric mean and "
                   "its 95 % bootstrap interval, for the absolute target and the start + delta one (right of 1: the "
                   "reference needs fewer tokens).",
@@ -456,7 +514,7 @@ def report_grid(grid: Path) -> Path:
     dashed = set(ratios.arm[ratios.matched]) if not ratios.empty else set()
     plots = plot_curves(arms, grid, target, dashed) + [plot_fates_per_arm(arms, grid)]
     if not ratios.empty:
-        plots.append(plot_ratios(ratios, grid))
+        plots += [p for p in (plot_pairs(arms, grid, dashed), plot_ratios(ratios, grid)) if p]
     print("plots: " + ", ".join(map(str, plots)))
     intro = f"{len(runs)} runs in {len(arms)} arms, common token budget {budget:,.0f}."
     tables = [("per arm (median [min, max] over seeds; AUC: mean [95 % CI])",

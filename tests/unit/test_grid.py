@@ -89,7 +89,8 @@ def test_summary_medians_count_unreached_targets_as_infinite_and_ratios_censor_t
     assert ratios.loc["none", "ratio"] == pytest.approx((3 * 2.5 * 2) ** (1 / 3))
     assert ratios.loc["none", "ratio_lo"] <= ratios.loc["none", "ratio"] <= ratios.loc["none", "ratio_hi"]
     assert bool(ratios.loc["none", "matched"])  # same tokens per step in this fake grid
-    assert "best baseline at matched compute: none: 2.47x" in comparison_markdown(ratios.reset_index())
+    assert "- best baseline at matched compute, the absolute target: none: 2.47x" in comparison_markdown(
+        ratios.reset_index())
 
 
 def test_report_script_reads_a_grid_without_wandb(tmp_path):
