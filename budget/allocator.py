@@ -55,9 +55,12 @@ class Budget:
     """Plans, prices, remembers and ledgers. `seconds` accumulates the time spent in the budget's own code (not in
     the update it calls), for perf/budget_seconds; the caller reads and resets it."""
 
-    def __init__(self, cfg: BudgetConfig, limits: SampleLimits, num_iterations: int = 1):
+    def __init__(self, cfg: BudgetConfig, limits: SampleLimits, num_iterations: int = 1,
+                 families: dict[str, str] | None = None):
+        """`families`: prompt id -> task family, for the pooled evidence (prompts without one are not pooled)."""
         self.cfg, self.limits, self.num_iterations = cfg, limits, num_iterations
-        self.state, self.ledger = BudgetState(), Ledger()
+        self.families = dict(families or {})
+        self.state, self.ledger = BudgetState(family_of=self.families), Ledger()
         self.seconds = 0.0
 
     @property
@@ -99,3 +102,4 @@ class Budget:
 
     def load_state_dict(self, d: dict) -> None:
         self.state, self.ledger = BudgetState.from_state_dict(d["budget"]), Ledger.from_state_dict(d["ledger"])
+        self.state.family_of = self.families

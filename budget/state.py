@@ -3,7 +3,8 @@ restored with the checkpoint.
 
 Posteriors: each group adds Σr pseudo-successes and Σ(1 − r) pseudo-failures (rewards clipped to [0, 1]: the exact
 Beta update for 0/1 rewards, its mean-matching analogue for graded ones), after the prompt's old evidence has faded
-by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered.
+by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered. The same counts are summed per task family
+(pooled evidence, read by the marginal policy with `budget.pool_strength > 0`; docs/budget.md).
 """
 
 from __future__ import annotations
@@ -46,20 +47,25 @@ class BudgetState:
     tok_verify: float | None = None
     tok_update: float | None = None
     prompts: dict[str, PromptStats] = field(default_factory=dict)
+    # pooled evidence: family -> [successes, failures, version] summed over its prompts' groups (faded like a
+    # prompt's), and the task's prompt -> family map (task data, set by the Budget, not saved)
+    families: dict[str, list[float]] = field(default_factory=dict)
+    family_of: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "version": self.version, "drift": self.drift, "kappa_scale": self.kappa_scale,
                 "last_spend": self.last_spend, "tok_rollout": self.tok_rollout, "tok_verify": self.tok_verify,
                 "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
-                "extra": self.extra}
+                "families": {k: list(v) for k, v in self.families.items()}, "extra": self.extra}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> BudgetState:
         return cls(step=d["step"], version=d.get("version", 0), drift=d.get("drift"),
                    kappa_scale=d.get("kappa_scale", 1.0), last_spend=d.get("last_spend", 0.0),
                    tok_rollout=d.get("tok_rollout"), tok_verify=d.get("tok_verify"), tok_update=d.get("tok_update"),
-                   prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()}, extra=d.get("extra", {}))
+                   prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()},
+                   families={k: list(v) for k, v in d.get("families", {}).items()}, extra=d.get("extra", {}))
 
 
 def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
@@ -105,6 +111,11 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
         s.alpha, s.beta = a + succ, b + (n - succ)
         s.version, s.last_step, s.groups = max(version, s.version), step, s.groups + 1
         s.zero_var_streak = s.zero_var_streak + 1 if flat else 0
+        family = state.family_of.get(pid)
+        if family:
+            fs = state.families.setdefault(family, [0.0, 0.0, version])
+            keep = math.exp(-drift * max(version - fs[2], 0) / cfg.drift_scale)
+            fs[0], fs[1], fs[2] = fs[0] * keep + succ, fs[1] * keep + (n - succ), max(version, fs[2])
         if s.groups > 1:
             s.tok_rollout = w * s.tok_rollout + (1.0 - w) * tok_r
             s.tok_verify = w * s.tok_verify + (1.0 - w) * tok_v

@@ -90,6 +90,9 @@ class DatasetTaskConfig(TaskConfig):
                                                 "with any callables of the Python API); default: all 1.0"}
     )
 
+    group_column: str = field(default="family", metadata={
+        "help": "column whose (string) value groups prompts into families: per-family eval metrics and the pooled "
+                "evidence of budget.pool_strength; '' = none (a dataset without the column has no families)"})
     reward_timeout_s: float = field(default=600.0, metadata={
         "help": "seconds one call of a reward function may take before the run stops with an error naming it"})
 

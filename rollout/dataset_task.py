@@ -94,8 +94,10 @@ def _check_prompt(value: object, where: str) -> PromptValue:
                     f"got {value!r:.120}")
 
 
-def to_prompts(rows: Sequence[dict], id_prefix: str, where: str) -> tuple[list[Prompt], dict[str, PromptValue]]:
-    """Prompt records (meta = the columns passed to reward functions) and the raw prompt values by prompt_id."""
+def to_prompts(rows: Sequence[dict], id_prefix: str, where: str,
+               group_column: str = "family") -> tuple[list[Prompt], dict[str, PromptValue]]:
+    """Prompt records (meta = the columns passed to reward functions; family = the `group_column` value) and the raw
+    prompt values by prompt_id."""
     if not rows:
         raise TaskError(f"{where}: no rows")
     columns = list(dict.fromkeys(k for row in rows for k in row))  # rows of a .jsonl file may omit keys
@@ -106,7 +108,7 @@ def to_prompts(rows: Sequence[dict], id_prefix: str, where: str) -> tuple[list[P
         pid = f"{id_prefix}{i}"
         raw[pid] = _check_prompt(row.get("prompt"), f"{where} row {i}")
         meta = {k: row.get(k) for k in columns if k not in NOT_REWARD_KWARGS}
-        family = row.get("family")  # optional: per-family eval metrics, as the built-in tasks have
+        family = row.get(group_column) if group_column else None  # optional, as the built-in tasks' families
         prompts.append(Prompt(prompt_id=pid, text=_plain_text(raw[pid]), meta=meta,
                               family=family if isinstance(family, str) else ""))
     return prompts, raw
@@ -210,8 +212,9 @@ def build_dataset(cfg: DatasetTaskConfig, rollout_cfg: RolloutConfig,
         train_rows, eval_rows = splits["train"], splits["test"]
     else:
         train_rows, eval_rows = split_rows(splits["train"], cfg.seed)
-    train, raw = to_prompts(train_rows, f"{name}-", f"task.dataset {cfg.dataset!r}")
-    eval_, raw_eval = to_prompts(eval_rows, f"{name}-eval-", f"task.eval_dataset {cfg.eval_dataset or cfg.dataset!r}")
+    train, raw = to_prompts(train_rows, f"{name}-", f"task.dataset {cfg.dataset!r}", cfg.group_column)
+    eval_, raw_eval = to_prompts(eval_rows, f"{name}-eval-", f"task.eval_dataset {cfg.eval_dataset or cfg.dataset!r}",
+                                 cfg.group_column)
     raw_prompts = {**raw, **raw_eval}
     demos = [(_plain_text(row["prompt"]), row["completion"]) for row in train_rows
              if isinstance(row.get("completion"), str)]

@@ -387,7 +387,8 @@ class Run:
         self.optimizer, self.scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
         self.limits = SampleLimits(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.min_group_size,
                                    cfg.rollout.max_group_size)
-        self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations), started=started)
+        families = {p.prompt_id: p.family for p in task.train if p.family}  # for the pooled evidence
+        self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations, families), started=started)
         ckpt = self._resume(model, value_head) if cfg.train.resume_from else None
         # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold
         # every weight on every rank to generate on its own (with vLLM the server holds the lagging weights)

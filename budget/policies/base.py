@@ -8,6 +8,7 @@ differ. Everything here is pure: columns and numbers in, columns out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -60,8 +61,10 @@ class PromptArrays(NamedTuple):
 _STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout", "tok_verify", "tok_update")
 
 
-def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str]) -> PromptArrays:
-    """What the budget knows about each candidate, its evidence faded to the current version."""
+def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
+                  pool_strength: float = 0.0) -> PromptArrays:
+    """What the budget knows about each candidate, its evidence faded to the current version. With `pool_strength`
+    m > 0 a prompt's prior is its family's (pool_prior) instead of Beta(prior_alpha, prior_beta)."""
     num = len(candidates)
     # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
     unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0,
@@ -73,7 +76,30 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     alpha, beta, version, streak, tr, tv, tu = table
     factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
+    if pool_strength > 0:
+        alpha, beta = pool_prior(cfg, state, candidates, alpha, beta, pool_strength)
     return PromptArrays(alpha, beta, tr, tv, tu, streak)
+
+
+def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], alpha: np.ndarray, beta: np.ndarray,
+               m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Replace each candidate's prior Beta(prior_alpha, prior_beta) by its family's, Beta(m·μ, m·(1 − μ)), keeping
+    its own (faded) evidence. μ is the family's pass rate from the evidence of its other prompts (leave-one-out:
+    the family's faded counts minus this prompt's own), shrunk to the global prior:
+    μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
+    global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried."""
+    own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
+    drift = current_drift(cfg, state)
+    fam_s, fam_f = np.zeros(len(candidates)), np.zeros(len(candidates))
+    pooled = np.zeros(len(candidates), dtype=bool)
+    for i, pid in enumerate(candidates):
+        stats = state.families.get(state.family_of.get(pid, ""))
+        if stats is not None:
+            keep = math.exp(-drift * max(state.version - stats[2], 0) / cfg.drift_scale)
+            fam_s[i], fam_f[i], pooled[i] = stats[0] * keep, stats[1] * keep, True
+    others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
+    mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
+    return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
 
 
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: PromptArrays,

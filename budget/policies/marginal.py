@@ -52,6 +52,11 @@ class MarginalConfig(BudgetConfig):
         default=True, metadata={"help": "price each prompt at a pass rate drawn from its posterior (exploration) "
                                         "instead of the posterior mean"},
     )
+    pool_strength: float = field(
+        default=0.0, metadata={"help": "pooled evidence: a prompt's prior is its task family's pass rate (from the "
+                                       "family's other prompts) worth this many samples, instead of Beta(prior_alpha, "
+                                       "prior_beta); 0 = off (docs/budget.md, \"Pooled evidence\")"},
+    )
     token_budget: int = field(
         default=0, metadata={"help": "tokens per step (rollout + training); > 0 makes the κ scale a dual variable "
                                      "that the controller adjusts, 0 = fixed prices"},
@@ -80,6 +85,8 @@ class MarginalConfig(BudgetConfig):
         if self.max_samples_per_step < 0:
             raise ValueError(f"max_samples_per_step: expected an integer >= 0 (0 = budget_slack × samples per step), "
                              f"got {self.max_samples_per_step}")
+        if not self.pool_strength >= 0:
+            raise ValueError(f"pool_strength: expected a number >= 0 (0 = off), got {self.pool_strength}")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         if not self.controller_rate >= 0:
@@ -105,7 +112,7 @@ def planner_limits(cfg: MarginalConfig, limits: SampleLimits) -> tuple[float, fl
 
 def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
                   rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
-    arrays = prompt_arrays(cfg, state, candidates)
+    arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
     p_mean = arrays.mean
     p = rng.beta(arrays.alpha, arrays.beta) if cfg.thompson and len(candidates) else p_mean
     max_n = limits.max_group_size

@@ -171,6 +171,44 @@ def test_marginal_plan_caps_samples_under_a_token_budget():
         assert {d.reason for d in plan if not d.samples} == ({"budget"} if cap else set())
 
 
+def test_pooled_prior_by_hand():
+    # family f: 6 successes, 2 failures so far, of which prompt a's own are 2 successes; prompt c has no family
+    cfg = BudgetConfig("marginal")
+    state = BudgetState(families={"f": [6.0, 2.0, 0]}, family_of={"a": "f", "b": "f"})
+    state.prompts["a"] = PromptStats(alpha=1 + 2, beta=1 + 0)
+    arrays = policies.base.prompt_arrays(cfg, state, ["a", "b", "c"], pool_strength=4.0)
+    # b (unseen): others (6, 2), μ = (6 + 1) / (6 + 2 + 2) = 0.7 -> Beta(2.8, 1.2)
+    # a: others (4, 2), μ = 5 / 8 -> prior (2.5, 1.5), plus its own (2, 0) -> (4.5, 1.5); c: the global (1, 1)
+    assert arrays.alpha == pytest.approx([4.5, 2.8, 1.0]) and arrays.beta == pytest.approx([1.5, 1.2, 1.0])
+    off = policies.base.prompt_arrays(cfg, state, ["a", "b", "c"])  # pool_strength 0: the global prior
+    assert off.alpha == pytest.approx([3.0, 1.0, 1.0]) and off.beta == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_family_evidence_is_folded_and_fades_like_a_prompts():
+    cfg = BudgetConfig("marginal", drift_prior=0.1, drift_scale=0.1)  # exp(-1) per version
+    state = BudgetState(family_of={"a": "f", "b": "f"})
+    update_state(cfg, state, group("a", [1, 0, 0, 0]), step=0, current_version=0)
+    assert state.families == {"f": [1.0, 3.0, 0]}
+    update_state(cfg, state, group("b", [1, 1], version=1), step=1, current_version=1)
+    assert state.families["f"] == pytest.approx([1 * math.exp(-1) + 2, 3 * math.exp(-1), 1])
+    restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert restored.families == state.families and restored.family_of == {}  # the map is task data, not state
+
+
+def test_a_never_solved_family_stops_being_sampled_before_each_prompt_is_tried():
+    # 4 prompts of family `hard` failed 8 of 8 each; 8 more of them were never tried, nor 8 prompts of `new`
+    cands = [f"hard{i}" for i in range(4, 12)] + [f"new{i}" for i in range(8)]
+    family_of = {**{f"hard{i}": "hard" for i in range(12)}, **{f"new{i}": "new" for i in range(8)}}
+    limits = SampleLimits(prompts_per_step=4, group_size=8, min_group_size=2, max_group_size=16)
+    for strength, hard_sampled in ((0.0, True), (4.0, False)):
+        cfg = BudgetConfig("marginal", pool_strength=strength, thompson=False)
+        state = BudgetState(family_of=family_of, families={"hard": [0.0, 32.0, 0]})
+        plan = plan_prompts(cfg, state, cands, 0, np.random.default_rng(0), limits)
+        hard = sum(d.samples for d in plan if d.prompt_id.startswith("hard"))
+        assert (hard > 0) is hard_sampled, (strength, [(d.prompt_id, d.samples) for d in plan])
+        assert sum(d.samples for d in plan if d.prompt_id.startswith("new")) > 0
+
+
 def test_prior_plan_skips_zero_variance_history():
     cfg = BudgetConfig("prior", explore_prob=0.0)
     state = BudgetState(prompts={f"p{i}": PromptStats(1.0, 9.0, zero_var_streak=1) for i in (0, 2, 3)})
