@@ -122,8 +122,17 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
     return pd.DataFrame(rows)
 
 
+def _interval(value: float, lo: float, hi: float, fmt: str, unit: str = "") -> str:
+    """`value<unit> [lo, hi]`, each formatted with `fmt`."""
+    return f"{format(value, fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+
 def _range(r: dict, col: str, fmt: str) -> str:
-    return f"{format(r[col + '_median'], fmt)} [{format(r[col + '_min'], fmt)}, {format(r[col + '_max'], fmt)}]"
+    return _interval(r[col + "_median"], r[col + "_min"], r[col + "_max"], fmt)
+
+
+def _ci(r: dict, col: str, fmt: str, unit: str = "") -> str:
+    return _interval(r[col], r[col + "_lo"], r[col + "_hi"], fmt, unit)
 
 
 def summary_markdown(table, target: float, delta: float | None) -> str:
@@ -133,7 +142,7 @@ def summary_markdown(table, target: float, delta: float | None) -> str:
     for r in table.to_dict("records"):
         lines.append(f"| {r['arm']} | {r['runs']} | {r['reached_target']} | {_range(r, 'tokens_to_target', ',.0f')} | "
                      f"{r['reached_target_delta']} | {_range(r, 'tokens_to_target_delta', ',.0f')} | "
-                     f"{r['auc_mean']:.4f} [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}] | "
+                     f"{_interval(r['auc_mean'], r['auc_lo'], r['auc_hi'], '.4f')} | "
                      f"{_range(r, 'final_eval_reward', '.3f')} | {r['tokens_per_step_median']:,.0f} | "
                      f"{r['zero_signal_group_fraction_median']:.2f} | {r['tokens_over_hindsight_median']:.2f} | "
                      f"{r['wall_seconds_median']:.0f} |")
@@ -149,10 +158,9 @@ def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
              f"tokens to target [95 % CI] | "
              f"to start + delta [95 % CI] | AUC {reference} − baseline [95 % CI] |", "|" + " --- |" * 7]
     for r in ratios.to_dict("records"):
-        lines.append(f"| {r['arm']} | {r['ratio_seeds']} / {r['ratio_delta_seeds']} | {r['tokens_per_step']:,.0f} | {'yes' if r['matched'] else 'no'} | "
-                     f"{r['ratio']:.2f}x [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}] | {r['ratio_delta']:.2f}x "
-                     f"[{r['ratio_delta_lo']:.2f}, {r['ratio_delta_hi']:.2f}] | {r['auc_diff']:+.4f} "
-                     f"[{r['auc_diff_lo']:+.4f}, {r['auc_diff_hi']:+.4f}] |")
+        lines.append(f"| {r['arm']} | {r['ratio_seeds']} / {r['ratio_delta_seeds']} | {r['tokens_per_step']:,.0f} | "
+                     f"{'yes' if r['matched'] else 'no'} | {_ci(r, 'ratio', '.2f', 'x')} | {_ci(r, 'ratio_delta', '.2f', 'x')} | "
+                     f"{_ci(r, 'auc_diff', '+.4f')} |")
     lines.append("")
     baselines = ratios[~ratios.arm.str.startswith(f"{reference}_")]  # variants of the reference are not baselines
     for label, subset in (("best baseline", baselines),
@@ -160,8 +168,8 @@ def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
         for col, target in (("ratio", "the absolute target"), ("ratio_delta", "start + delta")):
             if subset[col].notna().any():  # the baseline that comes closest to (or beats) the reference
                 b = subset.loc[subset[col].idxmin()].to_dict()
-                lines.append(f"- {label}, {target}: {b['arm']}: {b[col]:.2f}x [{b[col + '_lo']:.2f}, "
-                             f"{b[col + '_hi']:.2f}] ({reference} needs that many times fewer tokens)")
+                lines.append(f"- {label}, {target}: {b['arm']}: {_ci(b, col, '.2f', 'x')} ({reference} needs that many "
+                             f"times fewer tokens)")
     return "\n".join(lines)
 
 

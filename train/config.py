@@ -468,13 +468,16 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 # Keys a resumed run may change without changing what it computes: where things are, how long it runs, what it
-# logs and how often it evaluates (eval draws from its own seeded RNG). Anything else differing from the
-# checkpoint's recorded config is refused unless train.force_resume=true.
-RESUME_FREE_KEYS = ("output_dir", "model.cache_dir", "train.max_steps", "train.max_tokens", "train.resume_from", "train.force_resume",
-                    "train.overwrite", "train.keep_last", "train.eval_every", "train.eval_every_tokens", "train.max_nonfinite",
-                    "task.reward_timeout_s", "rollout.env_workers", "rollout.vllm_python", "rollout.vllm_url",
-                    "rollout.vllm_port", "rollout.vllm_startup_timeout_s", "rollout.vllm_kv_cache_gb",
-                    "rollout.vllm_gpu_memory_utilization", "log.")
+# logs, what it reports as its targets, and how often and how it evaluates (eval draws from its own seeded RNG).
+# Anything else differing from the checkpoint's recorded config is refused unless train.force_resume=true.
+RESUME_FREE_KEYS = (
+    "output_dir", "model.cache_dir", "train.max_steps", "train.max_tokens", "train.resume_from", "train.force_resume",
+    "train.overwrite", "train.keep_last", "train.eval_every", "train.eval_every_tokens", "train.max_nonfinite",
+    "task.reward_timeout_s", "rollout.env_workers", "rollout.eval_temperature", "rollout.eval_samples",
+    "rollout.vllm_python", "rollout.vllm_url", "rollout.vllm_port", "rollout.vllm_startup_timeout_s",
+    "rollout.vllm_kv_cache_gb", "rollout.vllm_gpu_memory_utilization", "budget.target_reward", "budget.target_delta",
+    "budget.target_metric", "log.",
+)
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
