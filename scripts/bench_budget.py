@@ -117,12 +117,14 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
 
-    def step_time(policy: str, token_budget: int, between=lambda: None) -> float:
+    families = {f"p{i}": f"f{i % 6}" for i in range(512)}  # six task families, as the arithmetic task has
+
+    def step_time(policy: str, keys: dict, between=lambda: None) -> float:
         """The budget's seconds in one step, as the trainer's perf/budget_seconds counts them: Budget.plan, reading
         the step's columns, Budget.settle (price, fold, ledger, metrics; the update it calls is `between`) and the
         ledger's metrics."""
-        cfg = budget_config(policy, **({"token_budget": token_budget} if token_budget else {}))
-        budget, times = Budget(cfg, SampleLimits(32, 8, 2, 16)), []
+        cfg = budget_config(policy, **keys)
+        budget, times = Budget(cfg, SampleLimits(32, 8, 2, 16), families=families), []
         for step in range(args.steps):
             step_rng = np.random.default_rng([args.seed, step])
             cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)[:budget.candidates_per_step]]
@@ -139,11 +141,12 @@ def main() -> None:
             times.append(budget.seconds + columns_s)
         return float(np.median(times[10:]))
 
-    arms = [(policy, 0) for policy in POLICIES] + [("marginal", 2400)]
+    arms = [(policy, {}) for policy in POLICIES] + [("marginal", {"token_budget": 2400}),
+                                                     ("marginal", {"token_budget": 2400, "pool_strength": 4.0})]
 
     def per_arm(between=lambda: None) -> str:
-        return ", ".join(f"{policy}{f' (token_budget {tb})' if tb else ''} {step_time(policy, tb, between) * 1e3:.2f} ms"
-                         for policy, tb in arms)
+        return ", ".join(f"{policy}{' (' + ', '.join(f'{k} {v:g}' for k, v in keys.items()) + ')' if keys else ''} "
+                         f"{step_time(policy, keys, between) * 1e3:.2f} ms" for policy, keys in arms)
 
     print("budget per quickstart step: " + per_arm())
     if args.loop_shaped:
