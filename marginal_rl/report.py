@@ -135,18 +135,21 @@ def _ci(r: dict, col: str, fmt: str, unit: str = "") -> str:
     return _interval(r[col], r[col + "_lo"], r[col + "_hi"], fmt, unit)
 
 
+def _markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header), *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
 def summary_markdown(table, target: float, delta: float | None) -> str:
-    lines = [f"| arm | runs | reached {target} | tokens to {target} (median [min, max]) | reached start+{delta} | "
-             f"tokens to start+{delta} | AUC (mean [95 % CI]) | final eval | tokens/step | zero-signal groups | "
-             f"tokens / hindsight bound | wall s |", "|" + " --- |" * 12]
-    for r in table.to_dict("records"):
-        lines.append(f"| {r['arm']} | {r['runs']} | {r['reached_target']} | {_range(r, 'tokens_to_target', ',.0f')} | "
-                     f"{r['reached_target_delta']} | {_range(r, 'tokens_to_target_delta', ',.0f')} | "
-                     f"{_interval(r['auc_mean'], r['auc_lo'], r['auc_hi'], '.4f')} | "
-                     f"{_range(r, 'final_eval_reward', '.3f')} | {r['tokens_per_step_median']:,.0f} | "
-                     f"{r['zero_signal_group_fraction_median']:.2f} | {r['tokens_over_hindsight_median']:.2f} | "
-                     f"{r['wall_seconds_median']:.0f} |")
-    return "\n".join(lines)
+    header = ["arm", "runs", f"reached {target}", f"tokens to {target} (median [min, max])", f"reached start+{delta}",
+              f"tokens to start+{delta}", "AUC (mean [95 % CI])", "final eval", "tokens/step", "zero-signal groups",
+              "tokens / hindsight bound", "wall s"]
+    rows = [[r["arm"], r["runs"], r["reached_target"], _range(r, "tokens_to_target", ",.0f"),
+             r["reached_target_delta"], _range(r, "tokens_to_target_delta", ",.0f"),
+             _interval(r["auc_mean"], r["auc_lo"], r["auc_hi"], ".4f"), _range(r, "final_eval_reward", ".3f"),
+             f"{r['tokens_per_step_median']:,.0f}", f"{r['zero_signal_group_fraction_median']:.2f}",
+             f"{r['tokens_over_hindsight_median']:.2f}", f"{r['wall_seconds_median']:.0f}"]
+            for r in table.to_dict("records")]
+    return "\n".join(_markdown_table(header, rows))
 
 
 def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
@@ -154,13 +157,13 @@ def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
     target (arms named `<reference>_...`, variants of the reference, are in the table but are not baselines)."""
     if ratios.empty:
         return ""
-    lines = [f"| baseline | seeds (absolute / relative target) | tokens/step | matched | baseline / {reference}, "
-             f"tokens to target [95 % CI] | "
-             f"to start + delta [95 % CI] | AUC {reference} − baseline [95 % CI] |", "|" + " --- |" * 7]
-    for r in ratios.to_dict("records"):
-        lines.append(f"| {r['arm']} | {r['ratio_seeds']} / {r['ratio_delta_seeds']} | {r['tokens_per_step']:,.0f} | "
-                     f"{'yes' if r['matched'] else 'no'} | {_ci(r, 'ratio', '.2f', 'x')} | {_ci(r, 'ratio_delta', '.2f', 'x')} | "
-                     f"{_ci(r, 'auc_diff', '+.4f')} |")
+    header = ["baseline", "seeds (absolute / relative target)", "tokens/step", "matched",
+              f"baseline / {reference}, tokens to target [95 % CI]", "to start + delta [95 % CI]",
+              f"AUC {reference} − baseline [95 % CI]"]
+    lines = _markdown_table(header, [
+        [r["arm"], f"{r['ratio_seeds']} / {r['ratio_delta_seeds']}", f"{r['tokens_per_step']:,.0f}",
+         "yes" if r["matched"] else "no", _ci(r, "ratio", ".2f", "x"), _ci(r, "ratio_delta", ".2f", "x"),
+         _ci(r, "auc_diff", "+.4f")] for r in ratios.to_dict("records")])
     lines.append("")
     baselines = ratios[~ratios.arm.str.startswith(f"{reference}_")]  # variants of the reference are not baselines
     for label, subset in (("best baseline", baselines),
@@ -206,19 +209,11 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
             continue  # one seed: the gain plot is the reward plot shifted
         fig, ax = plt.subplots(figsize=(8, 5))
         for arm, dirs in runs.items():
-            curves = []
-            for d in dirs:
-                hist = json.loads((d / "summary.json").read_text())["eval_history"]
-                y = np.array([h["eval/reward"] for h in hist])
-                curves.append((np.array([h[x_key] for h in hist], float), y - y[0] if gain else y))
-            grid = np.linspace(0, min(c[0][-1] for c in curves), 60)
-            ys = np.array([np.interp(grid, x, y) for x, y in curves])
-            mean = ys.mean(axis=0)
-            (line,) = ax.plot(grid, mean, ls="--" if arm in dashed else "-", lw=1.6,
-                              label=f"{arm} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")
-            if len(dirs) > 1 and len(runs) <= 4:  # more bands than that hide each other: see plot_pairs
-                half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(dirs))
-                ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.12)
+            curves = [_seed_curve(d, x_key, gain) for d in dirs]
+            grid = np.linspace(0, min(x[-1] for x, _ in curves), 60)
+            _mean_and_band(ax, grid, np.array([np.interp(grid, x, y) for x, y in curves]), band=len(runs) <= 4,
+                           ls="--" if arm in dashed else "-", lw=1.6,
+                           label=f"{arm} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")  # >4 bands hide each other
         if target is not None and not gain:
             ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target}")
         ax.set_xlabel(label)
@@ -233,16 +228,25 @@ def plot_curves(runs: dict[str, list[Path]], out_dir: Path, target: float | None
     return written
 
 
-def _gain_curves(dirs: list[Path], grid):
-    """(seeds, len(grid)): each run's eval reward minus its start, interpolated on `grid` tokens."""
+def _seed_curve(run_dir: Path, x_key: str, gain: bool = False):
+    """(x, eval reward) of one run's evals, x one of tokens | seconds | step; `gain`: minus the run's start."""
     import numpy as np
 
-    out = []
-    for d in dirs:
-        hist = json.loads((d / "summary.json").read_text())["eval_history"]
-        y = np.array([h["eval/reward"] for h in hist])
-        out.append(np.interp(grid, np.array([h["tokens"] for h in hist], float), y - y[0]))
-    return np.array(out)
+    hist = json.loads((run_dir / "summary.json").read_text())["eval_history"]
+    y = np.array([h["eval/reward"] for h in hist])
+    return np.array([h[x_key] for h in hist], float), y - y[0] if gain else y
+
+
+def _mean_and_band(ax, grid, ys, band: bool = True, alpha: float = 0.12, **line) -> None:
+    """The mean over seeds (rows of `ys`) as a line and, with several seeds, its 95 % interval as a band (normal
+    approximation, ±1.96 standard errors)."""
+    import numpy as np
+
+    mean = ys.mean(axis=0)
+    (drawn,) = ax.plot(grid, mean, **line)
+    if band and len(ys) > 1:
+        half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(ys))
+        ax.fill_between(grid, mean - half, mean + half, color=drawn.get_color(), alpha=alpha)
 
 
 def plot_pairs(runs: dict[str, list[Path]], out_dir: Path, matched: set[str],
@@ -261,16 +265,14 @@ def plot_pairs(runs: dict[str, list[Path]], out_dir: Path, matched: set[str],
     cols = min(3, len(others))
     rows = -(-len(others) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), sharex=True, sharey=True, squeeze=False)
-    for ax in axes.flat[len(others):]:
+    for k, ax in enumerate(axes.flat[len(others):], start=len(others)):
         ax.set_visible(False)
+        axes.flat[k - cols].xaxis.set_tick_params(labelbottom=True)  # the panel above is its column's last
+        axes.flat[k - cols].set_xlabel("total tokens")
     for ax, arm in zip(axes.flat, others, strict=False):
         for name, color, ls in ((reference, "C0", "-"), (arm, "C3", "--" if arm in matched else "-")):
-            ys = _gain_curves(runs[name], grid)
-            mean = ys.mean(axis=0)
-            ax.plot(grid, mean, color=color, ls=ls, lw=1.5, label=name)
-            if len(ys) > 1:
-                half = 1.96 * ys.std(axis=0, ddof=1) / np.sqrt(len(ys))
-                ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.15)
+            ys = np.array([np.interp(grid, *_seed_curve(d, "tokens", gain=True)) for d in runs[name]])
+            _mean_and_band(ax, grid, ys, alpha=0.15, color=color, ls=ls, lw=1.5, label=name)
         ax.set_title(f"{arm}{' (matched compute)' if arm in matched else ''}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
