@@ -248,6 +248,7 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
     """summary.json: what the run reached and what it spent (shared with the TRL peer)."""
     b = cfg.budget
     delta = b.target_delta or None
+    over = ledger.over_hindsight()
     return {
         "steps": ledger.steps, "world_size": world_size, "algo": cfg.algo.name, "policy": policy,
         "initial_eval_reward": evals[0]["eval/reward"], "final_eval_reward": evals[-1]["eval/reward"],
@@ -259,7 +260,7 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
         "max_tokens": cfg.train.max_tokens or None,
         "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
         "hindsight_bound_tokens": ledger.hindsight_bound,  # sampling only the groups with a signal, training on all
-        "tokens_over_hindsight": None if math.isnan(ledger.over_hindsight()) else ledger.over_hindsight(),
+        "tokens_over_hindsight": None if math.isnan(over) else over,
         "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
         "ledger": ledger.summary(b.target_reward, delta),
         "unscored_steps": unscored_steps,  # steps where every reward function returned None/NaN for every completion

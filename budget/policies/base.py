@@ -8,7 +8,6 @@ differ. Everything here is pure: columns and numbers in, columns out.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -18,7 +17,14 @@ from typing import NamedTuple
 import numpy as np
 
 from marginal_rl.budget.config import BudgetConfig
-from marginal_rl.budget.pricing import PriceComponents, fade_posterior, group_economics, price_arrays, risk_factor
+from marginal_rl.budget.pricing import (
+    PriceComponents,
+    depreciation,
+    fade_posterior,
+    group_economics,
+    price_arrays,
+    risk_factor,
+)
 from marginal_rl.budget.records import POOL_FULL, SAMPLED, PromptPlan
 from marginal_rl.budget.state import BudgetState, current_drift
 from marginal_rl.rollout.types import TrajectoryColumns
@@ -89,15 +95,11 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
     μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
     global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried."""
     own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
-    drift = current_drift(cfg, state)
-    fam_s, fam_f = np.zeros(len(candidates)), np.zeros(len(candidates))
-    pooled = np.zeros(len(candidates), dtype=bool)
-    for i, pid in enumerate(candidates):
-        stats = state.families.get(state.family_of.get(pid, ""))
-        if stats is not None:
-            keep = math.exp(-drift * max(state.version - stats[2], 0) / cfg.drift_scale)
-            fam_s[i], fam_f[i], pooled[i] = stats[0] * keep, stats[1] * keep, True
-    others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
+    stats = [state.families.get(state.family_of.get(pid, "")) for pid in candidates]
+    pooled = np.array([st is not None for st in stats], dtype=bool)
+    fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
+    keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
+    others_s, others_f = np.maximum(fam[:, 0] * keep - own_s, 0.0), np.maximum(fam[:, 1] * keep - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
     return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
 
