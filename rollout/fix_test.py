@@ -31,7 +31,9 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from marginal_rl.rollout import harness
 from marginal_rl.rollout.sandbox import SandboxError, SandboxResult, run_sandboxed
 from marginal_rl.rollout.types import Prompt
 
@@ -39,6 +41,7 @@ ACTIONS = ("plan", "edit", "run_tests", "submit", "defer")
 ACTION_FORMAT = "<plan>notes</plan>, <edit>the whole fixed code</edit>, <run_tests/>, <submit/> or <defer/>"
 _OPEN_TAG = re.compile(r"<\s*(plan|edit|run_tests|submit|defer)\s*(/?)\s*>")
 _FENCE = re.compile(r"^```[a-zA-Z]*\n(.*?)\n?```$", re.DOTALL)
+_HARNESS_SOURCE = Path(harness.__file__).read_text(encoding="utf-8")
 _SANDBOX_PATH = re.compile(r"/\S*?mrl-sandbox-[^/\s]+/")
 
 
@@ -136,10 +139,30 @@ def to_prompt(task: FixTask) -> Prompt:
 
 
 def run_task_tests(task: FixTask, source: str, timeout_s: float = 2.0, memory_mb: int = 256) -> SandboxResult:
-    """Run the task's tests against `source` in the sandbox. Passing means exit status 0 within the limits."""
-    return run_sandboxed(
-        f"{source.rstrip()}\n\n\n{task.test_source.rstrip()}\n", timeout_s=timeout_s, memory_mb=memory_mb
-    )
+    """Run the task's tests against `source` in the sandbox. Passing means the harness exited 0 within the limits."""
+    return run_tests(source, task.test_source, task.entry_point, task_context(task.buggy_source, task.entry_point),
+                     timeout_s=timeout_s, memory_mb=memory_mb)
+
+
+def run_tests(source: str, tests: str, entry_point: str, context: str = "", *, timeout_s: float = 2.0,
+              memory_mb: int = 256) -> SandboxResult:
+    """Run `tests` in the sandbox's trusted harness (rollout/harness.py): the tests in one process, `source` in a
+    child process they call across pipes, the names in `context` (trusted code) shadowing the source's."""
+    return run_sandboxed(harness_script(source, tests, entry_point, context), timeout_s=timeout_s, memory_mb=memory_mb)
+
+
+def harness_script(source: str, tests: str, entry_point: str, context: str = "") -> str:
+    """The script the sandbox runs: the harness file verbatim, then one call of its `main`."""
+    return f"{_HARNESS_SOURCE}\n\nmain({source!r}, {tests!r}, {context!r}, {entry_point!r})\n"
+
+
+def task_context(source: str, entry_point: str) -> str:
+    """The task's own module minus the function to fix: the imports and helpers its tests may use (HumanEval's
+    `poly`, `encode_shift`). They run in the tests' process, so an agent rewriting them changes nothing there."""
+    tree = ast.parse(source)
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+                                              and n.name == entry_point)]
+    return ast.unparse(tree) + "\n" if tree.body else ""
 
 
 def summarize_test_run(result: SandboxResult, max_chars: int = 300) -> str:

@@ -31,8 +31,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from marginal_rl.rollout.fix_test import FixTask
-from marginal_rl.rollout.sandbox import run_sandboxed
+from marginal_rl.rollout.fix_test import FixTask, run_tests, task_context
 
 MUTATION_KINDS = ("cmp", "const", "range", "arith", "branch", "boolop", "name", "bool")
 
@@ -172,14 +171,16 @@ def _verified_tasks(
 ) -> list[FixTask]:
     reference = humaneval_reference_source(problem)
     tests = humaneval_test_source(problem)
-    if not run_sandboxed(f"{reference}\n\n{tests}", timeout_s=timeout_s, memory_mb=memory_mb).ok:
+    entry_point = problem["entry_point"]
+    context = task_context(reference, entry_point)
+    if not run_tests(reference, tests, entry_point, context, timeout_s=timeout_s, memory_mb=memory_mb).ok:
         return []
     tasks = []
     for mutant in _interleave_kinds(enumerate_mutants(problem), random.Random(f"{seed}:{problem['task_id']}")):
         if len(tasks) == per_problem or max_attempts == 0:
             break
         max_attempts -= 1
-        result = run_sandboxed(f"{mutant.buggy_source}\n\n{tests}", timeout_s=timeout_s, memory_mb=memory_mb)
+        result = run_tests(mutant.buggy_source, tests, entry_point, context, timeout_s=timeout_s, memory_mb=memory_mb)
         if result.ok or result.timed_out:  # equivalent mutant, or one too slow to be a useful task
             continue
         tasks.append(

@@ -211,7 +211,7 @@ def test_a_solution_printing_the_sandbox_failure_line_just_fails_its_tests() -> 
     edit = env.step(f"<edit>\n{code}\n</edit>")  # exactly what the supervisor used to print, and its exit status
     assert edit.observation.startswith("edit applied")
     ran = env.step("<run_tests/>")
-    assert (ran.tests_passed, ran.observation) == (False, f"FAIL: {forged}")
+    assert (ran.tests_passed, ran.observation) == (False, "FAIL: sys.exit(127) -> SystemExit: 127")
     submitted = env.step("<submit/>")
     assert (submitted.done, submitted.reward, submitted.observation) == (True, 0.0, "submitted: tests fail")
 
