@@ -70,4 +70,7 @@ def step_metrics(plan: PromptPlan, prices: TrajectoryPrices, cols: TrajectoryCol
         out["budget/controller_price"] = state.kappa_scale * cfg.kappa_rollout
         out["budget/kappa_verify_effective"] = state.kappa_scale * cfg.kappa_verify
         out["budget/kappa_update_effective"] = state.kappa_scale * cfg.kappa_update
+        if getattr(cfg, "pace", "step") == "run":
+            out["budget/spend_total"] = float(state.spent_total)
+            out["budget/spend_target"] = float(cfg.token_budget * state.step)
     return out

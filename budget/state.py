@@ -43,6 +43,7 @@ class BudgetState:
     drift: float | None = None  # EMA of measured per-version drift δ (nats/token); None = not measured yet
     kappa_scale: float = 1.0  # controller multiplier on every κ (the budget's dual variable); 1 under fixed prices
     last_spend: float = 0.0  # tokens spent in the last step (rollout + training), as the controller saw them
+    spent_total: float = 0.0  # ... in every step so far (the run-level controller's evidence)
     tok_rollout: float | None = None  # moving averages over all prompts, for unseen ones
     tok_verify: float | None = None
     tok_update: float | None = None
@@ -55,7 +56,7 @@ class BudgetState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "version": self.version, "drift": self.drift, "kappa_scale": self.kappa_scale,
-                "last_spend": self.last_spend, "tok_rollout": self.tok_rollout, "tok_verify": self.tok_verify,
+                "last_spend": self.last_spend, "spent_total": self.spent_total, "tok_rollout": self.tok_rollout, "tok_verify": self.tok_verify,
                 "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
                 "families": {k: list(v) for k, v in self.families.items()}, "extra": self.extra}
 
@@ -63,6 +64,7 @@ class BudgetState:
     def from_state_dict(cls, d: dict) -> BudgetState:
         return cls(step=d["step"], version=d.get("version", 0), drift=d.get("drift"),
                    kappa_scale=d.get("kappa_scale", 1.0), last_spend=d.get("last_spend", 0.0),
+                   spent_total=d.get("spent_total", 0.0),
                    tok_rollout=d.get("tok_rollout"), tok_verify=d.get("tok_verify"), tok_update=d.get("tok_update"),
                    prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()},
                    families={k: list(v) for k, v in d.get("families", {}).items()}, extra=d.get("extra", {}))
@@ -127,5 +129,6 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
             state.tok_verify = w * state.tok_verify + (1.0 - w) * tok_v
             state.tok_update = w * state.tok_update + (1.0 - w) * tok_u
     state.last_spend = float(lengths.sum() + lengths[trained].sum() * num_iterations)
+    state.spent_total += state.last_spend
     state.version = max(state.version, current_version)
     state.step = step + 1

@@ -5,6 +5,7 @@
     marginal-rl train-trl --config configs/quickstart.yaml                   # the same run on TRL's GRPOTrainer
     marginal-rl eval --config configs/fix_test_tiny.yaml --samples 4         # measure a starting policy
     marginal-rl build-policy --config configs/quickstart.yaml                # build/cache the tiny starting policy
+    marginal-rl warm-start --config configs/warm_start_smollm2.yaml          # SFT a chat model on demonstrations
     marginal-rl ablate --config configs/ablations/budget_policies.yaml --parallel 2
     marginal-rl report runs/quickstart                                       # tables and plots of a run or grid
     accelerate launch --multi_gpu --num_processes 2 -m marginal_rl train --config configs/quickstart.yaml
@@ -24,16 +25,23 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from marginal_rl.train.config import ConfigError, add_config_arguments, config_to_dict, describe_keys, load_cli_config
+from marginal_rl.train.config import (
+    ConfigError,
+    WarmStartConfig,
+    add_config_arguments,
+    config_to_dict,
+    describe_keys,
+    load_cli_config,
+)
 
 
-def _keys_epilog() -> str:
+def _keys_epilog(cls: type | None = None) -> str:
     keys = "\n".join(
         f"  {key:<32} {tp:<12} default {default}\n"
         + textwrap.fill(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
-        for key, tp, default, doc in describe_keys())
-    return (f"config keys (set in YAML or as key=value; a key in [brackets] is read only by that variant):\n{keys}\n\n"
-            f"TRL's GRPOConfig names (learning_rate, num_generations, beta, ...): see docs/configuration.md")
+        for key, tp, default, doc in (describe_keys(cls) if cls else describe_keys()))
+    head = f"config keys (set in YAML or as key=value; a key in [brackets] is read only by that variant):\n{keys}"
+    return head if cls else f"{head}\n\nTRL's GRPOConfig names (learning_rate, num_generations, beta, ...): see docs/configuration.md"
 
 
 def reported(fn, args: argparse.Namespace, output_dir: str = "") -> int:
@@ -136,24 +144,72 @@ def _eval(cfg, args: argparse.Namespace) -> None:
                             temperature=args.temperature)
     seconds = time.time() - t0
     step_cost = cfg.task.step_cost if cfg.task.name == "fix_test" else 0.0
-    passed: dict[str, list[bool]] = defaultdict(list)
+    report = eval_report(episodes, step_cost)
+    report.update({"prompts": len(task.eval), "samples": args.samples, "temperature": args.temperature,
+                   "rollout_seconds": round(seconds, 1), "device": str(accelerator.device), "dtype": cfg.model.dtype,
+                   "model": cfg.model.path})
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+def eval_report(episodes, step_cost: float = 0.0) -> dict:
+    """Pass rates of eval episodes (a pass: reward before the step cost is 1.0) with standard errors over prompts
+    (a prompt's k samples are one cluster: SE = sd of the per-prompt pass rates / sqrt(prompts)), per family, the
+    spread of per-prompt solve rates, and how the episodes spent their tokens."""
+    import numpy as np
+
+    def passed(t) -> bool:
+        return abs(t.reward + step_cost * t.tokens_policy - 1.0) < 1e-9
+
+    per_prompt: dict[str, list[bool]] = defaultdict(list)
+    family: dict[str, str] = {}
     for t in episodes:
-        passed[t.family].append(t.reward + step_cost * t.tokens_policy == 1.0)
-    everything = [x for v in passed.values() for x in v]
-    print(json.dumps({
-        "episodes": len(episodes), "prompts": len(task.eval), "samples": args.samples, "temperature": args.temperature,
-        "pass_rate": sum(everything) / len(everything),
-        "pass_rate_by_family": {f: round(sum(v) / len(v), 3) for f, v in sorted(passed.items())},
-        "episodes_by_family": {f: len(v) for f, v in sorted(passed.items())},
-        "prompts_solved_at_least_once": len({t.prompt_id for t in episodes
-                                             if t.reward + step_cost * t.tokens_policy == 1.0}),
+        per_prompt[t.prompt_id].append(passed(t))
+        family[t.prompt_id] = t.family
+
+    def rate_and_se(prompt_ids) -> tuple[float, float]:
+        rates = np.array([np.mean(per_prompt[p]) for p in prompt_ids])
+        se = float(rates.std(ddof=1) / np.sqrt(len(rates))) if len(rates) > 1 else float("nan")
+        return float(rates.mean()), se
+
+    rate, se = rate_and_se(list(per_prompt))
+    families = sorted(set(family.values()))
+    by_family = {f: rate_and_se([p for p in per_prompt if family[p] == f]) for f in families}
+    solve = [np.mean(v) for v in per_prompt.values()]
+    verified = [t for t in episodes if "run_tests" in t.actions]
+    return {
+        "episodes": len(episodes), "pass_rate": round(rate, 4), "pass_rate_se": round(se, 4),
+        "pass_rate_by_family": {f: round(r, 3) for f, (r, _) in by_family.items()},
+        "pass_rate_se_by_family": {f: round(e, 3) for f, (_, e) in by_family.items()},
+        "prompts_by_family": {f: sum(family[p] == f for p in per_prompt) for f in families},
+        "prompts_never_solved": sum(r == 0 for r in solve), "prompts_sometimes_solved": sum(0 < r < 1 for r in solve),
+        "prompts_always_solved": sum(r == 1 for r in solve),
         "finish_reasons": dict(Counter(t.finish_reason for t in episodes)),
         "actions": dict(Counter(a for t in episodes for a in t.actions)),
-        "verified_share": sum("run_tests" in t.actions for t in episodes) / len(episodes),
-        "mean_policy_tokens": sum(t.tokens_policy for t in episodes) / len(episodes),
-        "mean_observation_tokens": sum(t.tokens_observation for t in episodes) / len(episodes),
-        "rollout_seconds": round(seconds, 1), "device": str(accelerator.device), "dtype": cfg.model.dtype,
-    }, indent=2))
+        "verified_share": round(len(verified) / len(episodes), 4),
+        "pass_rate_when_verified": round(float(np.mean([passed(t) for t in verified])), 4) if verified else None,
+        "mean_policy_tokens": round(sum(t.tokens_policy for t in episodes) / len(episodes), 1),
+        "mean_observation_tokens": round(sum(t.tokens_observation for t in episodes) / len(episodes), 1),
+        "mean_verification_tokens": round(sum(t.tokens_verify for t in episodes) / len(episodes), 1),
+    }
+
+
+def cmd_warm_start(args: argparse.Namespace) -> int:
+    """Supervised warm start of a chat model on demonstrated fix_test episodes (train/sft.py, docs/fix_test.md)."""
+    cfg = load_cli_config(args, WarmStartConfig)
+    if cfg is None:
+        return 2
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from marginal_rl.train.sft import warm_start
+
+    return reported(lambda: warm_start(cfg), args)
 
 
 def cmd_build_policy(args: argparse.Namespace) -> int:
@@ -238,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(ev, "config overrides")
     ev.add_argument("--samples", type=int, default=4, help="episodes per eval prompt")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    ev.add_argument("--out", default="", help="also write the JSON report to this file")
     _debug_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -247,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--samples", type=int, default=8, help="samples per prompt at the rollout temperature")
     _debug_flag(build)
     build.set_defaults(func=cmd_build_policy)
+
+    warm = sub.add_parser("warm-start", help="supervised warm start of a chat model on demonstrated fix_test episodes",
+                          description=cmd_warm_start.__doc__ + " The model goes to output_dir/model: use it as "
+                          "model.path in the RL config.", formatter_class=raw,
+                          epilog=_keys_epilog(WarmStartConfig))
+    add_config_arguments(warm, "config overrides, e.g. train.max_steps=20")
+    warm.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _debug_flag(warm)
+    warm.set_defaults(func=cmd_warm_start)
 
     ablate = sub.add_parser("ablate", help="run an ablation grid (arms x seeds), then tabulate and plot it",
                             description="Run an ablation grid (docs/ablations.md): results.csv, summary.md/.csv and "

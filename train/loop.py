@@ -52,6 +52,7 @@ from marginal_rl.train.checkpoint import (
 )
 from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict, resume_mismatch
 from marginal_rl.train.logger import NoOpLogger, Progress, WandbLogger
+from marginal_rl.train.sft import carry_demonstrations, check_demonstrations
 from marginal_rl.train.store import MetricsLog, StepStore, prepare_run_dir, prompt_rows, trajectory_rows, write_final
 from marginal_rl.train.update import measure_drift, sequence_advantages, train_step
 
@@ -79,7 +80,9 @@ def build_policy(cfg: RunConfig, task: TaskSet, accelerator: Accelerator):
     if accelerator.is_main_process:  # a tiny policy is built once, by the main process; the others load the cache
         resolve_policy_path(cfg.model, task, cfg.seed)
     accelerator.wait_for_everyone()
-    model, tokenizer = load_policy(resolve_policy_path(cfg.model, task, cfg.seed), cfg.model.gguf_file, cfg.model.dtype)
+    path = resolve_policy_path(cfg.model, task, cfg.seed)
+    check_demonstrations(path, task)  # a warm-started model must not be evaluated on what it was shown
+    model, tokenizer = load_policy(path, cfg.model.gguf_file, cfg.model.dtype)
     if cfg.model.lora_r > 0:
         from marginal_rl.train.lora import apply_lora
 
@@ -608,6 +611,7 @@ class Run:
             weights = zero.policy_weights(weights)
         if self.main:
             write_final(self.out, self.policy, self.tokenizer, summary, state_dict=weights)
+            carry_demonstrations(self.cfg.model.path, self.out / "final")
             print(self.logger.describe())
         self.logger.finish()
         self.accelerator.end_training()

@@ -198,6 +198,7 @@ def load_policy(path: str, gguf_file: str = "", dtype: str = "float32"):
         # dequantised on load: save_pretrained writes plain weights, and the saved config must not claim a
         # quantisation they do not have (vLLM refuses a `quant_method: gguf` config over float safetensors)
         model.hf_quantizer = None
+        model.is_quantized = False  # so Trainer (the warm start) trains it like any float model
         model.config.__dict__.pop("quantization_config", None)
     else:
         if not (p / "config.json").is_file():

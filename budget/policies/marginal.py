@@ -12,6 +12,10 @@ admitted members) is dropped_price as a whole.
 
 Controller (token_budget > 0): spend = rollout tokens + training tokens of the trained trajectories, then
 κ-scale ← κ-scale·exp(rate·(spend/budget − 1)): the per-token price is the dual variable of the step's budget.
+With pace=run the budget is the run's (token_budget tokens per step on average): the update's step size decays as
+rate/√steps, so κ settles on one price for the whole run (equimarginal across steps: a step whose samples are worth
+little buys few at that price), and the planner may spend what earlier steps left unspent (token_budget × steps −
+spent so far) on top of its per-step cap.
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ class MarginalConfig(BudgetConfig):
         default=0, metadata={"help": "with token_budget: the planner never plans more than this many samples in one "
                                      "step; 0 = budget_slack × prompts_per_step × group_size"},
     )
+    pace: str = field(
+        default="step", metadata={"help": "with token_budget: `step` (each step's spend is driven to token_budget) or "
+                                          "`run` (the run's cumulative spend to token_budget × steps: one price for "
+                                          "the run, a cheap step's tokens saved for later ones; docs/budget.md)"},
+    )
     controller_rate: float = field(
         default=0.3, metadata={"help": "with token_budget: step size of the multiplicative dual update κ ← "
                                        "κ·exp(rate·(spend/budget − 1))"},
@@ -96,18 +105,27 @@ class MarginalConfig(BudgetConfig):
         if self.kappa_scale_max < self.kappa_scale_min:
             raise ValueError(f"kappa_scale_max: expected a number >= kappa_scale_min ({self.kappa_scale_min}), "
                              f"got {self.kappa_scale_max}")
+        if self.pace not in ("step", "run"):
+            raise ValueError(f"pace: expected 'step' or 'run', got {self.pace!r}")
+        if self.pace == "run" and self.token_budget <= 0:
+            raise ValueError("pace: run paces the run's spend at token_budget tokens per step; set budget.token_budget")
         if not self.budget_slack >= 1:
             raise ValueError(f"budget_slack: expected a number >= 1, got {self.budget_slack}")
 
 
-def planner_limits(cfg: MarginalConfig, limits: SampleLimits) -> tuple[float, float]:
+def planner_limits(cfg: MarginalConfig, limits: SampleLimits, credit: float = 0.0) -> tuple[float, float]:
     """(max samples, max expected tokens) the planner may allocate in one step: samples_per_step under fixed prices;
-    with a token budget, token_budget × budget_slack tokens and max_samples_per_step samples (0: samples_per_step ×
-    budget_slack)."""
+    with a token budget, token_budget × budget_slack tokens (plus, with pace=run, the `credit` earlier steps left
+    unspent) and max_samples_per_step samples (0: samples_per_step × budget_slack)."""
     if cfg.token_budget <= 0:
         return limits.samples_per_step, math.inf
     return (cfg.max_samples_per_step or limits.samples_per_step * cfg.budget_slack,
-            cfg.token_budget * cfg.budget_slack)
+            cfg.token_budget * cfg.budget_slack + (max(credit, 0.0) if cfg.pace == "run" else 0.0))
+
+
+def run_credit(cfg: MarginalConfig, state: BudgetState) -> float:
+    """Tokens the run is under its pace (token_budget × steps so far − spent so far); negative when over."""
+    return cfg.token_budget * state.step - state.spent_total
 
 
 def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
@@ -117,7 +135,7 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
     p = rng.beta(arrays.alpha, arrays.beta) if cfg.thompson and len(candidates) else p_mean
     max_n = limits.max_group_size
     informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :])
-    max_samples, max_tokens = planner_limits(cfg, limits)
+    max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
     samples = allocate_greedy(gain, cost, tokens, limits.min_group_size, max_n, max_samples=max_samples,
                               max_tokens=max_tokens)
     at = smallest_group(samples, limits, max_n)
@@ -139,9 +157,14 @@ def fates_marginal(cfg: MarginalConfig, arrays: TrajectoryArrays, comp: PriceCom
 
 
 def control_price(cfg: MarginalConfig, state: BudgetState) -> None:
-    if cfg.token_budget > 0:
-        state.kappa_scale = controller_step(state.kappa_scale, state.last_spend, cfg.token_budget, cfg.controller_rate,
-                                            cfg.kappa_scale_min, cfg.kappa_scale_max)
+    """The dual update after each step. pace=step: κ ← κ·exp(rate·(spend/budget − 1)), every step driven to the
+    budget. pace=run: the same update with the step size rate/√steps (Robbins-Monro), so κ settles on one price for
+    the run at which the expected step spends the budget, instead of answering each step's own spend."""
+    if cfg.token_budget <= 0:
+        return
+    rate = cfg.controller_rate / math.sqrt(max(state.step, 1)) if cfg.pace == "run" else cfg.controller_rate
+    state.kappa_scale = controller_step(state.kappa_scale, state.last_spend, cfg.token_budget, rate,
+                                        cfg.kappa_scale_min, cfg.kappa_scale_max)
 
 
 POLICY = Policy(MarginalConfig, plan=plan_marginal, fates=fates_marginal, chooses=True, control=control_price)

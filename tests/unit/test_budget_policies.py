@@ -332,6 +332,77 @@ def test_controller_lowers_price_when_under_budget():
     assert state.kappa_scale == pytest.approx(10 * math.exp(0.5 * (68 / 1e5 - 1)))
 
 
+def test_run_pace_updates_on_the_runs_spend_by_hand():
+    # step 0: one group of 2 (spend 2·(17 + 17) = 68), step 1: a group of 6 (spend 204); budget 100 per step, rate 0.5
+    step_cfg = BudgetConfig("marginal", token_budget=100, controller_rate=0.5)
+    run_cfg = BudgetConfig("marginal", token_budget=100, controller_rate=0.5, pace="run")
+    scales = {}
+    for name, cfg in (("step", step_cfg), ("run", run_cfg)):
+        state = BudgetState()
+        update_state(cfg, state, group("a", [1, 0]), step=0, current_version=0)
+        first = state.kappa_scale
+        update_state(cfg, state, group("b", [1, 0, 1, 0, 1, 0]), step=1, current_version=0)
+        assert (state.last_spend, state.spent_total) == (204, 272)
+        scales[name] = (first, state.kappa_scale)
+    # step 0 is the same either way: exp(0.5·(68/100 − 1)) = exp(−0.16)
+    assert scales["step"][0] == scales["run"][0] == pytest.approx(math.exp(-0.16))
+    # step 1 (spend 204/100): pace=step moves by rate·1.04 = 0.52, pace=run by rate/√2·1.04 = 0.367696
+    assert scales["step"][1] == pytest.approx(math.exp(-0.16 + 0.52))
+    assert scales["run"][1] == pytest.approx(math.exp(-0.16 + 0.5 / math.sqrt(2) * 1.04))
+
+
+def _paced(pace: str, values: list[float], budget: float, steps: int) -> tuple[list[float], list[float], BudgetState]:
+    """Steps whose spend at price scale κ is value/κ (a step with worth-while samples buys more), under control_price."""
+    from marginal_rl.budget.policies.marginal import control_price
+
+    cfg = BudgetConfig("marginal", token_budget=budget, controller_rate=0.3, pace=pace)
+    state, spends, scales = BudgetState(), [], []
+    for t in range(steps):
+        state.last_spend = values[t % len(values)] / state.kappa_scale
+        state.spent_total += state.last_spend
+        state.step = t + 1
+        spends.append(state.last_spend)
+        control_price(cfg, state)
+        scales.append(state.kappa_scale)
+    return spends, scales, state
+
+
+def test_run_pace_converges_to_one_price_and_spends_the_runs_budget():
+    # Steps alternate between samples worth 1000 and 3000 tokens at κ = 1; the budget is 2000 per step. By hand:
+    # one price for the run spends value/κ on each step, so Σ = 2000·T at κ* = mean(1000, 3000)/2000 = 1.0, and
+    # the cheap steps buy 1000, the rich ones 3000 (equal marginal price on every step).
+    spends, scales, state = _paced("run", [1000, 3000], 2000, 400)
+    assert abs(math.log(scales[-1])) < 0.05  # κ → κ* = 1.0
+    assert max(scales[-100:]) / min(scales[-100:]) < 1.03  # one price for the run
+    assert np.mean(spends[-100::2]) / np.mean(spends[-99::2]) == pytest.approx(1 / 3, rel=0.05)
+    assert state.spent_total == pytest.approx(2000 * 400, rel=0.01)
+    # pace=step answers each step one step late: its price alternates (0.96 / 1.14), so the marginal token is priced
+    # differently on alternate steps and the cheap steps are not the ones that save
+    _, step_scales, _ = _paced("step", [1000, 3000], 2000, 400)
+    assert max(step_scales[-100:]) / min(step_scales[-100:]) > 1.15
+
+
+def test_run_pace_lets_the_planner_spend_what_earlier_steps_saved():
+    cfg = BudgetConfig("marginal", token_budget=1000, pace="run")
+    state = BudgetState(step=3, spent_total=1500)  # 3 steps at a pace of 1000: 1500 tokens under
+    from marginal_rl.budget.policies.marginal import run_credit
+
+    assert run_credit(cfg, state) == 1500
+    assert planner_limits(cfg, LIMITS, run_credit(cfg, state)) == (48, 1000 * 1.5 + 1500)
+    assert planner_limits(cfg, LIMITS, -500.0) == (48, 1500)  # over pace: no credit, the slack cap stays
+    step_cfg = BudgetConfig("marginal", token_budget=1000)
+    assert planner_limits(step_cfg, LIMITS, 1500.0) == (48, 1500)  # pace=step never carries tokens over
+    restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert restored.spent_total == 1500  # a resumed run keeps its pace
+
+
+def test_run_pace_needs_a_token_budget():
+    with pytest.raises(ValueError, match="pace: run paces"):
+        BudgetConfig("marginal", pace="run")
+    with pytest.raises(ValueError, match="pace: expected 'step' or 'run'"):
+        BudgetConfig("marginal", token_budget=10, pace="weekly")
+
+
 def test_fixed_prices_do_not_move():
     state = BudgetState()
     update_state(BudgetConfig("marginal"), state, group("g", [1, 0]), step=0, current_version=0)
