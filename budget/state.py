@@ -43,7 +43,7 @@ class BudgetState:
     drift: float | None = None  # EMA of measured per-version drift δ (nats/token); None = not measured yet
     kappa_scale: float = 1.0  # controller multiplier on every κ (the budget's dual variable); 1 under fixed prices
     last_spend: float = 0.0  # tokens spent in the last step (rollout + training), as the controller saw them
-    spent_total: float = 0.0  # ... in every step so far (the run-level controller's evidence)
+    spent_total: float = 0.0  # ... in every step so far (pace=run: the credit a step may spend)
     tok_rollout: float | None = None  # moving averages over all prompts, for unseen ones
     tok_verify: float | None = None
     tok_update: float | None = None
@@ -56,8 +56,8 @@ class BudgetState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "version": self.version, "drift": self.drift, "kappa_scale": self.kappa_scale,
-                "last_spend": self.last_spend, "spent_total": self.spent_total, "tok_rollout": self.tok_rollout, "tok_verify": self.tok_verify,
-                "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
+                "last_spend": self.last_spend, "spent_total": self.spent_total, "tok_rollout": self.tok_rollout,
+                "tok_verify": self.tok_verify, "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
                 "families": {k: list(v) for k, v in self.families.items()}, "extra": self.extra}
 
     @classmethod

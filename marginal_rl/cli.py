@@ -178,7 +178,7 @@ def eval_report(episodes, step_cost: float = 0.0) -> dict:
     rate, se = rate_and_se(list(per_prompt))
     families = sorted(set(family.values()))
     by_family = {f: rate_and_se([p for p in per_prompt if family[p] == f]) for f in families}
-    solve = [np.mean(v) for v in per_prompt.values()]
+    solve = [float(np.mean(v)) for v in per_prompt.values()]
     verified = [t for t in episodes if "run_tests" in t.actions]
     return {
         "episodes": len(episodes), "pass_rate": round(rate, 4), "pass_rate_se": round(se, 4),

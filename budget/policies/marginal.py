@@ -75,8 +75,8 @@ class MarginalConfig(BudgetConfig):
     )
     pace: str = field(
         default="step", metadata={"help": "with token_budget: `step` (each step's spend is driven to token_budget) or "
-                                          "`run` (the run's cumulative spend to token_budget × steps: one price for "
-                                          "the run, a cheap step's tokens saved for later ones; docs/budget.md)"},
+                                          "`run` (token_budget is the run's average: one price for the run, step "
+                                          "size rate/√t, a cheap step's tokens saved for later ones; docs/budget.md)"},
     )
     controller_rate: float = field(
         default=0.3, metadata={"help": "with token_budget: step size of the multiplicative dual update κ ← "

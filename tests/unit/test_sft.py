@@ -190,3 +190,34 @@ def test_warm_start_on_a_tiny_chat_model_lowers_the_loss_and_loads(tmp_path, mon
     with pytest.raises(ConfigError, match="exists"):
         warm_start(cfg, log=lambda *_: None)
     assert Path(target_dir / "config.json").is_file()
+
+    # LoRA: adapters train, are merged on save, and the result is a plain model with the base's weights' names
+    lora_cfg = load_config([], [f"model.path={base}", f"output_dir={tmp_path / 'lora'}", "demos.generated=24",
+                                "demos.humaneval=0", "train.max_steps=6", "train.lr=3e-3", "train.batch_size=4",
+                                "model.lora_r=4", "model.lora_target_modules=[q_proj,v_proj]"], WarmStartConfig)
+    merged, _ = load_policy(str(warm_start(lora_cfg, log=lambda *_: None)))
+    assert merged.state_dict().keys() == model.state_dict().keys()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, load_policy(str(base))[0].state_dict()[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_eval_report_clusters_samples_by_prompt_by_hand() -> None:
+    """Three prompts, two samples each: per-prompt pass rates 1, 0.5, 0 -> mean 0.5, SE = sd(1, .5, 0)/sqrt(3)."""
+    from marginal_rl.cli import eval_report
+    from marginal_rl.rollout.types import Trajectory
+
+    def episode(prompt: str, family: str, passed: bool, verified: bool) -> Trajectory:
+        return Trajectory(traj_id=f"{prompt}-{passed}-{verified}", prompt_id=prompt, group_id=prompt, step=-1,
+                          behavior_version=0, prompt_ids=[1], completion_ids=[2, 3, 4], completion_mask=[1, 0, 1],
+                          behavior_logprobs=[0.0] * 3, reward=float(passed) - 0.01 * 2, finish_reason="submit",
+                          family=family, actions=["edit", "run_tests", "submit"] if verified else ["edit", "submit"],
+                          tokens_verify=1 if verified else 0)
+
+    episodes = [episode("a", "op", True, True), episode("a", "op", True, False), episode("b", "op", True, True),
+                episode("b", "op", False, False), episode("c", "cmp", False, True), episode("c", "cmp", False, False)]
+    r = json.loads(json.dumps(eval_report(episodes, step_cost=0.01)))  # what `marginal-rl eval --out` writes
+    assert r["pass_rate"] == 0.5 and r["pass_rate_se"] == pytest.approx(0.5 / 3**0.5, abs=1e-4)
+    assert r["pass_rate_by_family"] == {"cmp": 0.0, "op": 0.75} and r["prompts_by_family"] == {"cmp": 1, "op": 2}
+    assert (r["prompts_never_solved"], r["prompts_sometimes_solved"], r["prompts_always_solved"]) == (1, 1, 1)
+    assert r["verified_share"] == 0.5 and r["pass_rate_when_verified"] == pytest.approx(2 / 3, abs=1e-4)
+    assert r["mean_verification_tokens"] == 0.5 and r["mean_policy_tokens"] == 2.0
