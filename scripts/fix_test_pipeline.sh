@@ -17,7 +17,7 @@ DTYPE=${DTYPE:-float32}
 PY=${PY:-python}
 export WANDB_MODE=${WANDB_MODE:-offline}
 case "$PROFILE" in
-  cpu) WARM=(); RL=(train.max_steps=12); K_GEN=4; K_RL=2; K_HE=0 ;;
+  cpu) WARM=(); RL=(train.max_steps=12); K_GEN=4; K_RL=0; K_HE=0 ;;
   gpu) WARM=(demos.generated=1024 demos.humaneval=256 train.max_steps=150 train.batch_size=16 demos.max_length=1024)
        RL=(train.max_steps=40 rollout.prompts_per_step=8 rollout.batch_size=64); K_GEN=8; K_RL=8; K_HE=4 ;;
   *) echo "PROFILE: expected cpu or gpu, got $PROFILE" >&2; exit 2 ;;

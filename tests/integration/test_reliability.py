@@ -114,10 +114,11 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_continues
 
 def test_sigint_without_checkpointing_stops_and_says_what_is_kept(tmp_path, policy_cache, monkeypatch):
     monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: SignalAt(1, signal.SIGINT))
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when pytest runs in the background
     with pytest.raises(loop.Preempted, match=r"stopped by SIGINT at step 1 without a checkpoint \(train.save_every=0\)"
                                              r"; the stores under .* hold steps 0-0"):
         _run(_cfg(tmp_path, policy_cache, ["budget.policy=none", "train.max_steps=4"]))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone, the caller's is back
 
 
 # ------------------------------------------------------------------------------------ rewards and prompts

@@ -196,5 +196,10 @@ def test_every_shipped_config_validates(path):
         from marginal_rl.grid import load_grid
 
         assert load_grid(path)[1]
+    elif path.name.startswith("warm_start"):  # the warm-start stage's own schema (marginal-rl warm-start)
+        from marginal_rl.train.config import WarmStartConfig
+
+        cfg = load_config([str(path)], cls=WarmStartConfig)
+        assert cfg.output_dir and all(Path(p).is_file() for p in cfg.demos.holdout)
     else:
         assert load_config([str(path)]).output_dir
