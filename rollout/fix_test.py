@@ -25,6 +25,7 @@ Generated tasks (`generate_fix_tasks`), by difficulty; each is one expression in
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import random
 import re
@@ -156,6 +157,7 @@ def harness_script(source: str, tests: str, entry_point: str, context: str = "")
     return f"{_HARNESS_SOURCE}\n\nmain({source!r}, {tests!r}, {context!r}, {entry_point!r})\n"
 
 
+@functools.lru_cache(maxsize=4096)  # every test run of a task asks for it again
 def task_context(source: str, entry_point: str) -> str:
     """The task's own module minus the function to fix: the imports and helpers its tests may use (HumanEval's
     `poly`, `encode_shift`). They run in the tests' process, so an agent rewriting them changes nothing there."""

@@ -253,10 +253,8 @@ def main(solution_source, tests_source, context_source, entry_point):
     try:
         names = solution.start()
         exec(compile(context_source, "context.py", "exec"), namespace)
-        for name in names:
-            if name == entry_point or name not in namespace:
-                namespace[name] = proxy(solution, name)
-        namespace[entry_point] = proxy(solution, entry_point)
+        for name in {*names, entry_point} - set(namespace):  # the task's own helpers are never replaced
+            namespace[name] = proxy(solution, name)
         exec(compile(tests_source, TESTS_FILE, "exec"), namespace)
     except BaseException as exc:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == TESTS_FILE]

@@ -529,25 +529,25 @@ def add_config_arguments(parser, overrides_help: str = "config overrides, e.g. t
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
-def load_cli_config(args, cls: type = None) -> Any:
+def load_cli_config(args, cls: type = RunConfig) -> Any:
     """load_config from parsed `add_config_arguments`; a bad config prints its one-line error to stderr and gives None
     (the script then exits with status 2). `cls`: the config's dataclass (default RunConfig)."""
     try:
-        return load_config(args.config, args.overrides, cls or RunConfig)
+        return load_config(args.config, args.overrides, cls)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return None
 
 
 def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
-                cls: type = None) -> Any:
-    """defaults < each YAML file in order < each `key=value` override in order; `cls` defaults to RunConfig."""
+                cls: type = RunConfig) -> Any:
+    """defaults < each YAML file in order < each `key=value` override in order, built as `cls`."""
     data: dict = {}
     for f in files:
         data = _merge(data, read_yaml(f))
     for item in overrides:
         data = _merge(data, parse_override(item))
-    return _build(cls, data, "") if cls else config_from_dict(data)
+    return _build(cls, data, "")
 
 
 def config_from_dict(data: dict) -> RunConfig:
