@@ -298,6 +298,9 @@ class DemoConfig:
                 raise ValueError(f"{key}: expected a share in [0, 1], got {getattr(self, key)}")
         if self.max_length < 64:
             raise ValueError(f"max_length: expected at least 64 tokens, got {self.max_length}")
+        missing = [p for p in self.holdout if not Path(p).is_file()]
+        if missing:  # checked here, before any model loads
+            raise ValueError(f"holdout: no such config file: {', '.join(missing)}")
 
 
 @dataclass

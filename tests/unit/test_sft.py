@@ -121,6 +121,8 @@ def test_warm_start_config_errors_name_the_key() -> None:
         load_config([], ["demos.wrong_first=2"], WarmStartConfig)
     with pytest.raises(ConfigError, match="unknown key 'train.epochs'"):
         load_config([], ["train.epochs=3"], WarmStartConfig)
+    with pytest.raises(ConfigError, match="demos.holdout: no such config file: nope.yaml"):
+        load_config([], ["demos.holdout=[nope.yaml]"], WarmStartConfig)
     with pytest.raises(ConfigError, match="model.path: the warm start needs a chat model"):
         load_config([], ["model.path=tiny"], WarmStartConfig)
 
