@@ -2,18 +2,21 @@
 
     budget = Budget(cfg.budget, limits, num_iterations)
     plan = budget.plan(candidates, step, rng)                      # before rollout: samples per candidate prompt
-    settled = budget.settle(plan, columns, step, version, update)  # after it: prices, fates, the update, evidence
+    settled = budget.settle(plan, columns, step, version, update, trajectories)  # after it: prices, fates, the
+                                                                                 # update, evidence
 
 `settle` prices every trajectory and gives it a fate, hands the prices to `update` (the trainer's step on the
-admitted trajectories, which returns the new policy version and the drift it measured), then folds the step's
-evidence into the state (posteriors, token lengths, drift, the price controller), records every token in the
-ledger and computes the step's `budget/...` metrics. The update runs inside settle because the fold needs what
+admitted trajectories, which returns the new policy version and the drift it measured) together with the priced
+reuse buffer's offer (budget/reuse.py; None when budget.reuse_buffer is off or the buffer is empty), then folds the
+step's evidence into the state (posteriors, token lengths, drift, the price controller), records every token in the
+ledger, refills the reuse buffer and computes the step's `budget/...` metrics. The update runs inside settle because the fold needs what
 only the update can measure (how far the policy moved) and the update needs the fates.
 Pure apart from its own state: no I/O, no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +34,9 @@ from marginal_rl.budget.policies import (
     update_state,
 )
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
-from marginal_rl.budget.state import BudgetState
-from marginal_rl.rollout.types import TrajectoryColumns
+from marginal_rl.budget.reuse import Reuse, ReuseBuffer, reuse_metrics
+from marginal_rl.budget.state import BudgetState, fold_reuse_drift, reuse_drift
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,14 @@ class Update:
 
     version: int  # policy version after the update
     drift_kl: float | None  # measured per-version drift (None: not measured)
+    reuse_drift_kl: float | None = None  # ... on the reused trajectories trained on (None: none, or not measured)
 
 
 @dataclass(frozen=True)
 class Settlement:
     prices: TrajectoryPrices  # every trajectory's price components and fate
     update: Update  # what the update returned
+    reuse: Reuse | None  # the reused trajectories offered to the step, priced (None: reuse off or buffer empty)
     metrics: dict[str, float]  # the step's budget/... scalars (after the fold: the values the next step uses)
     histograms: dict[str, np.ndarray]  # budget/hist_<component>: each price component over the step's trajectories
 
@@ -61,6 +67,9 @@ class Budget:
         self.cfg, self.limits, self.num_iterations = cfg, limits, num_iterations
         self.families = dict(families or {})
         self.state, self.ledger = BudgetState(family_of=self.families), Ledger()
+        capacity = getattr(cfg, "reuse_buffer", 0)
+        self.buffer = ReuseBuffer(capacity) if capacity > 0 else None
+        self._offered: tuple[tuple, Reuse] | None = None  # the last offer and what it was priced at
         self.seconds = 0.0
 
     @property
@@ -69,25 +78,59 @@ class Budget:
         return candidate_count(self.cfg, self.limits)
 
     def plan(self, candidates: Sequence[str], step: int, rng: np.random.Generator) -> PromptPlan:
+        """Samples per candidate. With priced reuse, the update tokens of the buffer's trajectories priced positive
+        now are taken off the step's token cap first (they are bought at the same price as new samples)."""
         t0 = time.perf_counter()
-        plan = plan_prompts(self.cfg, self.state, candidates, step, rng, self.limits)
+        limits = self.limits
+        offer = self.offer(self.state.version)
+        if offer is not None:
+            limits = dataclasses.replace(limits, reserved_tokens=offer.tokens(self.num_iterations))
+        plan = plan_prompts(self.cfg, self.state, candidates, step, rng, limits)
         self.seconds += time.perf_counter() - t0
         return plan
 
+    def offer(self, version: int) -> Reuse | None:
+        """The reuse buffer's trajectories priced at policy `version` (the marginal fate rule: `trained` = worth
+        training on again); None when reuse is off or the buffer is empty."""
+        if self.buffer is None or not len(self.buffer):
+            return None
+        columns, drift = self.buffer.columns(), reuse_drift(self.cfg, self.state)
+        key = (id(columns), version, self.state.kappa_scale, drift)  # all a buffer's prices depend on
+        if self._offered is None or self._offered[0] != key:  # the plan's offer is the settle's, unless either moved
+            prices = price_trajectories(self.cfg, self.state, columns, version, num_iterations=self.num_iterations,
+                                        drift=drift)
+            self._offered = key, Reuse(list(self.buffer.trajectories), columns, prices,
+                                       np.array(self.buffer.uses, dtype=np.int64))
+        return self._offered[1]
+
     def settle(self, plan: PromptPlan, columns: TrajectoryColumns, step: int, version: int,
-               update: Callable[[TrajectoryPrices], Update]) -> Settlement:
+               update: Callable[[TrajectoryPrices, Reuse | None], Update],
+               trajectories: Sequence[Trajectory] = ()) -> Settlement:
+        """`trajectories`: the records behind `columns`, which the reuse buffer keeps (needed only with reuse on)."""
         t0 = time.perf_counter()
+        if self.buffer is not None and len(trajectories) != len(columns):
+            raise ValueError(f"settle: budget.reuse_buffer keeps trajectories; got {len(trajectories)} records for "
+                             f"{len(columns)} columns")
         prices = price_trajectories(self.cfg, self.state, columns, version, num_iterations=self.num_iterations)
+        reuse = self.offer(version)
         t1 = time.perf_counter()
-        done = update(prices)
+        done = update(prices, reuse)
         t2 = time.perf_counter()
+        reuse_tokens = reuse.tokens(self.num_iterations) if reuse is not None else 0.0
+        reused = int(reuse.prices.trained.sum()) if reuse is not None else 0
         update_state(self.cfg, self.state, columns, step, done.version, done.drift_kl, prices=prices,
-                     num_iterations=self.num_iterations)
-        self.ledger.record_step(columns, prices, self.num_iterations, prompts_skipped=int((plan.samples == 0).sum()))
+                     num_iterations=self.num_iterations, reuse_tokens=reuse_tokens)
+        fold_reuse_drift(self.cfg, self.state, done.reuse_drift_kl)
+        self.ledger.record_step(columns, prices, self.num_iterations, prompts_skipped=int((plan.samples == 0).sum()),
+                                reused=reused, reuse_tokens=int(reuse_tokens))
         metrics = step_metrics(plan, prices, columns, self.state, cfg=self.cfg)
+        if self.buffer is not None:
+            moved = self.buffer.refill(reuse, list(trajectories), prices)
+            metrics.update(reuse_metrics(reuse, moved, len(self.buffer), reuse_tokens,
+                                         reuse_drift(self.cfg, self.state)))
         histograms = {f"budget/hist_{k}": v for k, v in price_histograms(prices).items()}
         self.seconds += (t1 - t0) + (time.perf_counter() - t2)
-        return Settlement(prices, done, metrics, histograms)
+        return Settlement(prices, done, reuse, metrics, histograms)
 
     def ledger_metrics(self) -> dict[str, float]:
         """The ledger's cumulative ledger/... scalars (tokens_to_target against budget.target_reward and, when set,
@@ -98,8 +141,15 @@ class Budget:
         return out
 
     def state_dict(self) -> dict:
-        return {"budget": self.state.state_dict(), "ledger": self.ledger.state_dict()}
+        d = {"budget": self.state.state_dict(), "ledger": self.ledger.state_dict()}
+        if self.buffer is not None:
+            d["reuse"] = self.buffer.state_dict()
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         self.state, self.ledger = BudgetState.from_state_dict(d["budget"]), Ledger.from_state_dict(d["ledger"])
         self.state.family_of = self.families
+        if self.buffer is not None and "reuse" in d:  # under this run's capacity (a resume may change it)
+            saved = ReuseBuffer.from_state_dict(d["reuse"])
+            self.buffer = ReuseBuffer(self.buffer.capacity, saved.trajectories[-self.buffer.capacity:],
+                                      saved.uses[-self.buffer.capacity:])

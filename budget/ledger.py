@@ -16,7 +16,7 @@ import numpy as np
 from marginal_rl.budget.records import FATES, TrajectoryPrices
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
-USES = ("prefill", "decode", "observation", "verify", "train")
+USES = ("prefill", "decode", "observation", "verify", "train", "reuse")
 
 
 def trajectory_tokens(t: Trajectory) -> dict[str, int]:
@@ -40,6 +40,7 @@ class Ledger:
     by_fate: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))  # rollout tokens, by fate
     trajectories_by_fate: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))
     prompts_skipped: int = 0
+    reused: int = 0  # trajectories trained on again in a later step (priced reuse), one per reuse
     steps: int = 0
     groups: int = 0
     zero_signal_groups: int = 0  # groups whose rewards were all equal, whatever their fate
@@ -50,7 +51,9 @@ class Ledger:
     evals: list[list[float]] = field(default_factory=list)  # [step, eval reward, total tokens at that point]
 
     def record_step(self, cols: TrajectoryColumns, prices: TrajectoryPrices, num_iterations: int,
-                    prompts_skipped: int = 0) -> None:
+                    prompts_skipped: int = 0, *, reused: int = 0, reuse_tokens: int = 0) -> None:
+        """One step: its new trajectories `cols` with their `prices` (fates), and the `reused` trajectories it trained
+        on again with their `reuse_tokens` (update tokens only)."""
         if len(cols) != len(prices):
             raise ValueError(f"record_step: {len(prices)} decisions for {len(cols)} trajectories")
         rollout = cols.tokens_rollout  # = the sum of trajectory_tokens(t)
@@ -59,7 +62,7 @@ class Ledger:
         verify = int(cols.tokens_verify.sum())
         for use, n in (("prefill", prefill), ("decode", decode), ("verify", verify),
                        ("observation", int(cols.tokens_completion.sum()) - decode - verify),
-                       ("train", int(trained.sum()))):
+                       ("train", int(trained.sum())), ("reuse", int(reuse_tokens))):
             self.by_use[use] += n
         tokens_by_fate = np.bincount(prices.fate_code, weights=rollout, minlength=len(FATES)).astype(np.int64)
         count_by_fate = np.bincount(prices.fate_code, minlength=len(FATES))
@@ -76,6 +79,7 @@ class Ledger:
         self.hindsight_train += int(trained[flat].sum())
         self.hindsight_bound += int(rollout[~flat].sum()) * (1 + num_iterations)
         self.prompts_skipped += int(prompts_skipped)
+        self.reused += int(reused)
         self.steps += 1
 
     def record_eval(self, step: int, reward: float) -> None:
@@ -88,7 +92,7 @@ class Ledger:
 
     @property
     def total_tokens(self) -> int:
-        return self.rollout_tokens + self.by_use["train"]
+        return self.rollout_tokens + self.by_use["train"] + self.by_use["reuse"]
 
     @property
     def trajectories(self) -> int:
@@ -137,6 +141,7 @@ class Ledger:
         tt = self.tokens_to_target(target) if target is not None else None
         out.update({
             "ledger/prompts_skipped": float(self.prompts_skipped),
+            "ledger/trajectories_reused": float(self.reused),
             "ledger/tokens_wasted": float(self.wasted_tokens),
             "ledger/wasted_fraction": self.wasted_tokens / roll if roll else float("nan"),
             "ledger/hindsight_gap_tokens": float(self.hindsight_gap),
@@ -162,7 +167,7 @@ class Ledger:
         return {
             "tokens_by_use": dict(self.by_use), "tokens_by_fate": dict(self.by_fate),
             "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
-            "tokens_rollout": self.rollout_tokens, "tokens_total": self.total_tokens,
+            "trajectories_reused": self.reused, "tokens_rollout": self.rollout_tokens, "tokens_total": self.total_tokens,
             "tokens_wasted": self.wasted_tokens, "hindsight_gap_tokens": self.hindsight_gap,
             "hindsight_bound_tokens": self.hindsight_bound, "tokens_over_hindsight": num(self.over_hindsight()),
             "zero_signal_groups": self.zero_signal_groups, "groups": self.groups,
@@ -176,14 +181,15 @@ class Ledger:
     def state_dict(self) -> dict:
         return {"by_use": dict(self.by_use), "by_fate": dict(self.by_fate),
                 "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
-                "steps": self.steps, "groups": self.groups, "zero_signal_groups": self.zero_signal_groups,
+                "reused": self.reused, "steps": self.steps, "groups": self.groups, "zero_signal_groups": self.zero_signal_groups,
                 "reward_sum": self.reward_sum, "hindsight_rollout": self.hindsight_rollout,
                 "hindsight_train": self.hindsight_train, "hindsight_bound": self.hindsight_bound, "evals": [list(e) for e in self.evals]}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Ledger:
-        return cls(by_use=dict(d["by_use"]), by_fate=dict(d["by_fate"]),
+        return cls(by_use={**dict.fromkeys(USES, 0), **d["by_use"]}, by_fate=dict(d["by_fate"]),
                    trajectories_by_fate=dict(d["trajectories_by_fate"]), prompts_skipped=d["prompts_skipped"],
+                   reused=d.get("reused", 0),
                    steps=d.get("steps", 0), groups=d.get("groups", 0),
                    zero_signal_groups=d.get("zero_signal_groups", 0),
                    reward_sum=d.get("reward_sum", 0.0), hindsight_rollout=d.get("hindsight_rollout", 0),

@@ -41,6 +41,7 @@ class BudgetState:
     step: int = 0
     version: int = 0  # current policy version at the last fold
     drift: float | None = None  # EMA of measured per-version drift δ (nats/token); None = not measured yet
+    reuse_drift: float | None = None  # ... measured on the reused trajectories trained on (priced reuse)
     kappa_scale: float = 1.0  # controller multiplier on every κ (the budget's dual variable); 1 under fixed prices
     last_spend: float = 0.0  # tokens spent in the last step (rollout + training), as the controller saw them
     spent_total: float = 0.0  # ... in every step so far (pace=run: the credit a step may spend)
@@ -55,14 +56,15 @@ class BudgetState:
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "version": self.version, "drift": self.drift, "kappa_scale": self.kappa_scale,
+        return {"step": self.step, "version": self.version, "drift": self.drift, "reuse_drift": self.reuse_drift,
+                "kappa_scale": self.kappa_scale,
                 "last_spend": self.last_spend, "spent_total": self.spent_total, "tok_rollout": self.tok_rollout,
                 "tok_verify": self.tok_verify, "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
                 "families": {k: list(v) for k, v in self.families.items()}, "extra": self.extra}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> BudgetState:
-        return cls(step=d["step"], version=d.get("version", 0), drift=d.get("drift"),
+        return cls(step=d["step"], version=d.get("version", 0), drift=d.get("drift"), reuse_drift=d.get("reuse_drift"),
                    kappa_scale=d.get("kappa_scale", 1.0), last_spend=d.get("last_spend", 0.0),
                    spent_total=d.get("spent_total", 0.0),
                    tok_rollout=d.get("tok_rollout"), tok_verify=d.get("tok_verify"), tok_update=d.get("tok_update"),
@@ -75,14 +77,26 @@ def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
     return cfg.drift_prior if state.drift is None else state.drift
 
 
+def reuse_drift(cfg: BudgetConfig, state: BudgetState) -> float:
+    """δ for the reuse buffer: the drift measured on reused trajectories, or the policy's drift until one is."""
+    return current_drift(cfg, state) if state.reuse_drift is None else state.reuse_drift
+
+
 def _ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else weight * old + (1.0 - weight) * new
 
 
+def fold_reuse_drift(cfg: BudgetConfig, state: BudgetState, drift_kl: float | None) -> None:
+    """The trainer's per-version KL(behaviour ‖ current) on the reused trajectories it trained on, into its EMA."""
+    if drift_kl is not None and math.isfinite(drift_kl):
+        state.reuse_drift = _ema(state.reuse_drift, max(float(drift_kl), 0.0), cfg.ema)
+
+
 def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns, trained: np.ndarray, step: int,
-                  current_version: int, drift_kl: float | None, num_iterations: int) -> None:
+                  current_version: int, drift_kl: float | None, num_iterations: int, reuse_tokens: float = 0.0) -> None:
     """Fold one step into `state`: the drift measurement, each group's rewards into its prompt's posterior, token
-    lengths, and the step's spend (rollout tokens + training tokens of the `trained` (N,) trajectories).
+    lengths, and the step's spend (rollout tokens + training tokens of the `trained` (N,) trajectories + the update
+    tokens of the reused ones, `reuse_tokens`; their evidence was folded in when they were sampled).
 
     `drift_kl` is the trainer's measurement of how far the policy moved per version (mean per-token KL between the
     behaviour and current policy on this step's samples, divided by the version gap); None when not measured."""
@@ -128,7 +142,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
             state.tok_rollout = w * state.tok_rollout + (1.0 - w) * tok_r
             state.tok_verify = w * state.tok_verify + (1.0 - w) * tok_v
             state.tok_update = w * state.tok_update + (1.0 - w) * tok_u
-    state.last_spend = float(lengths.sum() + lengths[trained].sum() * num_iterations)
+    state.last_spend = float(lengths.sum() + lengths[trained].sum() * num_iterations + reuse_tokens)
     state.spent_total += state.last_spend
     state.version = max(state.version, current_version)
     state.step = step + 1

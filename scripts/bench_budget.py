@@ -5,21 +5,37 @@
 Synthetic groups (0/1 rewards at a per-group pass rate, 10-40 update tokens, 0-2 versions stale) are priced by the
 `marginal` policy. The core is the numpy path price_trajectories runs on the columns; the end-to-end figure adds
 reading Trajectory objects into TrajectoryColumns (once per step in the trainer) and returning TrajectoryPrices.
-Medians of the repeats. Last, the budget's whole work in one quickstart-shaped training step (32 groups of 8 short
-completions, 128 candidate prompts: plan, columns, price, state update, ledger and metrics), per policy: what
+Medians of the repeats. Last, the budget's whole work in one quickstart-shaped training step (the plan's samples:
+32 groups of 8 short completions under a uniform policy, 0/1 rewards at each prompt's own pass rate; 128 candidate
+prompts; plan, columns, price, state update, ledger and metrics), per policy: what
 `perf/budget_seconds` measures in the trainer, which must stay under 1 % of a ~130 ms quickstart step. With
 --loop-shaped, the same step again with torch work between the phases (rollout and training evict the budget's code
 and data from the caches; inside the trainer the budget costs about twice its hot figure, see docs/budget.md).
+
+With --real-config, the budget's share of a real model's training step: `marginal-rl train` on that config (default:
+RL on the warm-started SmolLM2-135M fixing generated bugs, CPU) for --real-steps steps with every mechanism on
+(EVERY_MECHANISM, token budget --real-budget), then the median over the steps of `perf/budget_fraction` and
+`perf/budget_seconds` from its metrics.jsonl (minutes per step on CPU; needs the `real` extra and the warm start).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
+
+
+# marginal with every issue-15 mechanism on: token budget, pooled evidence, one price for the run, priced reuse, price
+# discovery on an empty plan
+EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pace": "run", "reuse_buffer": 256,
+                   "discover_price": True}
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,6 +50,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loop-shaped", action="store_true",
                    help="also time the step with a small torch training step between the budget's phases, as the "
                         "trainer runs them: the cache-cold cost that perf/budget_seconds sees")
+    p.add_argument("--real-config", default=None, nargs="?", const="configs/fix_test_smollm2_generated.yaml",
+                   help="also time the budget inside real training steps of this config (bare flag: the SmolLM2 "
+                        "fix_test config) with every mechanism on")
+    p.add_argument("--real-steps", type=int, default=4, help="--real-config: training steps (the step-0 eval is "
+                                                             "kept short: task.num_eval=4)")
+    p.add_argument("--real-budget", type=int, default=7307,
+                   help="--real-config: budget.token_budget (default: the `none` arm's median tokens per step in "
+                        "docs/fix_test.md's SmolLM2 run)")
     return p.parse_args()
 
 
@@ -99,14 +123,16 @@ def main() -> None:
     plan = median_time(lambda: plan_prompts(cfg, plan_state, cands, 1, rng, limits))
     print(f"plan_prompts:      {args.candidates:>9,} candidates   in {plan * 1e3:8.2f} ms")
 
-    def quickstart_step(step: int) -> list[Trajectory]:
+    pass_rate = np.random.default_rng(args.seed).random(512)  # each prompt's chance of a reward of 1
+
+    def quickstart_step(step: int, plan) -> list[Trajectory]:
+        """The plan's samples (2-8 completion tokens after a 10-token prompt; 0/1 rewards at the prompt's pass rate)."""
         trajs = []
-        for g in range(32):
-            p = rng.random()
-            for k in range(8):
-                n = int(rng.integers(2, 9))
-                trajs.append(Trajectory(f"t{step}-{g}-{k}", f"p{(g * 7 + step * 3) % 512}", f"g{step}-{g}", step, step,
-                                        [0] * 10, [0] * n, [1] * n, [0.0] * n, float(rng.random() < p), "eos"))
+        for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True):
+            for k in range(n):
+                m = int(rng.integers(2, 9))
+                trajs.append(Trajectory(f"t{step}-{pid}-{k}", pid, f"g{step}-{pid}", step, step, [0] * 10, [0] * m,
+                                        [1] * m, [0.0] * m, float(rng.random() < pass_rate[int(pid[1:])]), "eos"))
         return trajs
 
     def torch_step():
@@ -128,25 +154,29 @@ def main() -> None:
         for step in range(args.steps):
             step_rng = np.random.default_rng([args.seed, step])
             cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)[:budget.candidates_per_step]]
-            trajs = quickstart_step(step)
             between()  # the previous step's training and logging
             budget.seconds = 0.0
             plan = budget.plan(cands, step, step_rng)
+            trajs = quickstart_step(step, plan)
             between()  # rollout
             t0 = time.perf_counter()
             columns = TrajectoryColumns.of(trajs)
             columns_s = time.perf_counter() - t0
-            budget.settle(plan, columns, step, step, lambda prices, step=step: (between(), Update(step + 1, 0.01))[1])
+            budget.settle(plan, columns, step, step,
+                          lambda prices, reuse, step=step: (between(), Update(step + 1, 0.01))[1], trajs)
             budget.ledger_metrics()
             times.append(budget.seconds + columns_s)
         return float(np.median(times[10:]))
 
     arms = [(policy, {}) for policy in POLICIES] + [("marginal", {"token_budget": 2400}),
-                                                     ("marginal", {"token_budget": 2400, "pool_strength": 4.0})]
+                                                     ("marginal", {"token_budget": 2400, "pool_strength": 4.0}),
+                                                     ("marginal", EVERY_MECHANISM)]
+
+    def label(policy: str, keys: dict) -> str:
+        return policy + (f" ({', '.join(f'{k} {v}' for k, v in keys.items())})" if keys else "")
 
     def per_arm(between=lambda: None) -> str:
-        return ", ".join(f"{policy}{' (' + ', '.join(f'{k} {v:g}' for k, v in keys.items()) + ')' if keys else ''} "
-                         f"{step_time(policy, keys, between) * 1e3:.2f} ms" for policy, keys in arms)
+        return ", ".join(f"{label(policy, keys)} {step_time(policy, keys, between) * 1e3:.2f} ms" for policy, keys in arms)
 
     print("budget per quickstart step: " + per_arm())
     if args.loop_shaped:
@@ -155,6 +185,30 @@ def main() -> None:
         model = torch.nn.Sequential(*(torch.nn.Linear(384, 384) for _ in range(6)))
         optimizer, batch = torch.optim.AdamW(model.parameters()), torch.randn(512, 384)
         print("  with torch work between the phases, as in the trainer: " + per_arm(torch_step))
+    if args.real_config:
+        real_model_share(args)
+
+
+def real_model_share(args: argparse.Namespace) -> None:
+    """perf/budget_fraction of real training steps: the trainer itself, every mechanism on."""
+    import numpy as np
+
+    keys = {**EVERY_MECHANISM, "token_budget": args.real_budget}
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "marginal_rl", "train", "--config", args.real_config, "budget.policy=marginal",
+               *(f"budget.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()),
+               f"train.max_steps={args.real_steps}", "train.eval_every=0", "task.num_eval=4",
+               "log.report_to=none", "log.progress=false", f"output_dir={out}"]
+        print("real model: " + " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "WANDB_MODE": "offline"})
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    frac = np.array([r["perf/budget_fraction"] for r in rows])
+    secs = np.array([r["perf/budget_seconds"] for r in rows])
+    step = np.array([r["perf/step_seconds"] for r in rows])
+    reused = sum(r.get("budget/reuse_trained", 0) for r in rows)
+    print(f"real model, {len(rows)} steps: budget {np.median(frac) * 100:.3f} % of the step (median; range "
+          f"{frac.min() * 100:.3f}-{frac.max() * 100:.3f} %), {np.median(secs) * 1e3:.1f} ms of a {np.median(step):.1f} s "
+          f"step; samples per step {[r['rollout/samples'] for r in rows]}, {reused:.0f} reuses")
 
 
 if __name__ == "__main__":

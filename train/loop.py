@@ -37,6 +37,7 @@ from marginal_rl.budget.allocator import Budget, Update
 from marginal_rl.budget.ledger import Ledger
 from marginal_rl.budget.policies import SampleLimits
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
+from marginal_rl.budget.reuse import Reuse
 from marginal_rl.rollout.engine import VLLMEngine
 from marginal_rl.rollout.tasks import TaskSet
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
@@ -53,7 +54,15 @@ from marginal_rl.train.checkpoint import (
 from marginal_rl.train.config import ConfigError, RunConfig, config_to_dict, resume_mismatch
 from marginal_rl.train.logger import NoOpLogger, Progress, WandbLogger
 from marginal_rl.train.sft import carry_demonstrations, check_demonstrations
-from marginal_rl.train.store import MetricsLog, StepStore, prepare_run_dir, prompt_rows, trajectory_rows, write_final
+from marginal_rl.train.store import (
+    MetricsLog,
+    StepStore,
+    prepare_run_dir,
+    prompt_rows,
+    reuse_rows,
+    trajectory_rows,
+    write_final,
+)
 from marginal_rl.train.update import measure_drift, sequence_advantages, train_step
 
 # ------------------------------------------------------------------------------------------------ build_*
@@ -261,7 +270,8 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
         "tokens_to_target": ledger.tokens_to_target(b.target_reward),
         "target_delta": delta, "tokens_to_target_delta": ledger.tokens_to_delta(delta) if delta else None,
         "max_tokens": cfg.train.max_tokens or None,
-        "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "total": ledger.total_tokens},
+        "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "reuse": ledger.by_use["reuse"],
+                   "total": ledger.total_tokens},
         "hindsight_bound_tokens": ledger.hindsight_bound,  # sampling only the groups with a signal, training on all
         "tokens_over_hindsight": None if math.isnan(over) else over,
         "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
@@ -363,6 +373,7 @@ class StepUpdate(Update):
 
     advantages: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) the algorithm's sequence advantages
     metrics: dict[str, float] = field(default_factory=dict)
+    reuse_advantages: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) those of the reused trajectories
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -419,12 +430,16 @@ class Run:
         self.by_id = {p.prompt_id: p for p in task.train}
 
         self.traj_store, self.prompt_store = StepStore(self.out / "trajectories"), StepStore(self.out / "prompts")
+        # priced reuse: one row per reused trajectory offered to a step
+        self.reuse_store = StepStore(self.out / "reuse") if self.state.budget.buffer is not None else None
         self.metrics_log = MetricsLog(self.out / "metrics.jsonl")
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             self.traj_store.truncate(self.state.step)  # a resumed run rewrites the steps after its checkpoint
             self.prompt_store.truncate(self.state.step)
+            if self.reuse_store is not None:
+                self.reuse_store.truncate(self.state.step)
             self.metrics_log.truncate(self.state.step)
         self.logger = build_logger(cfg, accelerator, self.out)
         self.watch = Stopwatch()
@@ -518,20 +533,26 @@ class Run:
         if self.ahead is not None:
             wait([self.ahead[1]])
 
-    def update(self, trajectories: list[Trajectory], columns: TrajectoryColumns, prices: TrajectoryPrices, *,
-               next_step: int | None) -> StepUpdate:
-        """Train on the admitted trajectories: token-balanced micro-batches, equal count per rank, loss normalised by
-        the global token count (after starting `next_step`'s rollouts, when given). Returns the new policy version
-        and the drift it measured."""
+    def update(self, trajectories: list[Trajectory], columns: TrajectoryColumns, prices: TrajectoryPrices,
+               reuse: Reuse | None, *, next_step: int | None) -> StepUpdate:
+        """Train on the admitted trajectories (the step's new ones, then the reused ones the budget priced positive):
+        token-balanced micro-batches, equal count per rank, loss normalised by the global token count (after starting
+        `next_step`'s rollouts, when given). Returns the new policy version and the drift it measured (on the new
+        trajectories, and on the reused ones)."""
         cfg, s = self.cfg, self.state
         if next_step is not None:
             self.start_ahead(next_step)
-        admitted = prices.trained
+        if reuse is not None:  # one batch: advantages over each group's admitted members, as for new samples
+            everything = trajectories + reuse.trajectories
+            columns, admitted = TrajectoryColumns.of(everything), np.concatenate([prices.trained, reuse.prices.trained])
+        else:
+            everything, admitted = trajectories, prices.trained
         advantages = sequence_advantages(cfg, columns, admitted)
+        fresh, reused = advantages[:len(trajectories)], advantages[len(trajectories):]
         train_idx = np.flatnonzero(admitted)
-        trained = [trajectories[i] for i in train_idx]
-        if not trained or columns.tokens_policy[train_idx].sum() == 0:
-            return StepUpdate(s.version, None, advantages, {"train/skipped_empty": 1.0})  # nothing to learn from
+        trained = [everything[i] for i in train_idx]
+        if not trained or columns.tokens_policy[train_idx].sum() == 0:  # nothing to learn from
+            return StepUpdate(s.version, None, None, fresh, {"train/skipped_empty": 1.0}, reused)
         with self.watch("train"):
             metrics = train_step(self.model, self.optimizer, trained, advantages[train_idx], cfg,
                                  self.tokenizer.pad_token_id, self.accelerator, reference=self.reference,
@@ -540,11 +561,18 @@ class Run:
             if not metrics["train/nonfinite"] and metrics["train/fp16_overflow"] < 1:  # the weights moved
                 s.version += 1
                 self.scheduler.step()
-            drift_kl = measure_drift(self.policy, trained, s.version, cfg, self.tokenizer.pad_token_id,
+            # the policy's drift on the new samples, as without reuse; the reused ones' own (they were pushed by the
+            # updates that trained on them) depreciates the buffer
+            new = int(prices.trained.sum())
+            drift_kl = measure_drift(self.policy, trained[:new], s.version, cfg, self.tokenizer.pad_token_id,
                                      self.accelerator.device)
+            reuse_kl = measure_drift(self.policy, trained[new:], s.version, cfg, self.tokenizer.pad_token_id,
+                                     self.accelerator.device) if len(trained) > new else None
         if drift_kl is not None:
             metrics["train/drift_kl"] = drift_kl
-        return StepUpdate(s.version, drift_kl, advantages, metrics)
+        if reuse_kl is not None:
+            metrics["train/reuse_drift_kl"] = reuse_kl
+        return StepUpdate(s.version, drift_kl, reuse_kl, fresh, metrics, reused)
 
     def evaluate(self, step: int) -> dict[str, float]:
         with generation_context(self.model, self.accelerator):
@@ -728,12 +756,15 @@ def train(cfg: RunConfig, task: TaskSet) -> dict:
             # starting the next step's rollouts, if async), and the budget folds the step's evidence in (posteriors,
             # drift, controller), records every token in the ledger and computes its metrics.
             settled = budget.settle(plan, columns, step, s.version, functools.partial(
-                run.update, trajectories, columns, next_step=step + 1 if ahead else None))
+                run.update, trajectories, columns, next_step=step + 1 if ahead else None), trajectories)
             done: StepUpdate = settled.update
             if run.main:
                 run.traj_store.write(step, trajectory_rows(trajectories, settled.prices, done.advantages,
                                                            cfg.algo.num_iterations))
                 run.prompt_store.write(step, prompt_rows(step, plan))
+                if settled.reuse is not None:
+                    run.reuse_store.write(step, reuse_rows(step, settled.reuse, done.reuse_advantages,
+                                                           cfg.algo.num_iterations))
             if s.nonfinite_in_row >= cfg.train.max_nonfinite:
                 raise FloatingPointError(
                     f"{s.nonfinite_in_row} non-finite losses or gradients in a row at step {step} "

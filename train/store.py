@@ -1,4 +1,5 @@
-"""The run directory's record stores: one parquet file per step under `trajectories/` and `prompts/`.
+"""The run directory's record stores: one parquet file per step under `trajectories/` and `prompts/` (and `reuse/`
+with priced reuse).
 
 Each step's file is written to a temporary name and renamed into place, so a run killed at any moment leaves
 only complete files; `pandas.read_parquet(dir)` and `datasets.load_dataset("parquet", data_dir=dir)` load them."""
@@ -16,11 +17,12 @@ import pandas as pd
 
 from marginal_rl.budget.ledger import train_tokens, trajectory_tokens
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
+from marginal_rl.budget.reuse import Reuse
 from marginal_rl.rollout.types import Trajectory
 from marginal_rl.train.config import ConfigError
 
 # What a run (and `marginal-rl report`) writes under output_dir: what train.overwrite deletes, and nothing else.
-RUN_FILES = ("config.yaml", "trajectories", "prompts", "metrics.jsonl", "checkpoints", "summary.json", "final", "vllm",
+RUN_FILES = ("config.yaml", "trajectories", "prompts", "reuse", "metrics.jsonl", "checkpoints", "summary.json", "final", "vllm",
              "wandb", "report.html")
 
 
@@ -84,6 +86,22 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prices: TrajectoryPrices
             "behavior_logprobs": list(t.behavior_logprobs),
         })
     return rows
+
+
+def reuse_rows(step: int, reuse: Reuse, advantages: Sequence[float], num_iterations: int) -> list[dict]:
+    """Priced reuse: one row per trajectory the buffer offered to `step` (trajectories/ holds it once, at the step that
+    sampled it): its price now, its fate (`trained` = trained on again; otherwise it left the buffer), and `uses`,
+    how often it has been trained on after this step (its first training included). Rollout tokens are not spent
+    again: `tokens_reuse` is the update tokens, 0 when not trained."""
+    return [{"step": step, "traj_id": t.traj_id, "prompt_id": t.prompt_id, "group_id": t.group_id,
+             "sampled_step": t.step, "behavior_version": t.behavior_version, "staleness": staleness,
+             "reward": t.reward, "advantage": float(a), "gain": gain, "cost": cost, "risk": risk, "price": price,
+             "fate": fate, "uses": uses + int(trained),
+             "tokens_reuse": train_tokens(t, num_iterations) if trained else 0}
+            for t, a, fate, trained, gain, cost, risk, price, staleness, uses in zip(
+                reuse.trajectories, advantages, reuse.prices.fates, reuse.prices.trained.tolist(),
+                reuse.prices.gain.tolist(), reuse.prices.cost.tolist(), reuse.prices.risk.tolist(),
+                reuse.prices.price.tolist(), reuse.prices.staleness.tolist(), reuse.uses.tolist(), strict=True)]
 
 
 def prompt_rows(step: int, plan: PromptPlan) -> list[dict]:

@@ -48,11 +48,12 @@ def plan_prompts(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str
 
 
 def price_trajectories(cfg: BudgetConfig, state: BudgetState, columns: TrajectoryColumns, current_version: int, *,
-                       num_iterations: int = 1) -> TrajectoryPrices:
+                       num_iterations: int = 1, drift: float | None = None) -> TrajectoryPrices:
     """After rollout: price every trajectory and give it a fate (see FATES). Every policy records the same price
-    components; the policy's rule sets the fate. `num_iterations`: training epochs, which multiply update tokens."""
+    components; the policy's rule sets the fate. `num_iterations`: training epochs, which multiply update tokens;
+    `drift`: the δ that depreciates staleness (default: the state's measured drift, budget.state.current_drift)."""
     arrays = trajectory_arrays(columns, current_version, num_iterations)
-    comp = price_components(cfg, state, arrays)
+    comp = price_components(cfg, state, arrays, drift)
     return TrajectoryPrices(POLICIES[cfg.policy].fates(cfg, arrays, comp), comp.gain, comp.cost, comp.risk,
                             comp.price, comp.advantage, arrays.staleness.astype(np.int64), comp.depreciation,
                             comp.risk_variance, comp.risk_staleness)
@@ -60,11 +61,12 @@ def price_trajectories(cfg: BudgetConfig, state: BudgetState, columns: Trajector
 
 def update_state(cfg: BudgetConfig, state: BudgetState, columns: TrajectoryColumns, step: int, current_version: int,
                  drift_kl: float | None = None, *, prices: TrajectoryPrices | None = None,
-                 num_iterations: int = 1) -> None:
+                 num_iterations: int = 1, reuse_tokens: float = 0.0) -> None:
     """After the step: fold its evidence into the state (budget.state.fold_evidence; without `prices` every
-    trajectory counts as trained), then run the policy's controller, if it has one."""
+    trajectory counts as trained; `reuse_tokens`: update tokens of reused trajectories, spent too), then run the
+    policy's controller, if it has one."""
     trained = np.ones(len(columns), dtype=bool) if prices is None else prices.trained
-    fold_evidence(cfg, state, columns, trained, step, current_version, drift_kl, num_iterations)
+    fold_evidence(cfg, state, columns, trained, step, current_version, drift_kl, num_iterations, reuse_tokens)
     control = POLICIES[cfg.policy].control
     if control is not None:
         control(cfg, state)

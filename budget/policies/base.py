@@ -38,6 +38,7 @@ class SampleLimits:
     group_size: int  # samples per prompt for a uniform policy
     min_group_size: int  # a priced policy gives an admitted prompt at least this many samples...
     max_group_size: int  # ...and at most this many
+    reserved_tokens: float = 0.0  # tokens the step has committed before sampling (priced reuse's update tokens)
 
     @property
     def samples_per_step(self) -> int:
@@ -163,11 +164,13 @@ def trajectory_arrays(columns: TrajectoryColumns, current_version: int, num_iter
                             current_version - columns.behavior_version)
 
 
-def price_components(cfg: BudgetConfig, state: BudgetState, arrays: TrajectoryArrays) -> PriceComponents:
-    """Every price component of every trajectory (budget.pricing.price_arrays at the state's prices and drift)."""
+def price_components(cfg: BudgetConfig, state: BudgetState, arrays: TrajectoryArrays,
+                     drift: float | None = None) -> PriceComponents:
+    """Every price component of every trajectory (budget.pricing.price_arrays at the state's prices and drift, or at
+    `drift` when given)."""
     return price_arrays(arrays.reward, arrays.group, arrays.tokens_update, arrays.staleness,
                         value=cfg.value, n0=cfg.gain_half_samples, kappa_update=state.kappa_scale * cfg.kappa_update,
-                        drift=current_drift(cfg, state), drift_scale=cfg.drift_scale,
+                        drift=current_drift(cfg, state) if drift is None else drift, drift_scale=cfg.drift_scale,
                         risk_aversion=cfg.risk_aversion, risk_k=risk_factor(cfg.risk_measure, cfg.cvar_alpha))
 
 

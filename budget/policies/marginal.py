@@ -21,7 +21,7 @@ spent so far) on top of its per-step cap.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +78,16 @@ class MarginalConfig(BudgetConfig):
                                           "`run` (token_budget is the run's average: one price for the run, step "
                                           "size rate/√t, a cheap step's tokens saved for later ones; docs/budget.md)"},
     )
+    reuse_buffer: int = field(
+        default=0, metadata={"help": "priced reuse: keep up to this many trajectories already trained on and train "
+                                     "on them again while their price (gain depreciated at the measured drift, cost = "
+                                     "update tokens only) stays positive; 0 = off (docs/budget.md, \"Priced reuse\")"},
+    )
+    discover_price: bool = field(
+        default=False, metadata={"help": "with token_budget: a step whose plan is empty at the current price lowers "
+                                         "κ at once to the price at which its plan spends token_budget (bisection), "
+                                         "instead of wasting steps while the controller walks down (docs/budget.md)"},
+    )
     controller_rate: float = field(
         default=0.3, metadata={"help": "with token_budget: step size of the multiplicative dual update κ ← "
                                        "κ·exp(rate·(spend/budget − 1))"},
@@ -96,6 +106,8 @@ class MarginalConfig(BudgetConfig):
                              f"got {self.max_samples_per_step}")
         if not self.pool_strength >= 0:
             raise ValueError(f"pool_strength: expected a number >= 0 (0 = off), got {self.pool_strength}")
+        if self.reuse_buffer < 0:
+            raise ValueError(f"reuse_buffer: expected an integer >= 0 (trajectories; 0 = off), got {self.reuse_buffer}")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         if not self.controller_rate >= 0:
@@ -107,6 +119,9 @@ class MarginalConfig(BudgetConfig):
                              f"got {self.kappa_scale_max}")
         if self.pace not in ("step", "run"):
             raise ValueError(f"pace: expected 'step' or 'run', got {self.pace!r}")
+        if self.discover_price and self.token_budget <= 0:
+            raise ValueError("discover_price finds the price at which a plan spends token_budget; set "
+                             "budget.token_budget")
         if self.pace == "run" and self.token_budget <= 0:
             raise ValueError("pace: run paces the run's spend at token_budget tokens per step; set budget.token_budget")
         if not self.budget_slack >= 1:
@@ -116,11 +131,13 @@ class MarginalConfig(BudgetConfig):
 def planner_limits(cfg: MarginalConfig, limits: SampleLimits, credit: float = 0.0) -> tuple[float, float]:
     """(max samples, max expected tokens) the planner may allocate in one step: samples_per_step under fixed prices;
     with a token budget, token_budget × budget_slack tokens (plus, with pace=run, the `credit` earlier steps left
-    unspent) and max_samples_per_step samples (0: samples_per_step × budget_slack)."""
+    unspent; minus the update tokens the step's reuse has committed, limits.reserved_tokens) and max_samples_per_step
+    samples (0: samples_per_step × budget_slack)."""
     if cfg.token_budget <= 0:
         return limits.samples_per_step, math.inf
+    tokens = cfg.token_budget * cfg.budget_slack + (max(credit, 0.0) if cfg.pace == "run" else 0.0)
     return (cfg.max_samples_per_step or limits.samples_per_step * cfg.budget_slack,
-            cfg.token_budget * cfg.budget_slack + (max(credit, 0.0) if cfg.pace == "run" else 0.0))
+            max(tokens - limits.reserved_tokens, 0.0))
 
 
 def run_credit(cfg: MarginalConfig, state: BudgetState) -> float:
@@ -136,14 +153,40 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
     max_n = limits.max_group_size
     informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :])
     max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
-    samples = allocate_greedy(gain, cost, tokens, limits.min_group_size, max_n, max_samples=max_samples,
-                              max_tokens=max_tokens)
-    at = smallest_group(samples, limits, max_n)
+
     rows = np.arange(len(candidates))
+
+    def allocate(costs: np.ndarray) -> np.ndarray:
+        return allocate_greedy(gain, costs, tokens, limits.min_group_size, max_n, max_samples=max_samples,
+                               max_tokens=max_tokens)
+
+    samples = allocate(cost)
+    if cfg.discover_price and len(candidates) and not samples.any():
+        unit = cost / state.kappa_scale  # the costs are linear in the κ multiplier; the gains do not depend on it
+        scale = clearing_scale(lambda m: float(tokens[rows, allocate(unit * m)].sum()), cfg.token_budget,
+                               cfg.kappa_scale_min, state.kappa_scale)
+        state.kappa_scale, cost = scale, unit * scale  # price discovery: the controller goes on from here
+        samples = allocate(cost)
+    at = smallest_group(samples, limits, max_n)
     # a skipped prompt: no group size it could enter with has a positive price, or the step's limits were spent
     priced = (gain[:, limits.min_group_size:] > cost[:, limits.min_group_size:]).any(axis=1)
     return make_plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
                      tokens[rows, at], np.where(priced, BUDGET, PRICE))
+
+
+def clearing_scale(planned: Callable[[float], float], budget: float, lo: float, hi: float, iters: int = 10) -> float:
+    """The highest κ multiplier in [lo, hi] at which the plan's expected tokens `planned(m)` (falling in m) reach
+    `budget`, or, when the plan's other limits keep it below the budget even at `lo`, reach what it plans at `lo`:
+    bisection on log m (`iters` halvings: within ln(hi/lo)/2^iters in log m). `hi` when nothing is planned even at
+    `lo`. What an empty plan's price jumps to."""
+    target = min(budget, planned(lo))
+    if target <= 0:
+        return hi
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        mid = 0.5 * (log_lo + log_hi)
+        log_lo, log_hi = (mid, log_hi) if planned(math.exp(mid)) >= target else (log_lo, mid)
+    return math.exp(log_lo)
 
 
 def fates_marginal(cfg: MarginalConfig, arrays: TrajectoryArrays, comp: PriceComponents) -> np.ndarray:

@@ -97,6 +97,29 @@ def test_stale_rollouts_lag_and_are_corrected(tmp_path, policy_cache, monkeypatc
     assert stale_kl[0] < 1e-5 < max(stale_kl)  # on-policy at first, then measurably off-policy
 
 
+def test_priced_reuse_trains_again_ledgers_it_and_documents_its_keys(tmp_path, policy_cache, monkeypatch):
+    rec = RecordingLogger()
+    monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: rec)
+    cfg = _cfg(tmp_path, policy_cache, ["budget.policy=marginal", "budget.reuse_buffer=64", "train.max_steps=4",
+                                        "budget.token_budget=1500", "budget.drift_scale=10"])
+    summary = _run(cfg)
+    out = Path(cfg.output_dir)
+    df, reuse = pd.read_parquet(out / "trajectories"), pd.read_parquet(out / "reuse")
+    tokens = summary["tokens"]
+    assert df.traj_id.is_unique and tokens["rollout"] == int(df.tokens_rollout.sum())  # sampled once, ledgered once
+    assert tokens["reuse"] == int(reuse.tokens_reuse.sum()) > 0
+    assert tokens["total"] == tokens["rollout"] + tokens["train"] + tokens["reuse"]
+    assert summary["ledger"]["trajectories_reused"] == int((reuse.fate == "trained").sum())
+    again = reuse[reuse.fate == "trained"]
+    assert (again.price > 0).all() and (again.staleness >= 1).all() and again.uses.max() >= 2
+    assert set(reuse.traj_id) <= set(df[df.fate == "trained"].traj_id)  # only what was trained on is reused
+    # a trajectory's `uses` counts its first training and each reuse so far
+    last = reuse[reuse.fate == "trained"].groupby("traj_id").uses.max()
+    assert (last == 1 + reuse[reuse.fate == "trained"].groupby("traj_id").size()).all()
+    documented = _documented_keys()
+    assert {k for k in rec.keys if "reuse" in k and f"`{k}`" not in documented} == set()
+
+
 def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tmp_path, policy_cache):
     cfg = _cfg(tmp_path, policy_cache, ["budget.policy=none", "train.max_steps=10", "train.max_nonfinite=2"])
     task = build_task(cfg.task, cfg.rollout)
@@ -106,7 +129,8 @@ def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tm
     assert len(list((Path(cfg.output_dir) / "trajectories").glob("step-*.parquet"))) == 2
 
 
-@pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"]], ids=["on_policy", "stale_rollouts"])
+@pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"], ["budget.reuse_buffer=64", "budget.drift_scale=10"]],
+                         ids=["on_policy", "stale_rollouts", "priced_reuse"])
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, stale):
     # with max_staleness=2 the step-2 checkpoint falls while rollouts still sample from version 0: the lagging
     # snapshot must come back from the checkpoint, not be re-synced to version 2
@@ -120,6 +144,10 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, 
     a = pd.read_parquet(Path(full.output_dir) / "trajectories").drop(columns=["actions"])
     b = pd.read_parquet(Path(resumed.output_dir) / "trajectories").drop(columns=["actions"])
     pd.testing.assert_frame_equal(a, b)
+    if "budget.reuse_buffer=64" in stale:  # the buffer came back from the checkpoint: the same reuse
+        reuse = pd.read_parquet(Path(full.output_dir) / "reuse")
+        assert (reuse.uses > 1).any() and (reuse.step >= 2).any()
+        pd.testing.assert_frame_equal(reuse, pd.read_parquet(Path(resumed.output_dir) / "reuse"))
     wa = load_file(Path(full.output_dir) / "final" / "model.safetensors")
     wb = load_file(Path(resumed.output_dir) / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -14,7 +14,7 @@ from marginal_rl.budget import policies
 from marginal_rl.budget.metrics import COMPONENTS, price_histograms, step_metrics
 from marginal_rl.budget.policies import POLICIES, SampleLimits, plan_prompts
 from marginal_rl.budget.policies import budget_config as BudgetConfig
-from marginal_rl.budget.policies.marginal import planner_limits
+from marginal_rl.budget.policies.marginal import clearing_scale, planner_limits
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
 from marginal_rl.budget.state import BudgetState, PromptStats
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
@@ -488,3 +488,35 @@ def test_config_validation():
         BudgetConfig("greedy")
     with pytest.raises(TypeError, match="token_budget"):  # a key of another policy (the loader names it: test_config)
         BudgetConfig("none", token_budget=100)
+
+
+def test_clearing_scale_finds_the_price_at_which_the_plan_spends_the_budget_by_hand():
+    # planned(m) = 1000/m tokens: the budget 2000 is spent at m = 0.5 (bisection from below: never above it)
+    m = clearing_scale(lambda m: 1000 / m, 2000, 1e-3, 5.0)
+    assert m == pytest.approx(0.5, rel=1e-2) and m <= 0.5  # 10 halvings of ln(5000): within 0.9 %
+    # another limit caps the plan at 800 tokens: the highest price at which it still plans all 800 is 1000/800
+    assert clearing_scale(lambda m: min(1000 / m, 800), 2000, 1e-3, 5.0) == pytest.approx(1.25, rel=1e-2)
+    assert clearing_scale(lambda m: 0.0, 2000, 1e-3, 5.0) == 5.0  # nothing at any price: the price stays
+
+
+def test_discover_price_turns_an_empty_plan_into_one_that_spends_the_budget():
+    limits = SampleLimits(4, 4, 2, 8)
+    candidates = [f"p{i}" for i in range(16)]
+    plans = {}
+    for discover in (False, True):
+        cfg = BudgetConfig("marginal", token_budget=2000, discover_price=discover, prior_tokens=300, thompson=False)
+        state = BudgetState(kappa_scale=5.0)  # long samples at a high price: every price is negative
+        plans[discover] = (plan_prompts(cfg, state, candidates, 0, np.random.default_rng(0), limits), state)
+    empty, state = plans[False]
+    assert empty.samples.sum() == 0 and state.kappa_scale == 5.0 and set(empty.reasons) == {"price"}
+    plan, state = plans[True]
+    assert plan.samples.sum() > 0 and state.kappa_scale < 5.0
+    assert plan.tokens[plan.samples > 0].sum() >= 2000  # the plan at the discovered price spends the budget...
+    assert (plan.price[plan.samples > 0] > 0).all()
+    # ...and a price 1 % higher would not (the discovered price is the highest that does)
+    higher = BudgetState(kappa_scale=state.kappa_scale * 1.01)
+    cfg = BudgetConfig("marginal", token_budget=2000, prior_tokens=300, thompson=False)
+    above = plan_prompts(cfg, higher, candidates, 0, np.random.default_rng(0), limits)
+    assert above.tokens[above.samples > 0].sum() < 2000
+    with pytest.raises(ValueError, match="discover_price finds the price"):
+        BudgetConfig("marginal", discover_price=True)

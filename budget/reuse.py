@@ -1,0 +1,106 @@
+"""Priced reuse (`budget.reuse_buffer` > 0, marginal policy): trajectories trained on in earlier steps stay in a bounded
+buffer and compete with new samples on price.
+
+Each step the buffer's trajectories are priced with the same formula as new ones (budget/pricing.py), at their
+staleness Δv = current version − behaviour version: the gain depreciates as exp(−δ·Δv/s) at the measured drift δ and
+the staleness risk grows with it, while the cost is the update tokens only (their rollout tokens were spent, and
+ledgered, when they were sampled: sunk). The marginal fate rule decides, within each original group: a reused
+trajectory is trained on again while its price is positive and its group's admitted members still differ, and leaves
+the buffer the first step it is not (there is no version bound). When the buffer is over `capacity`, the lowest
+priced leave first. Training on one is importance-corrected as any stale sample is (the trainer's truncated IS
+weights on the behaviour log-probabilities the rollout recorded).
+
+Pure: Trajectory records and numbers in and out, no torch. The buffer is part of the budget's checkpointed state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from marginal_rl.budget.records import TrajectoryPrices
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """The buffer's trajectories offered to one step, priced (what the trainer's update gets besides the new ones)."""
+
+    trajectories: list[Trajectory]
+    columns: TrajectoryColumns
+    prices: TrajectoryPrices  # fates under the marginal rule: `trained` = trained on again this step
+    uses: np.ndarray  # (R,) int64: times each was trained on before this step
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def tokens(self, num_iterations: int) -> float:
+        """Update tokens of the reused trajectories trained on this step (their rollout tokens are sunk)."""
+        return float((self.columns.tokens_rollout * self.prices.trained).sum() * num_iterations)
+
+
+@dataclass
+class ReuseBuffer:
+    """Up to `capacity` trajectories already trained on, with how often each was (`uses`), oldest first."""
+
+    capacity: int
+    trajectories: list[Trajectory] = field(default_factory=list)
+    uses: list[int] = field(default_factory=list)
+    _columns: TrajectoryColumns | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def columns(self) -> TrajectoryColumns:
+        """The buffer's trajectories as columns (built once per refill: the plan and the settle both read them)."""
+        if self._columns is None:
+            self._columns = TrajectoryColumns.of(self.trajectories)
+        return self._columns
+
+    def refill(self, offered: Reuse | None, fresh: list[Trajectory], fresh_prices: TrajectoryPrices) -> dict[str, int]:
+        """After a step: the reused trajectories trained on again stay (one more use), the others leave (their price
+        was not positive); the step's new trajectories that were trained on join with one use; then, over capacity,
+        the lowest priced (this step's price) leave. Returns the counts {kept, dropped, added, dropped_capacity}
+        (dropped: not trained on again, its price not positive or its group left without a signal)."""
+        keep: list[tuple[Trajectory, int, float]] = []  # (trajectory, uses, this step's price)
+        dropped = 0
+        if offered is not None:
+            for t, u, trained, price in zip(offered.trajectories, offered.uses.tolist(),
+                                            offered.prices.trained.tolist(), offered.prices.price.tolist(),
+                                            strict=True):
+                if trained:
+                    keep.append((t, u + 1, price))
+                else:
+                    dropped += 1
+        kept = len(keep)
+        keep += [(t, 1, price) for t, trained, price in zip(fresh, fresh_prices.trained.tolist(),
+                                                            fresh_prices.price.tolist(), strict=True) if trained]
+        added, over = len(keep) - kept, len(keep) - self.capacity
+        if over > 0:  # the highest priced stay, in their order (stable: ties keep the older)
+            stay = np.sort(np.argsort(-np.array([p for _, _, p in keep]), kind="stable")[: self.capacity])
+            keep = [keep[i] for i in stay]
+        self.trajectories, self.uses = [t for t, _, _ in keep], [u for _, u, _ in keep]
+        self._columns = None
+        return {"kept": kept, "dropped": dropped, "added": added,
+                "dropped_capacity": max(over, 0)}
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "trajectories": [asdict(t) for t in self.trajectories],
+                "uses": list(self.uses)}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> ReuseBuffer:
+        return cls(d["capacity"], [Trajectory(**t) for t in d["trajectories"]], list(d["uses"]))
+
+
+def reuse_metrics(reuse: Reuse | None, moved: dict[str, int], size: int, tokens: float, drift: float) -> dict:
+    """The step's budget/reuse_... scalars: what was offered and trained on again, its tokens and staleness, the
+    buffer's size after the refill and what joined or left it (`moved`, ReuseBuffer.refill's counts), and δ_reuse."""
+    trained = reuse.prices.trained if reuse is not None else np.zeros(0, dtype=bool)
+    staleness = reuse.prices.staleness[trained] if reuse is not None else np.zeros(0)
+    return {"budget/reuse_offered": float(len(trained)), "budget/reuse_trained": float(trained.sum()),
+            "budget/reuse_tokens": float(tokens),
+            "budget/reuse_staleness": float(staleness.mean()) if len(staleness) else 0.0,
+            "budget/reuse_buffer": float(size), "budget/reuse_drift": float(drift),
+            **{f"budget/reuse_{k}": float(v) for k, v in moved.items() if k != "kept"}}
