@@ -63,27 +63,21 @@ class ReuseBuffer:
         was not positive); the step's new trajectories that were trained on join with one use; then, over capacity,
         the lowest priced (this step's price) leave. Returns the counts {kept, dropped, added, dropped_capacity}
         (dropped: not trained on again, its price not positive or its group left without a signal)."""
-        keep: list[tuple[Trajectory, int, float]] = []  # (trajectory, uses, this step's price)
-        dropped = 0
-        if offered is not None:
-            for t, u, trained, price in zip(offered.trajectories, offered.uses.tolist(),
-                                            offered.prices.trained.tolist(), offered.prices.price.tolist(),
-                                            strict=True):
-                if trained:
-                    keep.append((t, u + 1, price))
-                else:
-                    dropped += 1
-        kept = len(keep)
-        keep += [(t, 1, price) for t, trained, price in zip(fresh, fresh_prices.trained.tolist(),
-                                                            fresh_prices.price.tolist(), strict=True) if trained]
-        added, over = len(keep) - kept, len(keep) - self.capacity
+        empty = np.zeros(0, dtype=np.int64)
+        again = np.flatnonzero(offered.prices.trained) if offered is not None else empty
+        new = np.flatnonzero(fresh_prices.trained)
+        kept = [offered.trajectories[i] for i in again.tolist()] if offered is not None else []
+        trajectories = kept + [fresh[i] for i in new.tolist()]
+        uses = np.concatenate([offered.uses[again] + 1 if offered is not None else empty, np.ones(len(new), np.int64)])
+        over = len(trajectories) - self.capacity
         if over > 0:  # the highest priced stay, in their order (stable: ties keep the older)
-            stay = np.sort(np.argsort(-np.array([p for _, _, p in keep]), kind="stable")[: self.capacity])
-            keep = [keep[i] for i in stay]
-        self.trajectories, self.uses = [t for t, _, _ in keep], [u for _, u, _ in keep]
-        self._columns = None
-        return {"kept": kept, "dropped": dropped, "added": added,
-                "dropped_capacity": max(over, 0)}
+            price = np.concatenate([offered.prices.price[again] if offered is not None else np.zeros(0),
+                                    fresh_prices.price[new]])
+            stay = np.sort(np.argsort(-price, kind="stable")[: self.capacity])
+            trajectories, uses = [trajectories[i] for i in stay.tolist()], uses[stay]
+        self.trajectories, self.uses, self._columns = trajectories, uses.tolist(), None
+        return {"kept": len(kept), "dropped": (len(offered) if offered is not None else 0) - len(kept),
+                "added": len(new), "dropped_capacity": max(over, 0)}
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "trajectories": [asdict(t) for t in self.trajectories],

@@ -15,7 +15,9 @@ Controller (token_budget > 0): spend = rollout tokens + training tokens of the t
 With pace=run the budget is the run's (token_budget tokens per step on average): the update's step size decays as
 rate/√steps, so κ settles on one price for the whole run (equimarginal across steps: a step whose samples are worth
 little buys few at that price), and the planner may spend what earlier steps left unspent (token_budget × steps −
-spent so far) on top of its per-step cap.
+spent so far) on top of its per-step cap. With discover_price, a plan that is empty at the current price lowers κ at
+once to the price at which it spends the budget (clearing_scale). Priced reuse (reuse_buffer, budget/reuse.py) is
+priced by the same rules; the Budget reserves its update tokens from the planner's cap.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class MarginalConfig(BudgetConfig):
         if self.pace not in ("step", "run"):
             raise ValueError(f"pace: expected 'step' or 'run', got {self.pace!r}")
         if self.discover_price and self.token_budget <= 0:
-            raise ValueError("discover_price finds the price at which a plan spends token_budget; set "
+            raise ValueError("discover_price: true finds the price at which a plan spends token_budget; set "
                              "budget.token_budget")
         if self.pace == "run" and self.token_budget <= 0:
             raise ValueError("pace: run paces the run's spend at token_budget tokens per step; set budget.token_budget")

@@ -518,5 +518,5 @@ def test_discover_price_turns_an_empty_plan_into_one_that_spends_the_budget():
     cfg = BudgetConfig("marginal", token_budget=2000, prior_tokens=300, thompson=False)
     above = plan_prompts(cfg, higher, candidates, 0, np.random.default_rng(0), limits)
     assert above.tokens[above.samples > 0].sum() < 2000
-    with pytest.raises(ValueError, match="discover_price finds the price"):
+    with pytest.raises(ValueError, match="discover_price: true finds the price"):
         BudgetConfig("marginal", discover_price=True)
