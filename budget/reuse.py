@@ -2,8 +2,9 @@
 buffer and compete with new samples on price.
 
 Each step the buffer's trajectories are priced with the same formula as new ones (budget/pricing.py), at their
-staleness Δv = current version − behaviour version: the gain depreciates as exp(−δ·Δv/s) at the measured drift δ and
-the staleness risk grows with it, while the cost is the update tokens only (their rollout tokens were spent, and
+staleness Δv = current version − behaviour version: the gain depreciates as exp(−δ·Δv/s) at the drift δ measured on
+the reused trajectories themselves (BudgetState.reuse_drift: they move faster than new samples, since every update
+that trained on them pushed them; the policy's drift until one is measured) and the staleness risk grows with it, while the cost is the update tokens only (their rollout tokens were spent, and
 ledgered, when they were sampled: sunk). The marginal fate rule decides, within each original group: a reused
 trajectory is trained on again while its price is positive and its group's admitted members still differ, and leaves
 the buffer the first step it is not (there is no version bound). When the buffer is over `capacity`, the lowest

@@ -82,8 +82,8 @@ class MarginalConfig(BudgetConfig):
     )
     reuse_buffer: int = field(
         default=0, metadata={"help": "priced reuse: keep up to this many trajectories already trained on and train "
-                                     "on them again while their price (gain depreciated at the measured drift, cost = "
-                                     "update tokens only) stays positive; 0 = off (docs/budget.md, \"Priced reuse\")"},
+                                     "on them again while their price (gain depreciated at the drift measured on "
+                                     "them, cost = update tokens only) stays positive; 0 = off (docs/budget.md, \"Priced reuse\")"},
     )
     discover_price: bool = field(
         default=False, metadata={"help": "with token_budget: a step whose plan is empty at the current price lowers "
