@@ -19,6 +19,7 @@ are cleaned and rerun.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -99,14 +100,18 @@ def is_finished(run: Run) -> bool:
     """A run is finished when its summary exists and its recorded config is the one the grid asks for.
 
     The recorded config is read back through the current loader, so a key added to the schema since the run (which
-    takes its default) does not force a rerun; a changed value, or a recorded key the schema no longer has, does."""
+    takes its default) does not force a rerun; a changed value, or a recorded key the schema no longer has, does.
+    The W&B names a grid derives from its own name (log.group, log.run_name) do not count: they change no result, and
+    the same runs reached through a grid file of another name must not be deleted and redone."""
     summary, recorded = run.dir / "summary.json", run.dir / "config.yaml"
     if not (summary.is_file() and recorded.is_file()):
         return False
     try:
-        return config_from_dict(yaml.safe_load(recorded.read_text())) == run.config
+        cfg = config_from_dict(yaml.safe_load(recorded.read_text()))
     except ConfigError:
         return False
+    names = {"group": run.config.log.group, "run_name": run.config.log.run_name}
+    return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, **names)) == run.config
 
 
 def launch(run: Run, base: str, log_dir: Path) -> subprocess.Popen:

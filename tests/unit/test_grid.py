@@ -67,6 +67,11 @@ def test_finished_runs_are_skipped_and_a_changed_config_is_not(tmp_path):
     _fake_finished(runs[0], 0.5, 600)
     (runs[1].dir).mkdir(parents=True)  # half-written: no summary
     assert [is_finished(r) for r in runs] == [True, False]
+    # the same runs through a grid file of another name (its W&B group and run names differ): still finished
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(path.read_text())
+    _, same = load_grid(renamed)
+    assert same[0].config.log.group == "renamed" and is_finished(same[0])
     _, changed = load_grid(_grid(tmp_path, {"a": {"budget.policy": "none", "train.max_steps": 7}}))
     assert not is_finished(changed[0])  # same directory, different config: rerun
 
