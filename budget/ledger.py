@@ -2,8 +2,9 @@
 
 Uses: prefill (prompt tokens, once per sample), decode (policy tokens), observation (environment tokens that are not
 verification), verify (verification tokens), train (training tokens: prompt + completion per epoch of a trained
-trajectory). Fates (rollout tokens of each trajectory): trained, zero_signal, dropped_price, dropped_stale; prompts
-skipped before rollout cost no tokens and are counted as prompts.
+trajectory), reuse (training tokens of trajectories trained on again), probe (the likelihood probe's forward passes
+over prompt + reference answer, before rollout). Fates (rollout tokens of each trajectory): trained, zero_signal,
+dropped_price, dropped_stale; prompts skipped before rollout cost no tokens and are counted as prompts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from marginal_rl.budget.records import FATES, TrajectoryPrices
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
-USES = ("prefill", "decode", "observation", "verify", "train", "reuse")
+USES = ("prefill", "decode", "observation", "verify", "train", "reuse", "probe")
 
 
 def trajectory_tokens(t: Trajectory) -> dict[str, int]:
@@ -41,6 +42,7 @@ class Ledger:
     trajectories_by_fate: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))
     prompts_skipped: int = 0
     reused: int = 0  # trajectories trained on again in a later step (priced reuse), one per reuse
+    probed: int = 0  # prompts scored by the likelihood probe, one per probe
     steps: int = 0
     groups: int = 0
     zero_signal_groups: int = 0  # groups whose rewards were all equal, whatever their fate
@@ -51,9 +53,11 @@ class Ledger:
     evals: list[list[float]] = field(default_factory=list)  # [step, eval reward, total tokens at that point]
 
     def record_step(self, cols: TrajectoryColumns, prices: TrajectoryPrices, num_iterations: int,
-                    prompts_skipped: int = 0, *, reused: int = 0, reuse_tokens: int = 0) -> None:
-        """One step: its new trajectories `cols` with their `prices` (fates), and the `reused` trajectories it trained
-        on again with their `reuse_tokens` (update tokens only)."""
+                    prompts_skipped: int = 0, *, reused: int = 0, reuse_tokens: int = 0, probe_tokens: int = 0,
+                    probed: int = 0) -> None:
+        """One step: its new trajectories `cols` with their `prices` (fates), the `reused` trajectories it trained
+        on again with their `reuse_tokens` (update tokens only), and the `probed` prompts its likelihood probe scored
+        with their `probe_tokens`."""
         if len(cols) != len(prices):
             raise ValueError(f"record_step: {len(prices)} decisions for {len(cols)} trajectories")
         rollout = cols.tokens_rollout  # = the sum of trajectory_tokens(t)
@@ -62,7 +66,7 @@ class Ledger:
         verify = int(cols.tokens_verify.sum())
         for use, n in (("prefill", prefill), ("decode", decode), ("verify", verify),
                        ("observation", int(cols.tokens_completion.sum()) - decode - verify),
-                       ("train", int(trained.sum())), ("reuse", int(reuse_tokens))):
+                       ("train", int(trained.sum())), ("reuse", int(reuse_tokens)), ("probe", int(probe_tokens))):
             self.by_use[use] += n
         tokens_by_fate = np.bincount(prices.fate_code, weights=rollout, minlength=len(FATES)).astype(np.int64)
         count_by_fate = np.bincount(prices.fate_code, minlength=len(FATES))
@@ -80,6 +84,7 @@ class Ledger:
         self.hindsight_bound += int(rollout[~flat].sum()) * (1 + num_iterations)
         self.prompts_skipped += int(prompts_skipped)
         self.reused += int(reused)
+        self.probed += int(probed)
         self.steps += 1
 
     def record_eval(self, step: int, reward: float) -> None:
@@ -92,7 +97,7 @@ class Ledger:
 
     @property
     def total_tokens(self) -> int:
-        return self.rollout_tokens + self.by_use["train"] + self.by_use["reuse"]
+        return self.rollout_tokens + self.by_use["train"] + self.by_use["reuse"] + self.by_use["probe"]
 
     @property
     def trajectories(self) -> int:
@@ -142,6 +147,7 @@ class Ledger:
         out.update({
             "ledger/prompts_skipped": float(self.prompts_skipped),
             "ledger/trajectories_reused": float(self.reused),
+            "ledger/prompts_probed": float(self.probed),
             "ledger/tokens_wasted": float(self.wasted_tokens),
             "ledger/wasted_fraction": self.wasted_tokens / roll if roll else float("nan"),
             "ledger/hindsight_gap_tokens": float(self.hindsight_gap),
@@ -167,7 +173,8 @@ class Ledger:
         return {
             "tokens_by_use": dict(self.by_use), "tokens_by_fate": dict(self.by_fate),
             "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
-            "trajectories_reused": self.reused, "tokens_rollout": self.rollout_tokens, "tokens_total": self.total_tokens,
+            "trajectories_reused": self.reused, "prompts_probed": self.probed, "tokens_rollout": self.rollout_tokens,
+            "tokens_total": self.total_tokens,
             "tokens_wasted": self.wasted_tokens, "hindsight_gap_tokens": self.hindsight_gap,
             "hindsight_bound_tokens": self.hindsight_bound, "tokens_over_hindsight": num(self.over_hindsight()),
             "zero_signal_groups": self.zero_signal_groups, "groups": self.groups,
@@ -181,7 +188,8 @@ class Ledger:
     def state_dict(self) -> dict:
         return {"by_use": dict(self.by_use), "by_fate": dict(self.by_fate),
                 "trajectories_by_fate": dict(self.trajectories_by_fate), "prompts_skipped": self.prompts_skipped,
-                "reused": self.reused, "steps": self.steps, "groups": self.groups, "zero_signal_groups": self.zero_signal_groups,
+                "reused": self.reused, "probed": self.probed, "steps": self.steps, "groups": self.groups,
+                "zero_signal_groups": self.zero_signal_groups,
                 "reward_sum": self.reward_sum, "hindsight_rollout": self.hindsight_rollout,
                 "hindsight_train": self.hindsight_train, "hindsight_bound": self.hindsight_bound, "evals": [list(e) for e in self.evals]}
 
@@ -189,7 +197,7 @@ class Ledger:
     def from_state_dict(cls, d: dict) -> Ledger:
         return cls(by_use={**dict.fromkeys(USES, 0), **d["by_use"]}, by_fate=dict(d["by_fate"]),
                    trajectories_by_fate=dict(d["trajectories_by_fate"]), prompts_skipped=d["prompts_skipped"],
-                   reused=d.get("reused", 0),
+                   reused=d.get("reused", 0), probed=d.get("probed", 0),
                    steps=d.get("steps", 0), groups=d.get("groups", 0),
                    zero_signal_groups=d.get("zero_signal_groups", 0),
                    reward_sum=d.get("reward_sum", 0.0), hindsight_rollout=d.get("hindsight_rollout", 0),

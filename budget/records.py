@@ -105,6 +105,8 @@ class PromptPlan(_Columnar):
     informative: np.ndarray
     tokens: np.ndarray
     reason_code: np.ndarray  # (P,) int8, SKIP_REASONS[code]
+    probed: np.ndarray | None = None  # (P,) bool: the likelihood probe scored it this step (None: probe off)
+    probe_tokens: int = 0  # tokens the step's likelihood probe processed (spent before rollout)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -10,6 +10,7 @@ by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered. The s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -92,11 +93,42 @@ def fold_reuse_drift(cfg: BudgetConfig, state: BudgetState, drift_kl: float | No
         state.reuse_drift = _ema(state.reuse_drift, max(float(drift_kl), 0.0), cfg.ema)
 
 
+def weak_evidence(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], strength: float) -> np.ndarray:
+    """(P,) bool: the candidate's own evidence, faded to the current version (pseudo-counts above the prior), is
+    worth less than half a probe of `strength` samples: what the likelihood probe would improve on."""
+    drift, worth = current_drift(cfg, state), np.zeros(len(candidates))
+    for i, s in enumerate(map(state.prompts.get, candidates)):
+        if s is not None:
+            factor = math.exp(-drift * max(state.version - s.version, 0) / cfg.drift_scale)
+            worth[i] = (s.alpha - cfg.prior_alpha + s.beta - cfg.prior_beta) * factor
+    return worth < strength / 2
+
+
+def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str], rates: Sequence[float],
+               version: int, strength: float, step: int) -> None:
+    """The likelihood probe's pass rates (the policy at `version`), each as `strength` samples of evidence: the
+    prompt's posterior becomes Beta(prior_alpha + m·r, prior_beta + m·(1 − r)) at that version. It replaces the
+    prompt's own faded evidence, which was weaker (weak_evidence) and older; group evidence then adds to it and both
+    fade with the drift as before."""
+    for pid, rate in zip(prompt_ids, rates, strict=True):
+        r = min(max(float(rate), 0.0), 1.0)
+        s = state.prompts.get(pid)
+        if s is None:
+            avg = cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout
+            s = state.prompts[pid] = PromptStats(0.0, 0.0, version, step, 0, 0, avg,
+                                                 0.0 if state.tok_verify is None else state.tok_verify,
+                                                 cfg.prior_tokens if state.tok_update is None else state.tok_update)
+        s.alpha, s.beta = cfg.prior_alpha + strength * r, cfg.prior_beta + strength * (1.0 - r)
+        s.version = max(version, s.version)
+
+
 def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns, trained: np.ndarray, step: int,
-                  current_version: int, drift_kl: float | None, num_iterations: int, reuse_tokens: float = 0.0) -> None:
+                  current_version: int, drift_kl: float | None, num_iterations: int, reuse_tokens: float = 0.0,
+                  probe_tokens: float = 0.0) -> None:
     """Fold one step into `state`: the drift measurement, each group's rewards into its prompt's posterior, token
     lengths, and the step's spend (rollout tokens + training tokens of the `trained` (N,) trajectories + the update
-    tokens of the reused ones, `reuse_tokens`; their evidence was folded in when they were sampled).
+    tokens of the reused ones, `reuse_tokens`; their evidence was folded in when they were sampled; + the likelihood
+    probe's tokens, `probe_tokens`).
 
     `drift_kl` is the trainer's measurement of how far the policy moved per version (mean per-token KL between the
     behaviour and current policy on this step's samples, divided by the version gap); None when not measured."""
@@ -136,13 +168,16 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
             s.tok_rollout = w * s.tok_rollout + (1.0 - w) * tok_r
             s.tok_verify = w * s.tok_verify + (1.0 - w) * tok_v
             s.tok_update = w * s.tok_update + (1.0 - w) * tok_u
+        else:  # its first group (a prompt the likelihood probe met first was given the averages)
+            s.tok_rollout, s.tok_verify, s.tok_update = tok_r, tok_v, tok_u
         if state.tok_rollout is None:
             state.tok_rollout, state.tok_verify, state.tok_update = tok_r, tok_v, tok_u
         else:
             state.tok_rollout = w * state.tok_rollout + (1.0 - w) * tok_r
             state.tok_verify = w * state.tok_verify + (1.0 - w) * tok_v
             state.tok_update = w * state.tok_update + (1.0 - w) * tok_u
-    state.last_spend = float(lengths.sum() + lengths[trained].sum() * num_iterations + reuse_tokens)
+    state.last_spend = float(lengths.sum() + lengths[trained].sum() * num_iterations + reuse_tokens
+                             + probe_tokens)
     state.spent_total += state.last_spend
     state.version = max(state.version, current_version)
     state.step = step + 1

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 RESULT_COLUMNS = ["arm", "seed", "initial_eval_reward", "final_eval_reward", "best_eval_reward", "tokens_to_target",
-                  "tokens_to_target_delta", "auc", "tokens_total", "tokens_rollout", "tokens_train", "tokens_reuse", "steps",
+                  "tokens_to_target_delta", "auc", "tokens_total", "tokens_rollout", "tokens_train", "tokens_reuse", "tokens_probe",
+                  "steps",
                   "tokens_per_step", "zero_signal_group_fraction", "hindsight_bound_tokens", "tokens_over_hindsight",
                   "wall_seconds", "run_dir"]
 REFERENCE_ARM = "marginal"  # the arm every other arm's ratios are against
@@ -42,7 +43,8 @@ def result_row(arm: str, seed: int, run_dir: Path, budget: float | None = None) 
             "tokens_to_target": s["tokens_to_target"], "tokens_to_target_delta": s.get("tokens_to_target_delta"),
             "auc": reward_auc([h["tokens"] for h in hist], [h[metric] for h in hist], budget or s["tokens"]["total"]),
             "tokens_total": s["tokens"]["total"], "tokens_rollout": s["tokens"]["rollout"],
-            "tokens_train": s["tokens"]["train"], "tokens_reuse": s["tokens"].get("reuse", 0), "steps": s.get("steps"),
+            "tokens_train": s["tokens"]["train"], "tokens_reuse": s["tokens"].get("reuse", 0),
+            "tokens_probe": s["tokens"].get("probe", 0), "steps": s.get("steps"),
             "tokens_per_step": s["tokens"]["total"] / steps if steps else None,
             "zero_signal_group_fraction": led.get("zero_signal_groups", 0) / led["groups"] if led.get("groups") else None,
             "hindsight_bound_tokens": s.get("hindsight_bound_tokens"),
@@ -480,6 +482,14 @@ def report_run(run: Path) -> Path:
             print(f"priced reuse (store): {len(again):,} reuses of {again.traj_id.nunique():,} trajectories, "
                   f"{int(reuse.tokens_reuse.sum()):,} update tokens; most uses of one trajectory "
                   f"{int(reuse.uses.max())}")
+        prompts = run / "prompts"
+        if prompts.is_dir() and any(prompts.glob("*.parquet")):
+            plans = pd.read_parquet(prompts)
+            if "probed" in plans.columns:  # the likelihood probe: the plan records what it scored
+                probed = plans[plans.probed]
+                print(f"likelihood probe (store): {len(probed):,} probes of {probed.prompt_id.nunique():,} prompts, "
+                      f"{s['tokens'].get('probe', 0):,} tokens; {int((probed.samples > 0).sum()):,} of them sampled "
+                      f"in the step they were probed")
         by_fate = df.groupby("fate")[["tokens_rollout", "tokens_train"]].sum()
         by_fate["trajectories"] = df.groupby("fate").size()
         print(by_fate.to_string())

@@ -93,6 +93,9 @@ class DatasetTaskConfig(TaskConfig):
     group_column: str = field(default="family", metadata={
         "help": "column whose (string) value groups prompts into families: per-family eval metrics and the pooled "
                 "evidence of budget.pool_strength; '' = none (a dataset without the column has no families)"})
+    answer_column: str = field(default="", metadata={
+        "help": "column holding each prompt's reference answer (a non-empty string), for the budget's likelihood "
+                "probe (budget.probe_strength); '' = none"})
     reward_timeout_s: float = field(default=600.0, metadata={
         "help": "seconds one call of a reward function may take before the run stops with an error naming it"})
 

@@ -94,10 +94,11 @@ def _check_prompt(value: object, where: str) -> PromptValue:
                     f"got {value!r:.120}")
 
 
-def to_prompts(rows: Sequence[dict], id_prefix: str, where: str,
-               group_column: str = "family") -> tuple[list[Prompt], dict[str, PromptValue]]:
-    """Prompt records (meta = the columns passed to reward functions; family = the `group_column` value) and the raw
-    prompt values by prompt_id."""
+def to_prompts(rows: Sequence[dict], id_prefix: str, where: str, group_column: str = "family",
+               answer_column: str = "") -> tuple[list[Prompt], dict[str, PromptValue]]:
+    """Prompt records (meta = the columns passed to reward functions; family = the `group_column` value; answer =
+    the `answer_column` value, which every row must have as a non-empty string when it is named) and the raw prompt
+    values by prompt_id."""
     if not rows:
         raise TaskError(f"{where}: no rows")
     columns = list(dict.fromkeys(k for row in rows for k in row))  # rows of a .jsonl file may omit keys
@@ -109,8 +110,12 @@ def to_prompts(rows: Sequence[dict], id_prefix: str, where: str,
         raw[pid] = _check_prompt(row.get("prompt"), f"{where} row {i}")
         meta = {k: row.get(k) for k in columns if k not in NOT_REWARD_KWARGS}
         family = row.get(group_column) if group_column else None  # optional, as the built-in tasks' families
+        answer = row.get(answer_column, "") if answer_column else ""
+        if answer_column and not (isinstance(answer, str) and answer):
+            raise TaskError(f"{where} row {i}: task.answer_column={answer_column!r} needs a non-empty string, got "
+                            f"{answer!r:.80}")
         prompts.append(Prompt(prompt_id=pid, text=_plain_text(raw[pid]), meta=meta,
-                              family=family if isinstance(family, str) else ""))
+                              family=family if isinstance(family, str) else "", answer=answer))
     return prompts, raw
 
 
@@ -162,8 +167,8 @@ class DatasetTaskSet(TaskSet):
         chat = tokenizer.chat_template is not None and not isinstance(self.raw_prompts[prompt_id], str)
         return encode_prompt(tokenizer, rendered, chat=chat)
 
-    def prompt_lengths(self, tokenizer, prompts: Sequence[Prompt]) -> list[int]:
-        return [len(self._encode(tokenizer, p.prompt_id, render_prompt(tokenizer, self.raw_prompts[p.prompt_id])))
+    def prompt_ids(self, tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+        return [self._encode(tokenizer, p.prompt_id, render_prompt(tokenizer, self.raw_prompts[p.prompt_id]))
                 for p in prompts]
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], completion_ids: Sequence[list[int]] | None,
@@ -212,7 +217,8 @@ def build_dataset(cfg: DatasetTaskConfig, rollout_cfg: RolloutConfig,
         train_rows, eval_rows = splits["train"], splits["test"]
     else:
         train_rows, eval_rows = split_rows(splits["train"], cfg.seed)
-    train, raw = to_prompts(train_rows, f"{name}-", f"task.dataset {cfg.dataset!r}", cfg.group_column)
+    train, raw = to_prompts(train_rows, f"{name}-", f"task.dataset {cfg.dataset!r}", cfg.group_column,
+                            cfg.answer_column)
     eval_, raw_eval = to_prompts(eval_rows, f"{name}-eval-", f"task.eval_dataset {cfg.eval_dataset or cfg.dataset!r}",
                                  cfg.group_column)
     raw_prompts = {**raw, **raw_eval}

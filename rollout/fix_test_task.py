@@ -83,6 +83,7 @@ def score_single_turn(tasks: dict[str, FixTask], source: str, prompts: Sequence[
 class FixTestTaskSet(TaskSet):
     """TaskSet whose rollout is an agent episode in `FixTestEnv`; `tasks` maps prompt_id to its FixTask."""
 
+    probes: ClassVar[bool] = False  # an episode is several turns of actions, not one answer
     tasks: dict[str, FixTask] = field(default_factory=dict)
     source: str = "generated"
     step_cost: float = 0.0

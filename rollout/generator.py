@@ -65,6 +65,39 @@ def sample(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: in
     return out
 
 
+@torch.no_grad()
+def answer_likelihood(model, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], temperature: float,
+                      batch_size: int = 256) -> list[float]:
+    """The probability that sampling from `model` at `temperature` completes each prompt with exactly its answer:
+    exp Σ log softmax(logits / temperature) over the answer's tokens, teacher-forced in one forward pass per batch
+    (no decoding). For an exact-match reward this is the pass rate, less the other spellings the reward would also
+    accept (another tokenisation of the same text, trailing whitespace): a lower bound that a test checks against
+    sampled rates."""
+    if temperature <= 0:
+        raise ValueError(f"answer_likelihood: expected a sampling temperature > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [list(p) + list(a) for p, a in zip(prompt_ids[start:start + batch_size],
+                                                   answer_ids[start:start + batch_size], strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding: positions count from 0 as in generation
+            ids[i, :len(r)] = torch.tensor(r)
+            attn[i, :len(r)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
+        logprobs = torch.log_softmax(logits[:, :-1] / temperature, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        for i, (p, a) in enumerate(zip(prompt_ids[start:start + batch_size], answer_ids[start:start + batch_size],
+                                       strict=True)):  # the answer's tokens are predicted from positions len(p)-1 ..
+            out.append(float(torch.exp(logprobs[i, len(p) - 1:len(p) - 1 + len(a)].sum())))
+    if was_training:
+        model.train()
+    return out
+
+
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
     """A prompt's token ids as TRL's GRPOTrainer makes them: plain text with the tokenizer's defaults (so a BOS token
     where the tokenizer adds one), a prompt rendered with the chat template with no more special tokens (the

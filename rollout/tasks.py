@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from marginal_rl.rollout.config import ArithTaskConfig, RolloutConfig
-from marginal_rl.rollout.generator import encode_prompt, rollout_groups
+from marginal_rl.rollout.errors import TaskError
+from marginal_rl.rollout.generator import answer_likelihood, encode_prompt, rollout_groups
 from marginal_rl.rollout.types import Prompt, Trajectory
 
 
@@ -110,9 +111,32 @@ class TaskSet:
     reward_name: str = "reward"  # how metrics and the store name `reward` (TRL: the reward function's name)
     finish_reasons: ClassVar[tuple[str, ...]] = ("eos", "length")  # how an episode can end (Trajectory.finish_reason)
 
+    probes: ClassVar[bool] = True  # single-turn: a completion is the answer, so the likelihood probe applies
+
+    def prompt_ids(self, tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Each prompt's token ids as `rollout` feeds them to the model."""
+        return [encode_prompt(tokenizer, p.text) for p in prompts]
+
     def prompt_lengths(self, tokenizer, prompts: Sequence[Prompt]) -> list[int]:
         """Tokens of each prompt as `rollout` feeds it to the model (what the context check reads)."""
-        return [len(encode_prompt(tokenizer, p.text)) for p in prompts]
+        return [len(ids) for ids in self.prompt_ids(tokenizer, prompts)]
+
+    def answer_likelihood(self, model, tokenizer, prompts: Sequence[Prompt], temperature: float,
+                          batch_size: int = 256) -> tuple[list[float], list[int]]:
+        """The budget's likelihood probe: the probability that `model` sampled at `temperature` answers each prompt
+        with its reference `answer` followed by EOS (generator.answer_likelihood), and the tokens each forward pass
+        processed (prompt + answer + EOS)."""
+        if not self.probes:
+            raise TaskError("answer_likelihood: this task's episodes are multi-turn; the probe scores one-turn answers")
+        missing = [p.prompt_id for p in prompts if not p.answer]
+        if missing:
+            raise TaskError(f"answer_likelihood: {len(missing)} prompt(s) without a reference answer (first: "
+                            f"{', '.join(missing[:3])})")
+        ids = self.prompt_ids(tokenizer, prompts)
+        answers = [tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for p in prompts]
+        return (answer_likelihood(model, ids, answers, temperature, batch_size),
+                [len(i) + len(a) for i, a in zip(ids, answers, strict=True)])
 
     def completion_budget(self, cfg: RolloutConfig) -> tuple[int, str]:
         """The most tokens an episode adds after its prompt, and the key that sets it."""

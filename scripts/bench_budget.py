@@ -16,6 +16,8 @@ With --real-config, the budget's share of a real model's training step: `margina
 RL on the warm-started SmolLM2-135M fixing generated bugs, CPU) for --real-steps steps with every mechanism on
 (EVERY_MECHANISM, token budget --real-budget), then the median over the steps of `perf/budget_fraction` and
 `perf/budget_seconds` from its metrics.jsonl (minutes per step on CPU; needs the `real` extra and the warm start).
+The likelihood probe needs one-turn reference answers, which the fix_test agent task has not: it is left out there,
+and a probing task runs with e.g. `--real-config configs/bench_arith.yaml --real-set model.path=smollm2`.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 
 # marginal with every issue-15 mechanism on: token budget, pooled evidence, one price for the run, priced reuse, price
-# discovery on an empty plan
+# discovery on an empty plan, the likelihood probe
 EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pace": "run", "reuse_buffer": 256,
-                   "discover_price": True}
+                   "discover_price": True, "probe_strength": 16.0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +57,8 @@ def parse_args() -> argparse.Namespace:
                         "fix_test config) with every mechanism on")
     p.add_argument("--real-steps", type=int, default=4, help="--real-config: training steps (the step-0 eval is "
                                                              "kept short: task.num_eval=4)")
+    p.add_argument("--real-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--real-config: a config override (repeatable), e.g. model.path=smollm2")
     p.add_argument("--real-budget", type=int, default=7307,
                    help="--real-config: budget.token_budget (default: the `none` arm's median tokens per step in "
                         "docs/fix_test.md's SmolLM2 run)")
@@ -145,6 +149,11 @@ def main() -> None:
 
     families = {f"p{i}": f"f{i % 6}" for i in range(512)}  # six task families, as the arithmetic task has
 
+    def probe(ids):
+        """The likelihood probe's answer: each prompt's own pass rate, 14 tokens (10-token prompt, answer, EOS). Its
+        forward passes are the trainer's time, not the budget's (Budget.plan does not count them)."""
+        return [float(pass_rate[int(pid[1:])]) for pid in ids], [14] * len(ids)
+
     def step_time(policy: str, keys: dict, between=lambda: None) -> float:
         """The budget's seconds in one step, as the trainer's perf/budget_seconds counts them: Budget.plan, reading
         the step's columns, Budget.settle (price, fold, ledger, metrics; the update it calls is `between`) and the
@@ -156,7 +165,7 @@ def main() -> None:
             cands = [f"p{i}" for i in step_rng.choice(512, size=128, replace=False)[:budget.candidates_per_step]]
             between()  # the previous step's training and logging
             budget.seconds = 0.0
-            plan = budget.plan(cands, step, step_rng)
+            plan = budget.plan(cands, step, step_rng, probe if keys.get("probe_strength") else None)
             trajs = quickstart_step(step, plan)
             between()  # rollout
             t0 = time.perf_counter()
@@ -193,9 +202,19 @@ def real_model_share(args: argparse.Namespace) -> None:
     """perf/budget_fraction of real training steps: the trainer itself, every mechanism on."""
     import numpy as np
 
+    from marginal_rl.rollout.build import build_task
+    from marginal_rl.train.config import load_config
+
     keys = {**EVERY_MECHANISM, "token_budget": args.real_budget}
+    cfg = load_config([args.real_config], args.real_set)
+    task = build_task(cfg.task, cfg.rollout)
+    if not (task.probes and all(p.answer for p in task.train)):
+        keys.pop("probe_strength")
+        print(f"real model: task.name={cfg.task.name} has no one-turn reference answers; every mechanism but the "
+              f"likelihood probe")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "marginal_rl", "train", "--config", args.real_config, "budget.policy=marginal",
+        cmd = [sys.executable, "-m", "marginal_rl", "train", "--config", args.real_config, *args.real_set,
+               "budget.policy=marginal",
                *(f"budget.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()),
                f"train.max_steps={args.real_steps}", "train.eval_every=0", "task.num_eval=4",
                "log.report_to=none", "log.progress=false", f"output_dir={out}"]

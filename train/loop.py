@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -123,6 +123,25 @@ def fit_prompts_to_context(cfg: RunConfig, task: TaskSet, tokenizer, model_confi
             raise ConfigError(f"task.long_prompts=drop: {what}; none is left")
         setattr(task, split, kept)
         print(f"task.long_prompts=drop: left out {what}", file=sys.stderr)
+
+
+def check_probe(cfg: RunConfig, task: TaskSet) -> None:
+    """budget.probe_strength scores each prompt's reference answer under the sampling distribution: the task must be
+    single-turn with an answer for every training prompt, and sampling must not truncate the distribution."""
+    if getattr(cfg.budget, "probe_strength", 0) <= 0:
+        return
+    if not task.probes:
+        raise ConfigError(f"budget.probe_strength: task.name={cfg.task.name} runs multi-turn episodes; the likelihood "
+                          f"probe scores one-turn answers (task.name=arith, or dataset with task.answer_column)")
+    missing = [p.prompt_id for p in task.train if not p.answer]
+    if missing:
+        hint = "set task.answer_column to the column of reference answers" if cfg.task.name == "dataset" else \
+            "this task has no reference answers"
+        raise ConfigError(f"budget.probe_strength: {len(missing)} of {len(task.train)} training prompts have no "
+                          f"reference answer (first: {missing[0]}); {hint}")
+    if cfg.rollout.top_p < 1:
+        raise ConfigError(f"budget.probe_strength: the probe scores the full sampling distribution; rollout.top_p="
+                          f"{cfg.rollout.top_p} truncates it (set rollout.top_p=1.0)")
 
 
 def build_reference(cfg: RunConfig, model: torch.nn.Module):
@@ -271,7 +290,7 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
         "target_delta": delta, "tokens_to_target_delta": ledger.tokens_to_delta(delta) if delta else None,
         "max_tokens": cfg.train.max_tokens or None,
         "tokens": {"rollout": ledger.rollout_tokens, "train": ledger.by_use["train"], "reuse": ledger.by_use["reuse"],
-                   "total": ledger.total_tokens},
+                   "probe": ledger.by_use["probe"], "total": ledger.total_tokens},
         "hindsight_bound_tokens": ledger.hindsight_bound,  # sampling only the groups with a signal, training on all
         "tokens_over_hindsight": None if math.isnan(over) else over,
         "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
@@ -395,6 +414,7 @@ class Run:
         if self.main:  # before the model is built: the other ranks wait for it in build_policy
             prepare_run_dir(self.out, resume=bool(cfg.train.resume_from), overwrite=cfg.train.overwrite)
 
+        check_probe(cfg, task)  # before the model loads
         model, self.tokenizer = build_policy(cfg, task, accelerator)
         fit_prompts_to_context(cfg, task, self.tokenizer, model.config)
         self.reference = build_reference(cfg, model)
@@ -481,7 +501,21 @@ class Run:
         # is offered only its prompts_per_step
         pool_size = min(len(self.task.train), self.cfg.budget.pool_factor * self.limits.prompts_per_step)
         pool = rng.choice(len(self.task.train), size=pool_size, replace=False)[:self.state.budget.candidates_per_step]
-        return self.state.budget.plan([self.task.train[i].prompt_id for i in pool], step, rng)
+        probe = self.probe if getattr(self.cfg.budget, "probe_strength", 0) > 0 else None
+        return self.state.budget.plan([self.task.train[i].prompt_id for i in pool], step, rng, probe)
+
+    def probe(self, prompt_ids: Sequence[str]) -> tuple[list[float], list[int]]:
+        """The budget's likelihood probe (budget.probe_strength) on the current policy: each prompt's pass rate as
+        the probability of its reference answer at rollout.temperature, and the tokens each forward pass processed.
+        Every rank scores an equal share (padded, so every rank runs the same forwards), then sees every result."""
+        prompts = [self.by_id[pid] for pid in prompt_ids]
+        share = -(-len(prompts) // self.world)
+        mine = prompts[self.rank * share:(self.rank + 1) * share]
+        with generation_context(self.model, self.accelerator), torch.no_grad():  # rollout time, as sampling
+            rates, tokens = self.task.answer_likelihood(self.policy, self.tokenizer, mine + prompts[:share - len(mine)],
+                                                        self.cfg.rollout.temperature, self.cfg.rollout.batch_size)
+        parts = gather_object([(rates[:len(mine)], tokens[:len(mine)])])
+        return [r for part, _ in parts for r in part], [n for _, part in parts for n in part]
 
     def refresh_behaviour(self, trains_after: int) -> None:
         """Refresh the rollout snapshot if rollouts sampled now, trained `trains_after` updates from now, would be

@@ -105,11 +105,16 @@ def reuse_rows(step: int, reuse: Reuse, advantages: Sequence[float], num_iterati
 
 
 def prompt_rows(step: int, plan: PromptPlan) -> list[dict]:
-    return [{"step": step, "prompt_id": pid, "samples": n, "pass_rate": rate, "gain": gain, "cost": cost,
+    """One row per candidate; `probed` (the likelihood probe scored it this step) only when the probe is on."""
+    rows = [{"step": step, "prompt_id": pid, "samples": n, "pass_rate": rate, "gain": gain, "cost": cost,
              "price": price, "fate": "sampled" if n > 0 else "skipped", "reason": reason}
             for pid, n, rate, gain, cost, price, reason in zip(
                 plan.prompt_ids, plan.samples.tolist(), plan.pass_rate.tolist(), plan.gain.tolist(),
                 plan.cost.tolist(), plan.price.tolist(), plan.reasons, strict=True)]
+    if plan.probed is not None:
+        for row, probed in zip(rows, plan.probed.tolist(), strict=True):
+            row["probed"] = probed
+    return rows
 
 
 class StepStore:

@@ -61,12 +61,13 @@ def price_trajectories(cfg: BudgetConfig, state: BudgetState, columns: Trajector
 
 def update_state(cfg: BudgetConfig, state: BudgetState, columns: TrajectoryColumns, step: int, current_version: int,
                  drift_kl: float | None = None, *, prices: TrajectoryPrices | None = None,
-                 num_iterations: int = 1, reuse_tokens: float = 0.0) -> None:
+                 num_iterations: int = 1, reuse_tokens: float = 0.0, probe_tokens: float = 0.0) -> None:
     """After the step: fold its evidence into the state (budget.state.fold_evidence; without `prices` every
-    trajectory counts as trained; `reuse_tokens`: update tokens of reused trajectories, spent too), then run the
-    policy's controller, if it has one."""
+    trajectory counts as trained; `reuse_tokens`: update tokens of reused trajectories, `probe_tokens`: the
+    likelihood probe's, spent too), then run the policy's controller, if it has one."""
     trained = np.ones(len(columns), dtype=bool) if prices is None else prices.trained
-    fold_evidence(cfg, state, columns, trained, step, current_version, drift_kl, num_iterations, reuse_tokens)
+    fold_evidence(cfg, state, columns, trained, step, current_version, drift_kl, num_iterations, reuse_tokens,
+                  probe_tokens)
     control = POLICIES[cfg.policy].control
     if control is not None:
         control(cfg, state)

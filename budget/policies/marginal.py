@@ -31,6 +31,7 @@ import numpy as np
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.policies.base import (
     Policy,
+    PromptArrays,
     SampleLimits,
     TrajectoryArrays,
     group_tables,
@@ -85,6 +86,17 @@ class MarginalConfig(BudgetConfig):
                                      "on them again while their price (gain depreciated at the drift measured on "
                                      "them, cost = update tokens only) stays positive; 0 = off (docs/budget.md, \"Priced reuse\")"},
     )
+    probe_strength: float = field(
+        default=0.0, metadata={"help": "likelihood probe: before sampling a candidate the plan wants whose evidence "
+                                       "is worth less than half a probe, score the policy's probability of its "
+                                       "reference answer (one forward pass, no decoding; its tokens are spent) and "
+                                       "take it as a pass-rate estimate worth this many samples; 0 = off "
+                                       "(docs/budget.md, \"The likelihood probe\")"},
+    )
+    probe_rounds: int = field(
+        default=4, metadata={"help": "with probe_strength: plan-probe-replan rounds per step (a probe can free "
+                                     "samples for candidates that were not probed yet)"},
+    )
     discover_price: bool = field(
         default=False, metadata={"help": "with token_budget: a step whose plan is empty at the current price lowers "
                                          "κ at once to the price at which its plan spends token_budget (bisection), "
@@ -110,6 +122,11 @@ class MarginalConfig(BudgetConfig):
             raise ValueError(f"pool_strength: expected a number >= 0 (0 = off), got {self.pool_strength}")
         if self.reuse_buffer < 0:
             raise ValueError(f"reuse_buffer: expected an integer >= 0 (trajectories; 0 = off), got {self.reuse_buffer}")
+        if not self.probe_strength >= 0:
+            raise ValueError(f"probe_strength: expected a number >= 0 (samples a probe is worth; 0 = off), got "
+                             f"{self.probe_strength}")
+        if self.probe_rounds < 1:
+            raise ValueError(f"probe_rounds: expected an integer >= 1, got {self.probe_rounds}")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         if not self.controller_rate >= 0:
@@ -148,8 +165,10 @@ def run_credit(cfg: MarginalConfig, state: BudgetState) -> float:
 
 
 def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
-                  rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
-    arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
+                  rng: np.random.Generator, limits: SampleLimits, arrays: PromptArrays | None = None) -> PromptPlan:
+    """`arrays`: the candidates' prompt_arrays when the caller has them (the likelihood probe's replans update only
+    the probed rows)."""
+    arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength) if arrays is None else arrays
     p_mean = arrays.mean
     p = rng.beta(arrays.alpha, arrays.beta) if cfg.thompson and len(candidates) else p_mean
     max_n = limits.max_group_size

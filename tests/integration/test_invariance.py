@@ -87,3 +87,25 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, policy_cache):
     start_two = summary["eval_history"][0]
     evals = {k: v for k, v in start_one.items() if k.startswith("eval/")}
     assert len(evals) > 2 and evals == {k: v for k, v in start_two.items() if k.startswith("eval/")}
+
+
+def test_the_likelihood_probe_plans_alike_on_two_processes_and_one(tmp_path, policy_cache):
+    """Each rank probes its share and every rank sees every result: step 0's plan (made before anything is sampled,
+    so the same on any number of processes) probes and prices alike on two CPU processes and on one."""
+    import pandas as pd
+
+    from tests.conftest import tiny_overrides
+
+    keys = ["budget.policy=marginal", "budget.probe_strength=16", "budget.token_budget=600", "train.max_steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plans = []
+    two_processes = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for launch, name in ((two_processes, "two"), ([sys.executable], "one")):
+        cmd = [*launch, "-m", "marginal_rl", "train", *tiny_overrides(policy_cache, str(tmp_path / name)), *keys]
+        r = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        plans.append(pd.read_parquet(tmp_path / name / "prompts"))
+    two, one = plans
+    assert two.probed.any() and two.probed.equals(one.probed) and two.samples.equals(one.samples)
+    pd.testing.assert_series_equal(two.pass_rate, one.pass_rate, rtol=1e-5)

@@ -120,6 +120,25 @@ def test_priced_reuse_trains_again_ledgers_it_and_documents_its_keys(tmp_path, p
     assert {k for k in rec.keys if "reuse" in k and f"`{k}`" not in documented} == set()
 
 
+def test_the_likelihood_probe_spends_its_tokens_and_the_prompt_store_records_it(tmp_path, policy_cache, monkeypatch):
+    rec = RecordingLogger()
+    monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: rec)
+    # enough rounds that the plan probes every candidate it samples before nothing is known about it
+    cfg = _cfg(tmp_path, policy_cache, ["budget.policy=marginal", "budget.probe_strength=16", "budget.probe_rounds=64",
+                                        "budget.token_budget=600", "train.max_steps=3"])
+    summary = _run(cfg)
+    out = Path(cfg.output_dir)
+    prompts, tokens = pd.read_parquet(out / "prompts"), summary["tokens"]
+    assert tokens["probe"] > 0 and tokens["total"] == tokens["rollout"] + tokens["train"] + tokens["probe"]
+    assert summary["ledger"]["prompts_probed"] == int(prompts.probed.sum())
+    first = prompts[prompts.step == 0]
+    assert first[first.samples > 0].probed.all()  # at step 0 nothing is known: every prompt sampled was probed
+    # a probe scores prompt + answer + EOS: the arith prompts' answers are a few tokens, their prompts ~6
+    assert 4 <= tokens["probe"] / summary["ledger"]["prompts_probed"] <= 16
+    documented = _documented_keys()
+    assert {k for k in rec.keys if "probe" in k and f"`{k}`" not in documented} == set()
+
+
 def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tmp_path, policy_cache):
     cfg = _cfg(tmp_path, policy_cache, ["budget.policy=none", "train.max_steps=10", "train.max_nonfinite=2"])
     task = build_task(cfg.task, cfg.rollout)
@@ -129,8 +148,9 @@ def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tm
     assert len(list((Path(cfg.output_dir) / "trajectories").glob("step-*.parquet"))) == 2
 
 
-@pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"], ["budget.reuse_buffer=64", "budget.drift_scale=10"]],
-                         ids=["on_policy", "stale_rollouts", "priced_reuse"])
+@pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"], ["budget.reuse_buffer=64", "budget.drift_scale=10"],
+                                   ["budget.probe_strength=16", "budget.token_budget=600"]],
+                         ids=["on_policy", "stale_rollouts", "priced_reuse", "likelihood_probe"])
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, stale):
     # with max_staleness=2 the step-2 checkpoint falls while rollouts still sample from version 0: the lagging
     # snapshot must come back from the checkpoint, not be re-synced to version 2
@@ -148,6 +168,10 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, 
         reuse = pd.read_parquet(Path(full.output_dir) / "reuse")
         assert (reuse.uses > 1).any() and (reuse.step >= 2).any()
         pd.testing.assert_frame_equal(reuse, pd.read_parquet(Path(resumed.output_dir) / "reuse"))
+    if "budget.probe_strength=16" in stale:  # the probed posteriors came back: the same probes after the resume
+        probes = pd.read_parquet(Path(full.output_dir) / "prompts")
+        assert probes[probes.step >= 2].probed.any()
+        pd.testing.assert_frame_equal(probes, pd.read_parquet(Path(resumed.output_dir) / "prompts"))
     wa = load_file(Path(full.output_dir) / "final" / "model.safetensors")
     wb = load_file(Path(resumed.output_dir) / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -39,7 +39,7 @@ def test_record_step_by_hand():
     ledger.record_step(TrajectoryColumns.of(trajs), TrajectoryPrices.of(decs), num_iterations=2, prompts_skipped=3)
     # prefill 4·10 = 40; decode 5+7+4+4 = 20; observation 3 − 2 = 1; verify 2; rollout 63
     # train: (10+5)·2 + (10+10)·2 = 30 + 40 = 70; total 133
-    assert ledger.by_use == {"prefill": 40, "decode": 20, "observation": 1, "verify": 2, "train": 70, "reuse": 0}
+    assert ledger.by_use == {"prefill": 40, "decode": 20, "observation": 1, "verify": 2, "train": 70, "reuse": 0, "probe": 0}
     assert (ledger.rollout_tokens, ledger.total_tokens) == (63, 133)
     # by fate (rollout tokens): trained 15 + 20 = 35, zero_signal 14 + 14 = 28
     assert ledger.by_fate == {"trained": 35, "zero_signal": 28, "dropped_price": 0, "dropped_stale": 0}

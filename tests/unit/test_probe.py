@@ -1,0 +1,161 @@
+"""The likelihood probe (`budget.probe_strength`, docs/budget.md "The likelihood probe"), checked by hand: what it
+computes (the sampling probability of the reference answer, exactly as sampling records it), how a probe becomes
+evidence, which candidates the plan probes and that its tokens are spent, and the config errors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from marginal_rl.budget.allocator import Budget, Update
+from marginal_rl.budget.policies import SampleLimits, budget_config
+from marginal_rl.budget.state import BudgetState, PromptStats, fold_evidence, fold_probe, weak_evidence
+from marginal_rl.rollout.build import build_task
+from marginal_rl.rollout.errors import TaskError
+from marginal_rl.rollout.generator import answer_likelihood, sample
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
+from marginal_rl.train.config import ConfigError, load_config
+from marginal_rl.train.loop import check_probe
+
+LIMITS = SampleLimits(prompts_per_step=2, group_size=2, min_group_size=2, max_group_size=2)  # 4 samples a step
+
+
+def tiny_lm(vocab: int = 5) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, eos_token_id=0,
+                      pad_token_id=0, bos_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_the_probe_is_the_probability_sampling_records_for_the_answer():
+    model, tok = tiny_lm(), SimpleNamespace(eos_token_id=0, pad_token_id=0)
+    prompt, answer = [1, 2, 3], [4, 2, 0]  # two answer tokens, then EOS
+    for temperature in (1.0, 0.7):
+        rate = answer_likelihood(model, [prompt], [answer], temperature)[0]
+        torch.manual_seed(1)
+        samples = sample(model, tok, [prompt] * 4000, max_new_tokens=len(answer), temperature=temperature)
+        hits = [s for s in samples if s.completion_ids == answer]
+        # exact: the log-probabilities sampling records for the answer sum to the probe's
+        assert hits and math.isclose(sum(hits[0].logprobs), math.log(rate), abs_tol=1e-4)
+        # and the sampled frequency agrees within 4 standard errors
+        freq = len(hits) / len(samples)
+        assert abs(freq - rate) < 4 * math.sqrt(rate * (1 - rate) / len(samples)), (temperature, freq, rate)
+
+
+def test_the_probe_does_not_depend_on_what_is_batched_with_it():
+    model = tiny_lm()
+    prompts, answers = [[1, 2], [1, 3, 4, 2, 3], [2]], [[3, 0], [4, 4, 1, 0], [0]]
+    together = answer_likelihood(model, prompts, answers, 1.0)
+    alone = [answer_likelihood(model, [p], [a], 1.0)[0] for p, a in zip(prompts, answers, strict=True)]
+    assert np.allclose(together, alone, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        answer_likelihood(model, prompts, answers, 0.0)
+
+
+def test_a_probe_is_evidence_worth_its_strength_and_fades_like_any():
+    cfg = budget_config("marginal", drift_prior=0.1, drift_scale=1.0)  # evidence fades by exp(−0.1·Δv)
+    state = BudgetState(version=3, tok_rollout=12.0, tok_verify=0.0, tok_update=12.0)
+    state.prompts["old"] = PromptStats(3.0, 2.0, version=0, groups=1, tok_rollout=20.0)  # 3 pseudo-counts, old
+    fold_probe(cfg, state, ["old", "new"], [0.25, 1.5], version=3, strength=16, step=5)
+    old, new = state.prompts["old"], state.prompts["new"]
+    assert (old.alpha, old.beta, old.version) == (1 + 16 * 0.25, 1 + 16 * 0.75, 3)  # replaces the weaker evidence
+    assert (new.alpha, new.beta, new.groups) == (17.0, 1.0, 0)  # a rate is clipped to [0, 1]
+    assert new.tok_rollout == 12.0 and old.tok_rollout == 20.0  # an unseen prompt starts at the averages
+    # weak = the faded evidence is worth less than half a probe (8 of 16): unseen, or 16·exp(−0.1·Δv) < 8 (Δv ≥ 7)
+    state.prompts["aged"] = PromptStats(9.0, 9.0, version=3 - 7)
+    state.prompts["recent"] = PromptStats(9.0, 9.0, version=3 - 6)
+    assert weak_evidence(cfg, state, ["old", "unseen", "aged", "recent"], 16).tolist() == [False, True, True, False]
+    # a probed prompt's first group sets its own token lengths (it was given the averages)
+    t = [Trajectory(f"t{k}", "new", "g", 0, 3, [0] * 4, [0] * 3, [1] * 3, [0.0] * 3, float(k), "eos") for k in (0, 1)]
+    fold_evidence(cfg, state, TrajectoryColumns.of(t), np.ones(2, bool), 5, 3, None, 1)
+    assert state.prompts["new"].tok_rollout == 7.0 and state.prompts["new"].alpha == 18.0
+
+
+class FakeProbe:
+    """Pass rates by prompt id; every prompt costs `tokens` tokens to probe. Records each call."""
+
+    def __init__(self, rates: dict[str, float], tokens: int = 5):
+        self.rates, self.tokens, self.calls = rates, tokens, []
+
+    def __call__(self, ids):
+        self.calls.append(list(ids))
+        return [self.rates[i] for i in ids], [self.tokens] * len(ids)
+
+
+def test_the_plan_probes_the_candidates_it_wants_and_replans_without_the_solved_and_the_hopeless():
+    # posterior means (thompson off), fixed prices: unseen prompts tie at p = 0.5 and fill the 4 samples in order.
+    # A probe worth 64 samples at rate 0 or 1 reads Beta(1, 65): its group of 2 is priced negative.
+    cfg = budget_config("marginal", thompson=False, probe_strength=64)
+    rates = {"solved": 1.0, "hopeless": 0.0, "half": 0.5, "third": 0.3, "spare": 0.5}
+    probe, budget = FakeProbe(rates), Budget(cfg, LIMITS)
+    plan = budget.plan(list(rates), 0, np.random.default_rng(0), probe)
+    # round 2 samples the next two in order, round 3 the unseen `spare` (p = 0.5 before its probe) over `third`
+    # (probed at 0.3): each round probes what the last one's probes freed
+    assert probe.calls == [["solved", "hopeless"], ["half", "third"], ["spare"]]
+    samples = dict(zip(plan.prompt_ids, plan.samples.tolist(), strict=True))
+    assert samples == {"solved": 0, "hopeless": 0, "half": 2, "third": 0, "spare": 2}
+    assert plan.probed.all() and plan.probe_tokens == 5 * 5
+    assert plan.pass_rate[2] == pytest.approx((1 + 32) / 66)  # the probed posterior the plan priced
+    # the probe's tokens are spent: the ledger's `probe` use, the total and the controller's spend
+    group = [Trajectory(f"t{k}", "half", "g", 0, 0, [0] * 4, [0] * 3, [1] * 3, [0.0] * 3, float(k), "eos")
+             for k in (0, 1)]
+    budget.settle(plan, TrajectoryColumns.of(group), 0, 0, lambda prices, reuse: Update(1, None), group)
+    led = budget.ledger
+    assert led.by_use["probe"] == 25 and led.probed == 5 and led.total_tokens == 2 * 7 + 2 * 7 + 25
+    assert budget.state.last_spend == 2 * 7 + 2 * 7 + 25
+    assert led.metrics()["ledger/tokens_probe"] == 25 and led.summary()["prompts_probed"] == 5
+    # probed evidence is strong now: the next plan probes nothing it already knows
+    again = budget.plan(["half", "third"], 1, np.random.default_rng(1), probe)
+    assert len(probe.calls) == 3 and not again.probed.any() and again.probe_tokens == 0
+
+
+def test_probe_rounds_bound_the_replanning_and_the_probe_tokens_come_off_a_token_budget():
+    rates = {"solved": 1.0, "hopeless": 0.0, "half": 0.5, "third": 0.3}
+    one = FakeProbe(rates)
+    Budget(budget_config("marginal", thompson=False, probe_strength=64, probe_rounds=1), LIMITS).plan(
+        list(rates), 0, np.random.default_rng(0), one)
+    assert one.calls == [["solved", "hopeless"]]
+    # under a token budget the planner's cap is token_budget × slack minus what the probe spent: the first plan fits
+    # one group in 100 tokens (`solved`, 60 expected tokens), its probe costs 60, and no group fits in the 40 left
+    cfg = budget_config("marginal", thompson=False, probe_strength=64, token_budget=100, budget_slack=1.0)
+    plan = Budget(cfg, LIMITS).plan(list(rates), 0, np.random.default_rng(0), FakeProbe(rates, tokens=60))
+    assert plan.probed.tolist() == [True, False, False, False] and plan.probe_tokens == 60
+    assert not plan.samples.any()
+    with pytest.raises(ValueError, match="pass the trainer's likelihood probe"):
+        Budget(cfg, LIMITS).plan(list(rates), 0, np.random.default_rng(0))
+
+
+def test_probe_keys_are_checked():
+    with pytest.raises(ValueError, match="probe_strength: expected a number >= 0"):
+        budget_config("marginal", probe_strength=-1)
+    with pytest.raises(ValueError, match="probe_rounds: expected an integer >= 1"):
+        budget_config("marginal", probe_rounds=0)
+    with pytest.raises(ConfigError, match="read only by budget.policy=marginal"):
+        load_config([], ["budget.policy=none", "budget.probe_strength=16"])
+
+
+def test_the_probe_needs_a_one_turn_task_with_reference_answers_and_untruncated_sampling():
+    strings = ["task.name=dataset", "task.dataset=examples/bench_strings/train.jsonl",
+               "task.reward_funcs=[examples.rewards.exact_match]", "budget.policy=marginal", "budget.probe_strength=16"]
+    cfg = load_config([], strings)
+    with pytest.raises(ConfigError, match="2700 of 2700 training prompts have no reference answer.*task.answer_column"):
+        check_probe(cfg, build_task(cfg.task, cfg.rollout))
+    cfg = load_config([], strings + ["task.answer_column=answer"])
+    task = build_task(cfg.task, cfg.rollout)
+    check_probe(cfg, task)
+    assert task.train[0].answer == "ccggkk"  # the row's `answer`, not its demonstration `completion` ("ccggkk.")
+    with pytest.raises(TaskError, match="task.answer_column=.nope. needs a non-empty string"):
+        bad = load_config([], strings + ["task.answer_column=nope"])
+        build_task(bad.task, bad.rollout)
+    cfg = load_config([], ["budget.policy=marginal", "budget.probe_strength=16", "rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match="rollout.top_p=0.9 truncates it"):
+        check_probe(cfg, build_task(cfg.task, cfg.rollout))
+    cfg = load_config([], ["task.name=fix_test", "budget.policy=marginal", "budget.probe_strength=16"])
+    with pytest.raises(ConfigError, match="runs multi-turn episodes"):
+        check_probe(cfg, build_task(cfg.task, cfg.rollout))
