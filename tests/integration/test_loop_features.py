@@ -45,6 +45,16 @@ def _documented_keys() -> str:
     return (ROOT / "docs" / "metrics.md").read_text()
 
 
+def _recorded_run(tmp_path: Path, cache: str, extra: list[str], monkeypatch) -> tuple[Path, dict, set[str]]:
+    """A run whose logged metric keys are recorded: its directory, its summary and the keys in docs/metrics.md's
+    form that it logged without documenting them."""
+    rec = RecordingLogger()
+    monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: rec)
+    cfg = _cfg(tmp_path, cache, extra)
+    summary, documented = _run(cfg), _documented_keys()
+    return Path(cfg.output_dir), summary, {k for k in rec.keys if f"`{k}`" not in documented}
+
+
 @pytest.mark.parametrize("policy", ["max_var", "prior", "marginal"])
 def test_every_policy_runs_and_every_logged_key_is_documented(tmp_path, policy_cache, policy, monkeypatch):
     rec = RecordingLogger()
@@ -98,12 +108,9 @@ def test_stale_rollouts_lag_and_are_corrected(tmp_path, policy_cache, monkeypatc
 
 
 def test_priced_reuse_trains_again_ledgers_it_and_documents_its_keys(tmp_path, policy_cache, monkeypatch):
-    rec = RecordingLogger()
-    monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: rec)
-    cfg = _cfg(tmp_path, policy_cache, ["budget.policy=marginal", "budget.reuse_buffer=64", "train.max_steps=4",
-                                        "budget.token_budget=1500", "budget.drift_scale=10"])
-    summary = _run(cfg)
-    out = Path(cfg.output_dir)
+    out, summary, undocumented = _recorded_run(tmp_path, policy_cache, [
+        "budget.policy=marginal", "budget.reuse_buffer=64", "train.max_steps=4", "budget.token_budget=1500",
+        "budget.drift_scale=10"], monkeypatch)
     df, reuse = pd.read_parquet(out / "trajectories"), pd.read_parquet(out / "reuse")
     tokens = summary["tokens"]
     assert df.traj_id.is_unique and tokens["rollout"] == int(df.tokens_rollout.sum())  # sampled once, ledgered once
@@ -116,18 +123,14 @@ def test_priced_reuse_trains_again_ledgers_it_and_documents_its_keys(tmp_path, p
     # a trajectory's `uses` counts its first training and each reuse so far
     last = reuse[reuse.fate == "trained"].groupby("traj_id").uses.max()
     assert (last == 1 + reuse[reuse.fate == "trained"].groupby("traj_id").size()).all()
-    documented = _documented_keys()
-    assert {k for k in rec.keys if "reuse" in k and f"`{k}`" not in documented} == set()
+    assert {k for k in undocumented if "reuse" in k} == set()
 
 
 def test_the_likelihood_probe_spends_its_tokens_and_the_prompt_store_records_it(tmp_path, policy_cache, monkeypatch):
-    rec = RecordingLogger()
-    monkeypatch.setattr(loop, "build_logger", lambda cfg, acc, out: rec)
-    # enough rounds that the plan probes every candidate it samples before nothing is known about it
-    cfg = _cfg(tmp_path, policy_cache, ["budget.policy=marginal", "budget.probe_strength=16", "budget.probe_rounds=64",
-                                        "budget.token_budget=600", "train.max_steps=3"])
-    summary = _run(cfg)
-    out = Path(cfg.output_dir)
+    # enough rounds that every candidate the step-0 plan ends up sampling has been probed
+    out, summary, undocumented = _recorded_run(tmp_path, policy_cache, [
+        "budget.policy=marginal", "budget.probe_strength=16", "budget.probe_rounds=64", "budget.token_budget=600",
+        "train.max_steps=3"], monkeypatch)
     prompts, tokens = pd.read_parquet(out / "prompts"), summary["tokens"]
     assert tokens["probe"] > 0 and tokens["total"] == tokens["rollout"] + tokens["train"] + tokens["probe"]
     assert summary["ledger"]["prompts_probed"] == int(prompts.probed.sum())
@@ -135,8 +138,7 @@ def test_the_likelihood_probe_spends_its_tokens_and_the_prompt_store_records_it(
     assert first[first.samples > 0].probed.all()  # at step 0 nothing is known: every prompt sampled was probed
     # a probe scores prompt + answer + EOS: the arith prompts' answers are a few tokens, their prompts ~6
     assert 4 <= tokens["probe"] / summary["ledger"]["prompts_probed"] <= 16
-    documented = _documented_keys()
-    assert {k for k in rec.keys if "probe" in k and f"`{k}`" not in documented} == set()
+    assert {k for k in undocumented if "probe" in k} == set()
 
 
 def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tmp_path, policy_cache):
