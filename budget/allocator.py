@@ -33,16 +33,11 @@ from marginal_rl.budget.policies import (
     price_trajectories,
     update_state,
 )
-from marginal_rl.budget.policies.base import PromptArrays, prompt_arrays
-from marginal_rl.budget.policies.marginal import plan_marginal
+from marginal_rl.budget.policies.marginal import Probe, plan_probing
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
 from marginal_rl.budget.reuse import Reuse, ReuseBuffer, reuse_metrics
-from marginal_rl.budget.state import BudgetState, fold_probe, fold_reuse_drift, reuse_drift, weak_evidence
+from marginal_rl.budget.state import BudgetState, fold_reuse_drift, reuse_drift
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
-
-Probe = Callable[[Sequence[str]], tuple[Sequence[float], Sequence[int]]]
-"""The likelihood probe: prompt ids -> (each one's pass rate as the policy's probability of its reference answer,
-the tokens each probe processed)."""
 
 
 @dataclass(frozen=True)
@@ -99,41 +94,14 @@ class Budget:
             limits = dataclasses.replace(limits, reserved_tokens=offer.tokens(self.num_iterations))
         strength = getattr(self.cfg, "probe_strength", 0.0)
         if strength > 0:
-            plan, probe_s = self._plan_probing(candidates, step, rng, limits, probe, strength)
+            if probe is None:
+                raise ValueError("plan: budget.probe_strength is set; pass the trainer's likelihood probe")
+            plan, probe_s = plan_probing(self.cfg, self.state, candidates, step, rng, limits, probe)
             t0 += probe_s  # the probe's forward passes are the trainer's time, not the budget's
         else:
             plan = plan_prompts(self.cfg, self.state, candidates, step, rng, limits)
         self.seconds += time.perf_counter() - t0
         return plan
-
-    def _plan_probing(self, candidates: Sequence[str], step: int, rng: np.random.Generator, limits: SampleLimits,
-                      probe: Probe | None, strength: float) -> tuple[PromptPlan, float]:
-        """Plan, probe the sampled candidates whose evidence is weak, plan again (probe_rounds at most); the plan and
-        the seconds spent inside `probe`. Between rounds only the probed candidates' prompt arrays change (the probe
-        touches nothing else), so only their rows are recomputed."""
-        if probe is None:
-            raise ValueError("plan: budget.probe_strength is set; pass the trainer's likelihood probe")
-        cfg, state = self.cfg, self.state
-        arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
-        plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
-        probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
-        weak = weak_evidence(cfg, state, candidates, strength)
-        for _ in range(cfg.probe_rounds):
-            ask = np.flatnonzero((plan.samples > 0) & weak & ~probed)
-            if not len(ask):
-                break
-            ids = [candidates[i] for i in ask]
-            t1 = time.perf_counter()
-            rates, tokens = probe(ids)
-            probe_s += time.perf_counter() - t1
-            fold_probe(cfg, state, ids, rates, state.version, strength, step)
-            probed[ask], spent = True, spent + int(np.sum(tokens))
-            limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
-            arrays = PromptArrays(*(a.copy() for a in arrays))
-            for a, r in zip(arrays, prompt_arrays(cfg, state, ids, cfg.pool_strength), strict=True):
-                a[ask] = r
-            plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
-        return dataclasses.replace(plan, probed=probed, probe_tokens=spent), probe_s
 
     def offer(self, version: int) -> Reuse | None:
         """The reuse buffer's trajectories priced at policy `version` (the marginal fate rule: `trained` = worth

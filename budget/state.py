@@ -93,31 +93,25 @@ def fold_reuse_drift(cfg: BudgetConfig, state: BudgetState, drift_kl: float | No
         state.reuse_drift = _ema(state.reuse_drift, max(float(drift_kl), 0.0), cfg.ema)
 
 
-def weak_evidence(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], strength: float) -> np.ndarray:
-    """(P,) bool: the candidate's own evidence, faded to the current version (pseudo-counts above the prior), is
-    worth less than half a probe of `strength` samples: what the likelihood probe would improve on."""
-    drift, worth = current_drift(cfg, state), np.zeros(len(candidates))
-    for i, s in enumerate(map(state.prompts.get, candidates)):
-        if s is not None:
-            factor = math.exp(-drift * max(state.version - s.version, 0) / cfg.drift_scale)
-            worth[i] = (s.alpha - cfg.prior_alpha + s.beta - cfg.prior_beta) * factor
-    return worth < strength / 2
+def unseen_lengths(cfg: BudgetConfig, state: BudgetState) -> tuple[float, float, float]:
+    """Expected (rollout, verify, update) tokens per sample of a prompt never sampled: the averages over all prompts,
+    or `prior_tokens` before anything has been seen."""
+    return (cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout,
+            0.0 if state.tok_verify is None else state.tok_verify,
+            cfg.prior_tokens if state.tok_update is None else state.tok_update)
 
 
 def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str], rates: Sequence[float],
                version: int, strength: float, step: int) -> None:
     """The likelihood probe's pass rates (the policy at `version`), each as `strength` samples of evidence: the
     prompt's posterior becomes Beta(prior_alpha + m·r, prior_beta + m·(1 − r)) at that version. It replaces the
-    prompt's own faded evidence, which was weaker (weak_evidence) and older; group evidence then adds to it and both
-    fade with the drift as before."""
+    prompt's own faded evidence, which was weaker (PromptArrays.evidence) and older; group evidence then adds to it
+    and both fade with the drift as before."""
     for pid, rate in zip(prompt_ids, rates, strict=True):
         r = min(max(float(rate), 0.0), 1.0)
         s = state.prompts.get(pid)
         if s is None:
-            avg = cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout
-            s = state.prompts[pid] = PromptStats(0.0, 0.0, version, step, 0, 0, avg,
-                                                 0.0 if state.tok_verify is None else state.tok_verify,
-                                                 cfg.prior_tokens if state.tok_update is None else state.tok_update)
+            s = state.prompts[pid] = PromptStats(0.0, 0.0, version, step, 0, 0, *unseen_lengths(cfg, state))
         s.alpha, s.beta = cfg.prior_alpha + strength * r, cfg.prior_beta + strength * (1.0 - r)
         s.version = max(version, s.version)
 

@@ -125,11 +125,12 @@ def fit_prompts_to_context(cfg: RunConfig, task: TaskSet, tokenizer, model_confi
         print(f"task.long_prompts=drop: left out {what}", file=sys.stderr)
 
 
-def check_probe(cfg: RunConfig, task: TaskSet) -> None:
-    """budget.probe_strength scores each prompt's reference answer under the sampling distribution: the task must be
-    single-turn with an answer for every training prompt, and sampling must not truncate the distribution."""
+def check_probe(cfg: RunConfig, task: TaskSet) -> bool:
+    """Whether the run uses the likelihood probe (budget.probe_strength > 0). It scores each prompt's reference answer
+    under the sampling distribution: the task must be single-turn with an answer for every training prompt, and
+    sampling must not truncate the distribution; else a ConfigError naming the key."""
     if getattr(cfg.budget, "probe_strength", 0) <= 0:
-        return
+        return False
     if not task.probes:
         raise ConfigError(f"budget.probe_strength: task.name={cfg.task.name} runs multi-turn episodes; the likelihood "
                           f"probe scores one-turn answers (task.name=arith, or dataset with task.answer_column)")
@@ -142,6 +143,7 @@ def check_probe(cfg: RunConfig, task: TaskSet) -> None:
     if cfg.rollout.top_p < 1:
         raise ConfigError(f"budget.probe_strength: the probe scores the full sampling distribution; rollout.top_p="
                           f"{cfg.rollout.top_p} truncates it (set rollout.top_p=1.0)")
+    return True
 
 
 def build_reference(cfg: RunConfig, model: torch.nn.Module):
@@ -414,7 +416,7 @@ class Run:
         if self.main:  # before the model is built: the other ranks wait for it in build_policy
             prepare_run_dir(self.out, resume=bool(cfg.train.resume_from), overwrite=cfg.train.overwrite)
 
-        check_probe(cfg, task)  # before the model loads
+        self.probing = check_probe(cfg, task)  # before the model loads
         model, self.tokenizer = build_policy(cfg, task, accelerator)
         fit_prompts_to_context(cfg, task, self.tokenizer, model.config)
         self.reference = build_reference(cfg, model)
@@ -501,8 +503,8 @@ class Run:
         # is offered only its prompts_per_step
         pool_size = min(len(self.task.train), self.cfg.budget.pool_factor * self.limits.prompts_per_step)
         pool = rng.choice(len(self.task.train), size=pool_size, replace=False)[:self.state.budget.candidates_per_step]
-        probe = self.probe if getattr(self.cfg.budget, "probe_strength", 0) > 0 else None
-        return self.state.budget.plan([self.task.train[i].prompt_id for i in pool], step, rng, probe)
+        return self.state.budget.plan([self.task.train[i].prompt_id for i in pool], step, rng,
+                                      self.probe if self.probing else None)
 
     def probe(self, prompt_ids: Sequence[str]) -> tuple[list[float], list[int]]:
         """The budget's likelihood probe (budget.probe_strength) on the current policy: each prompt's pass rate as
@@ -511,7 +513,7 @@ class Run:
         prompts = [self.by_id[pid] for pid in prompt_ids]
         share = -(-len(prompts) // self.world)
         mine = prompts[self.rank * share:(self.rank + 1) * share]
-        with generation_context(self.model, self.accelerator), torch.no_grad():  # rollout time, as sampling
+        with generation_context(self.model, self.accelerator):  # rollout time, as sampling
             rates, tokens = self.task.answer_likelihood(self.policy, self.tokenizer, mine + prompts[:share - len(mine)],
                                                         self.cfg.rollout.temperature, self.cfg.rollout.batch_size)
         parts = gather_object([(rates[:len(mine)], tokens[:len(mine)])])

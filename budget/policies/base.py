@@ -26,7 +26,7 @@ from marginal_rl.budget.pricing import (
     risk_factor,
 )
 from marginal_rl.budget.records import POOL_FULL, SAMPLED, PromptPlan
-from marginal_rl.budget.state import BudgetState, current_drift
+from marginal_rl.budget.state import BudgetState, current_drift, unseen_lengths
 from marginal_rl.rollout.types import TrajectoryColumns
 
 
@@ -58,6 +58,7 @@ class PromptArrays(NamedTuple):
     tok_verify: np.ndarray
     tok_update: np.ndarray
     streak: np.ndarray
+    evidence: np.ndarray  # the prompt's own pseudo-counts above the prior, faded (pooling not included)
 
     @property
     def mean(self) -> np.ndarray:
@@ -74,18 +75,16 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     m > 0 a prompt's prior is its family's (pool_prior) instead of Beta(prior_alpha, prior_beta)."""
     num = len(candidates)
     # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
-    unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0,
-              cfg.prior_tokens if state.tok_rollout is None else state.tok_rollout,
-              0.0 if state.tok_verify is None else state.tok_verify,
-              cfg.prior_tokens if state.tok_update is None else state.tok_update)
+    unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0, *unseen_lengths(cfg, state))
     rows = [unseen if s is None else _STATS(s) for s in map(state.prompts.get, candidates)]
     table = np.fromiter(chain.from_iterable(rows), dtype=float, count=7 * num).reshape(num, 7).T  # (7, P): a row each
     alpha, beta, version, streak, tr, tv, tu = table
     factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
+    evidence = alpha + beta - cfg.prior_alpha - cfg.prior_beta
     if pool_strength > 0:
         alpha, beta = pool_prior(cfg, state, candidates, alpha, beta, pool_strength)
-    return PromptArrays(alpha, beta, tr, tv, tu, streak)
+    return PromptArrays(alpha, beta, tr, tv, tu, streak, evidence)
 
 
 def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], alpha: np.ndarray, beta: np.ndarray,

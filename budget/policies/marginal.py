@@ -22,7 +22,9 @@ priced by the same rules; the Budget reserves its update tokens from the planner
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,7 +51,7 @@ from marginal_rl.budget.records import (
     ZERO_SIGNAL,
     PromptPlan,
 )
-from marginal_rl.budget.state import BudgetState
+from marginal_rl.budget.state import BudgetState, fold_probe
 
 
 @dataclass
@@ -127,6 +129,8 @@ class MarginalConfig(BudgetConfig):
                              f"{self.probe_strength}")
         if self.probe_rounds < 1:
             raise ValueError(f"probe_rounds: expected an integer >= 1, got {self.probe_rounds}")
+        if self.probe_strength == 0 and self.probe_rounds != MarginalConfig.probe_rounds:
+            raise ValueError("probe_rounds: read only with the likelihood probe on; set budget.probe_strength > 0")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         if not self.controller_rate >= 0:
@@ -193,6 +197,40 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
     priced = (gain[:, limits.min_group_size:] > cost[:, limits.min_group_size:]).any(axis=1)
     return make_plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
                      tokens[rows, at], np.where(priced, BUDGET, PRICE))
+
+
+Probe = Callable[[Sequence[str]], tuple[Sequence[float], Sequence[int]]]
+"""The likelihood probe: prompt ids -> (each one's pass rate as the policy's probability of its reference answer,
+the tokens each probe processed)."""
+
+
+def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
+                 rng: np.random.Generator, limits: SampleLimits, probe: Probe) -> tuple[PromptPlan, float]:
+    """The likelihood probe's plan (probe_strength m > 0): plan, probe the candidates it samples whose own evidence
+    is worth less than half a probe (< m/2 faded pseudo-counts: every unseen prompt), fold the probes in
+    (fold_probe), plan again with their tokens taken off the step's cap; probe_rounds times at most. Returns the plan
+    (with `probed` and `probe_tokens`) and the seconds spent inside `probe`. Between rounds only the probed
+    candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed."""
+    arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
+    plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
+    weak = arrays.evidence < cfg.probe_strength / 2
+    probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
+    for _ in range(cfg.probe_rounds):
+        ask = np.flatnonzero((plan.samples > 0) & weak & ~probed)
+        if not len(ask):
+            break
+        ids = [candidates[i] for i in ask]
+        t0 = time.perf_counter()
+        rates, tokens = probe(ids)
+        probe_s += time.perf_counter() - t0
+        fold_probe(cfg, state, ids, rates, state.version, cfg.probe_strength, step)
+        probed[ask], spent = True, spent + int(np.sum(tokens))
+        limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
+        arrays = PromptArrays(*(a.copy() for a in arrays))
+        for a, r in zip(arrays, prompt_arrays(cfg, state, ids, cfg.pool_strength), strict=True):
+            a[ask] = r
+        plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
+    return dataclasses.replace(plan, probed=probed, probe_tokens=spent), probe_s
 
 
 def clearing_scale(planned: Callable[[float], float], budget: float, lo: float, hi: float, iters: int = 10) -> float:

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from marginal_rl.budget.allocator import Budget, Update
 from marginal_rl.budget.policies import SampleLimits, budget_config
-from marginal_rl.budget.state import BudgetState, PromptStats, fold_evidence, fold_probe, weak_evidence
+from marginal_rl.budget.policies.base import prompt_arrays
+from marginal_rl.budget.state import BudgetState, PromptStats, fold_evidence, fold_probe
 from marginal_rl.rollout.build import build_task
 from marginal_rl.rollout.errors import TaskError
 from marginal_rl.rollout.generator import answer_likelihood, sample
@@ -70,7 +71,8 @@ def test_a_probe_is_evidence_worth_its_strength_and_fades_like_any():
     # weak = the faded evidence is worth less than half a probe (8 of 16): unseen, or 16·exp(−0.1·Δv) < 8 (Δv ≥ 7)
     state.prompts["aged"] = PromptStats(9.0, 9.0, version=3 - 7)
     state.prompts["recent"] = PromptStats(9.0, 9.0, version=3 - 6)
-    assert weak_evidence(cfg, state, ["old", "unseen", "aged", "recent"], 16).tolist() == [False, True, True, False]
+    evidence = prompt_arrays(cfg, state, ["old", "unseen", "aged", "recent"]).evidence
+    assert (evidence < 16 / 2).tolist() == [False, True, True, False]
     # a probed prompt's first group sets its own token lengths (it was given the averages)
     t = [Trajectory(f"t{k}", "new", "g", 0, 3, [0] * 4, [0] * 3, [1] * 3, [0.0] * 3, float(k), "eos") for k in (0, 1)]
     fold_evidence(cfg, state, TrajectoryColumns.of(t), np.ones(2, bool), 5, 3, None, 1)
@@ -135,7 +137,9 @@ def test_probe_keys_are_checked():
     with pytest.raises(ValueError, match="probe_strength: expected a number >= 0"):
         budget_config("marginal", probe_strength=-1)
     with pytest.raises(ValueError, match="probe_rounds: expected an integer >= 1"):
-        budget_config("marginal", probe_rounds=0)
+        budget_config("marginal", probe_rounds=0, probe_strength=16)
+    with pytest.raises(ValueError, match="probe_rounds: read only with the likelihood probe on"):
+        budget_config("marginal", probe_rounds=2)
     with pytest.raises(ConfigError, match="read only by budget.policy=marginal"):
         load_config([], ["budget.policy=none", "budget.probe_strength=16"])
 
@@ -148,7 +152,7 @@ def test_the_probe_needs_a_one_turn_task_with_reference_answers_and_untruncated_
         check_probe(cfg, build_task(cfg.task, cfg.rollout))
     cfg = load_config([], strings + ["task.answer_column=answer"])
     task = build_task(cfg.task, cfg.rollout)
-    check_probe(cfg, task)
+    assert check_probe(cfg, task)
     assert task.train[0].answer == "ccggkk"  # the row's `answer`, not its demonstration `completion` ("ccggkk.")
     with pytest.raises(TaskError, match="task.answer_column=.nope. needs a non-empty string"):
         bad = load_config([], strings + ["task.answer_column=nope"])
