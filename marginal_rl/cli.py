@@ -256,7 +256,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from marginal_rl.report import report
 
-    return report(args.path)
+    return report(args.path, args.reference)
 
 
 def _debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summarise a run or a grid from its files and draw its plots",
                          description="Summarise a run directory (summary.json) or a grid directory from its files.")
     rep.add_argument("path", type=Path, help="a run directory (has summary.json) or a grid directory")
+    rep.add_argument("--reference", default=None, metavar="ARM",
+                     help="grid only: the arm every other arm is compared with, paired by seed (default: marginal; "
+                          "a grid without it gets no comparison)")
     rep.set_defaults(func=cmd_report)
     return p
 

@@ -2,13 +2,16 @@
 
     marginal-rl report runs/quickstart                         # one run
     marginal-rl report runs/ablations/budget_policies          # a grid written by `marginal-rl ablate`
+    marginal-rl report runs/ablations/bench_v2_fine --reference none_8   # every arm against another arm
 
 A run: eval rewards, tokens by use and by fate recomputed from the trajectory store, tokens to target, waste.
 A grid: the per-arm table (median [min, max] over seeds) and the reward-vs-tokens / reward-vs-wall plots.
 Both also write report.html, one page readable offline, with its PNGs beside it: for a run, eval reward against
 tokens and steps, tokens by use and by fate over the run, the controller's price, the price components'
 histograms, per-family eval rewards over steps, and the last step's top and bottom priced trajectories; for a grid,
-the curves per arm with their seed bands, tokens by fate per arm, and the table.
+the curves per arm with their seed bands, tokens by fate per arm, and the table; with the reference arm (`marginal`
+unless --reference names another), every arm against it paired by seed, at the two targets and at each relative
+target start + δ (ratios_by_target.csv/.png: where on the way up an arm's edge lives).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
     tokens/step is within ±25 % of the reference's."""
     import pandas as pd
 
-    from marginal_rl.stats import censor, mean_interval, paired_ratio
+    from marginal_rl.stats import mean_interval
 
     df = pd.DataFrame(results)
     if reference not in set(df.arm):
@@ -111,17 +114,67 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
         row = {"arm": arm, "seeds": len(seeds), "tokens_per_step": tps[arm],
                "matched": abs(tps[arm] / tps[reference] - 1) <= MATCHED}
         for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
-            base, mine = (censor(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)), budget)
-                          for x in (g, ref))
-            # a seed whose start is already at the target, or where neither run reached it, says nothing
-            informative = (base > 0) & (mine > 0) & ((base < budget) | (mine < budget))
-            row[f"{name}_seeds"] = int(informative.sum())
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (
-                paired_ratio(base[informative], mine[informative]) if informative.any() else (math.nan,) * 3)
+            row[f"{name}_seeds"], row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _paired(
+                *(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)) for x in (g, ref)), budget)
         row["auc_diff"], row["auc_diff_lo"], row["auc_diff_hi"] = mean_interval(
             ref.loc[seeds, "auc"].to_numpy() - g.loc[seeds, "auc"].to_numpy())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _paired(base: list, mine: list, budget: float) -> tuple[int, float, float, float]:
+    """(seeds used, geometric mean of base / mine tokens to a target, its 95 % interval), both censored at the
+    budget; a seed whose start is already at the target, or where neither run reached it, says nothing and is left
+    out."""
+    from marginal_rl.stats import censor, paired_ratio
+
+    b, m = censor(base, budget), censor(mine, budget)
+    informative = (b > 0) & (m > 0) & ((b < budget) | (m < budget))
+    return (int(informative.sum()),
+            *(paired_ratio(b[informative], m[informative]) if informative.any() else (math.nan,) * 3))
+
+
+SWEEP_DELTAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
+
+
+def target_sweep(results, budget: float, reference: str = REFERENCE_ARM, deltas=SWEEP_DELTAS):
+    """Every other arm against `reference` at each relative target start + δ (δ in `deltas`), paired by seed as in
+    `compare`: where on the way up an arm's edge lives (early, or only on the plateau). One row per (arm, δ): seeds
+    used, the geometric mean of arm / reference tokens to start + δ and its 95 % interval. Read from each run's
+    eval history (summary.json)."""
+    import pandas as pd
+
+    from marginal_rl.stats import tokens_to_gain
+
+    df = pd.DataFrame(results)
+    if reference not in set(df.arm):
+        return pd.DataFrame()
+    reached = {}  # (arm, seed) -> tokens to start + δ for each δ
+    for r in results:
+        s = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        metric = s.get("target_metric", "eval/reward")
+        tokens, rewards = [h["tokens"] for h in s["eval_history"]], [h[metric] for h in s["eval_history"]]
+        reached[r["arm"], r["seed"]] = [tokens_to_gain(tokens, rewards, d) for d in deltas]
+    ref_seeds = set(df.seed[df.arm == reference])
+    rows = []
+    for arm in dict.fromkeys(df.arm[df.arm != reference]):
+        seeds = sorted(set(df.seed[df.arm == arm]) & ref_seeds)
+        for i, d in enumerate(deltas):
+            used, ratio, lo, hi = _paired([reached[arm, k][i] for k in seeds],
+                                          [reached[reference, k][i] for k in seeds], budget)
+            rows.append({"arm": arm, "delta": d, "seeds": used, "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi})
+    return pd.DataFrame(rows)
+
+
+def sweep_markdown(sweep, reference: str = REFERENCE_ARM) -> str:
+    """The sweep as one row per arm, one column per δ: ratio [95 % CI] (seeds used)."""
+    if sweep.empty:
+        return ""
+    deltas = list(dict.fromkeys(sweep.delta))
+    rows = [[arm] + [f"{_ci(r, 'ratio', '.2f', 'x')} ({r['seeds']})" for r in g.to_dict("records")]
+            for arm, g in sweep.groupby("arm", sort=False)]
+    return "\n".join([f"arm / {reference} tokens to start + δ, paired by seed [95 % CI] (seeds used):", "",
+                      *_markdown_table(["arm", *(f"start + {d:g}" for d in deltas)], rows)])
 
 
 def _interval(value: float, lo: float, hi: float, fmt: str, unit: str = "") -> str:
@@ -308,6 +361,33 @@ def plot_ratios(ratios, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)
     return _save(plt, fig, out_dir / "ratios.png")
+
+
+def plot_sweep(sweep, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
+    """Arm / reference tokens to start + δ against δ, one line per arm with its 95 % interval (log axis; above 1:
+    the reference needs fewer tokens to that target)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    arms = list(dict.fromkeys(sweep.arm))
+    width = 0.004 / max(len(arms), 1)
+    for k, (arm, g) in enumerate(sweep.groupby("arm", sort=False)):
+        x = g.delta + (k - (len(arms) - 1) / 2) * width
+        ax.errorbar(x, g.ratio, yerr=[g.ratio - g.ratio_lo, g.ratio_hi - g.ratio], fmt="o-", capsize=2, ms=3,
+                    lw=1, label=arm)
+    ax.axhline(1, color="grey", lw=1)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.yaxis.set_major_locator(FixedLocator([0.25, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4]))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set_xlabel("relative target: start + δ (eval reward)")
+    ax.set_ylabel(f"arm / {reference} tokens to it")
+    ax.set_title(f"tokens to each relative target against {reference}: geometric mean over seeds, 95 % CI",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out_dir / "ratios_by_target.png")
 
 
 USES = {"prefill": "tokens_prompt", "decode": "tokens_policy", "observation": "tokens_observation",
@@ -511,10 +591,17 @@ def report_run(run: Path) -> Path:
     return page
 
 
-def report_grid(grid: Path) -> Path:
+def report_grid(grid: Path, reference: str | None = None) -> Path:
+    """`reference`: the arm every other arm is compared with (None: `marginal`, and no comparison when the grid has
+    no such arm; a named arm the grid lacks is an error)."""
     runs = sorted(p.parent for p in grid.glob("*/seed*/summary.json"))
     if not runs:
         raise SystemExit(f"{grid}: no finished runs (expected <arm>/seed<k>/summary.json)")
+    names = sorted({r.parent.name for r in runs})
+    if reference is not None and reference not in names:
+        raise SystemExit(f"--reference {reference}: no finished runs of that arm in {grid}; its arms: "
+                         f"{', '.join(names)}")
+    reference = reference or REFERENCE_ARM
     budget = common_budget(runs)
     results = [result_row(r.parent.name, int(r.name.removeprefix("seed")), r, budget) for r in runs]
     with (grid / "results.csv").open("w", newline="") as f:
@@ -524,14 +611,17 @@ def report_grid(grid: Path) -> Path:
     first = json.loads((runs[0] / "summary.json").read_text())
     target, delta = first["target_reward"], first.get("target_delta")
     table = summarize(results, budget)
-    ratios = compare(results, table, budget)
+    ratios = compare(results, table, budget, reference)
+    sweep = target_sweep(results, budget, reference)
     # summary.csv: per arm, with its ratios against the reference (and their intervals) beside its own figures
     merged = table if ratios.empty else table.merge(ratios.drop(columns="tokens_per_step"), on="arm", how="left")
     merged.to_csv(grid / "summary.csv", index=False)
     if not ratios.empty:
         ratios.to_csv(grid / "ratios.csv", index=False)
+        sweep.to_csv(grid / "ratios_by_target.csv", index=False)
     md = (f"common token budget {budget:,.0f}; target {target} ({first.get('target_metric', 'eval/reward')}), "
-          f"start + {delta}\n\n{summary_markdown(table, target, delta)}\n\n{comparison_markdown(ratios)}\n")
+          f"start + {delta}\n\n{summary_markdown(table, target, delta)}\n\n{comparison_markdown(ratios, reference)}"
+          f"\n\n{sweep_markdown(sweep, reference)}\n")
     (grid / "summary.md").write_text(md)
     print(md)
     arms: dict[str, list[Path]] = {}
@@ -540,24 +630,31 @@ def report_grid(grid: Path) -> Path:
     dashed = set(ratios.arm[ratios.matched]) if not ratios.empty else set()
     plots = plot_curves(arms, grid, target, dashed) + [plot_fates_per_arm(arms, grid)]
     if not ratios.empty:
-        plots += [p for p in (plot_pairs(arms, grid, dashed), plot_ratios(ratios, grid)) if p]
+        plots += [p for p in (plot_pairs(arms, grid, dashed, reference), plot_ratios(ratios, grid, reference),
+                              plot_sweep(sweep, grid, reference)) if p]
     print("plots: " + ", ".join(map(str, plots)))
     intro = f"{len(runs)} runs in {len(arms)} arms, common token budget {budget:,.0f}."
     tables = [("per arm (median [min, max] over seeds; AUC: mean [95 % CI])",
                table.to_html(index=False, float_format="%.4g"))]
     if not ratios.empty:
-        tables.append((f"against {REFERENCE_ARM}, paired by seed", ratios.to_html(index=False, float_format="%.4g")))
+        tables.append((f"against {reference}, paired by seed", ratios.to_html(index=False, float_format="%.4g")))
+        tables.append((f"tokens to start + δ against {reference}, paired by seed",
+                       sweep.to_html(index=False, float_format="%.4g")))
     page = write_html(grid / "report.html", f"grid {grid.name}", intro, plots, tables)
     print(f"report: {page}; results: {grid / 'results.csv'}")
     return page
 
 
-def report(path: Path) -> int:
-    """Report a run directory (it has summary.json) or a grid directory; 2 when `path` is neither."""
+def report(path: Path, reference: str | None = None) -> int:
+    """Report a run directory (it has summary.json) or a grid directory (`reference`: its arm to compare against);
+    2 when `path` is neither, or `reference` is given for a single run."""
     if (path / "summary.json").is_file():
+        if reference is not None:
+            print(f"error: --reference compares the arms of a grid; {path} is one run", file=sys.stderr)
+            return 2
         report_run(path)
     elif path.is_dir():
-        report_grid(path)
+        report_grid(path, reference)
     else:
         print(f"error: {path} is not a directory", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ interval, and the area under eval reward against tokens (docs/benchmarks.md, "Ho
     capped = censor([120_000, None, 80_000], budget=400_000)      # None: never reached -> the budget
     ratio, lo, hi = paired_ratio(base=[...], method=[...])          # geometric mean of base/method per seed, 95 % CI
     area = reward_auc(tokens=[0, 5e4, 1e5], rewards=[0.3, 0.35, 0.4], budget=1e5)   # mean eval reward over the budget
+    first = tokens_to_gain(tokens=[0, 5e4, 1e5], rewards=[0.3, 0.35, 0.4], delta=0.05)  # 5e4: start + 0.05 reached
 """
 
 from __future__ import annotations
@@ -61,3 +62,12 @@ def reward_auc(tokens: Sequence[float], rewards: Sequence[float], budget: float)
     if grid_x[0] > 0:  # the first eval is at 0 tokens in every run; hold its value otherwise
         grid_x, grid_y = np.concatenate([[0.0], grid_x]), np.concatenate([[grid_y[0]], grid_y])
     return float(np.sum((grid_x[1:] - grid_x[:-1]) * (grid_y[1:] + grid_y[:-1]) / 2) / budget)
+
+
+def tokens_to_gain(tokens: Sequence[float], rewards: Sequence[float], delta: float) -> float | None:
+    """Tokens at the first eval whose reward reaches the first eval's (the run's start) + `delta`; None if none does.
+    The relative target of the ledger (tokens_to_delta), for any delta after the run."""
+    if len(tokens) == 0 or len(tokens) != len(rewards):
+        raise ValueError("tokens_to_gain: expected matching non-empty tokens and rewards")
+    level = rewards[0] + delta
+    return next((float(t) for t, r in zip(tokens, rewards, strict=True) if r >= level), None)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from marginal_rl.grid import is_finished, load_grid
-from marginal_rl.report import compare, comparison_markdown, result_row, summarize
+from marginal_rl.report import compare, comparison_markdown, result_row, summarize, sweep_markdown, target_sweep
 from marginal_rl.train.config import ConfigError, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +96,49 @@ def test_summary_medians_count_unreached_targets_as_infinite_and_ratios_censor_t
     assert bool(ratios.loc["none", "matched"])  # same tokens per step in this fake grid
     assert "- best baseline at matched compute, the absolute target: none: 2.47x" in comparison_markdown(
         ratios.reset_index())
+
+
+def _fake_curve(run, rewards: list[float]) -> None:
+    """A finished run whose evals are `rewards` at 0, 100, 200, ... tokens (budget 1,000)."""
+    _fake_finished(run, rewards[-1], None)
+    s = json.loads((run.dir / "summary.json").read_text())
+    s["eval_history"] = [{"step": i, "tokens": 100 * i, "eval/reward": r} for i, r in enumerate(rewards)]
+    (run.dir / "summary.json").write_text(json.dumps(s))
+
+
+def test_target_sweep_pairs_seeds_at_each_relative_target(tmp_path):
+    _, runs = load_grid(_grid(tmp_path, {"ref": {}, "base": {}}))
+    curves = {("ref", 0): [0.30, 0.32, 0.36, 0.40], ("ref", 1): [0.20, 0.22, 0.26, 0.26],
+              ("base", 0): [0.30, 0.31, 0.32, 0.36], ("base", 1): [0.20, 0.21, 0.25, 0.30]}
+    rows = []
+    for r in runs:
+        _fake_curve(r, curves[r.arm, r.seed])
+        rows.append(result_row(r.arm, r.seed, r.dir, budget=1000))
+    sweep = target_sweep(rows, 1000, reference="ref", deltas=(0.02, 0.05, 0.08, 0.2)).set_index("delta")
+    # start + 0.02: ref at 100 and 100, base at 200 and 200 -> 2x on both seeds
+    assert sweep.loc[0.02, "ratio"] == pytest.approx(2.0) and sweep.loc[0.02, "seeds"] == 2
+    # + 0.05: ref 200, 200; base 300, 200 -> sqrt(1.5 * 1)
+    assert sweep.loc[0.05, "ratio"] == pytest.approx(math.sqrt(1.5))
+    # + 0.08: seed 0 ref 300, base never (censored at the budget 1000); seed 1 ref never, base 300 -> sqrt(10/3 * 0.3)
+    assert sweep.loc[0.08, "ratio"] == pytest.approx(math.sqrt(1000 / 300 * 300 / 1000))
+    # + 0.2: neither run of either seed gets there: no seed says anything
+    assert sweep.loc[0.2, "seeds"] == 0 and math.isnan(sweep.loc[0.2, "ratio"])
+    table = sweep_markdown(sweep.reset_index())
+    assert "| base | 2.00x [2.00, 2.00] (2) | 1.22x" in table and "start + 0.08" in table
+    assert target_sweep(rows, 1000, reference="other").empty
+
+
+def test_report_names_a_missing_reference_arm(tmp_path):
+    _, runs = load_grid(_grid(tmp_path, {"none": {}}))
+    for r in runs:
+        _fake_finished(r, 0.45, 800)
+    cmd = [sys.executable, "-m", "marginal_rl", "report"]
+    out = subprocess.run([*cmd, str(tmp_path / "grid"), "--reference", "marginal"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "--reference marginal: no finished runs of that arm" in out.stderr
+    assert "its arms: none" in out.stderr
+    out = subprocess.run([*cmd, str(runs[0].dir), "--reference", "none"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--reference compares the arms of a grid" in out.stderr
 
 
 def test_report_script_reads_a_grid_without_wandb(tmp_path):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from marginal_rl.stats import censor, mean_interval, paired_ratio, reward_auc
+from marginal_rl.stats import censor, mean_interval, paired_ratio, reward_auc, tokens_to_gain
 
 
 def test_censor_counts_a_run_that_never_got_there_as_the_whole_budget():
@@ -46,3 +46,13 @@ def test_reward_auc_by_hand():
     assert reward_auc(tokens, rewards, budget=200) == pytest.approx(0.375)
     with pytest.raises(ValueError, match="must not decrease"):
         reward_auc([0, 50, 40], rewards, budget=100)
+
+
+def test_tokens_to_gain_is_the_first_eval_at_the_start_plus_delta():
+    tokens, rewards = [0, 100, 200, 300], [0.30, 0.36, 0.33, 0.41]
+    assert tokens_to_gain(tokens, rewards, 0.05) == 100  # 0.36 >= 0.35; a later dip does not matter
+    assert tokens_to_gain(tokens, rewards, 0.1) == 300
+    assert tokens_to_gain(tokens, rewards, 0.2) is None
+    assert tokens_to_gain(tokens, rewards, 0.0) == 0  # the start itself
+    with pytest.raises(ValueError, match="matching non-empty"):
+        tokens_to_gain([0, 1], [0.3], 0.05)
