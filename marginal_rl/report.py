@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-RESULT_COLUMNS = ["arm", "seed", "initial_eval_reward", "final_eval_reward", "best_eval_reward", "tokens_to_target",
+RESULT_COLUMNS = ["arm", "seed", "policy", "initial_eval_reward", "final_eval_reward", "best_eval_reward", "tokens_to_target",
                   "tokens_to_target_delta", "auc", "tokens_total", "tokens_rollout", "tokens_train", "tokens_reuse", "tokens_probe",
                   "steps",
                   "tokens_per_step", "zero_signal_group_fraction", "hindsight_bound_tokens", "tokens_over_hindsight",
@@ -41,7 +41,7 @@ def result_row(arm: str, seed: int, run_dir: Path, budget: float | None = None) 
     hist = s["eval_history"]
     metric = s.get("target_metric", "eval/reward")
     steps = s.get("steps")  # summaries from before benchmark v2 lack the newer fields: None
-    return {"arm": arm, "seed": seed, "initial_eval_reward": s.get("initial_eval_reward", hist[0]["eval/reward"]),
+    return {"arm": arm, "seed": seed, "policy": s.get("policy"), "initial_eval_reward": s.get("initial_eval_reward", hist[0]["eval/reward"]),
             "final_eval_reward": s["final_eval_reward"], "best_eval_reward": s["best_eval_reward"],
             "tokens_to_target": s["tokens_to_target"], "tokens_to_target_delta": s.get("tokens_to_target_delta"),
             "auc": reward_auc([h["tokens"] for h in hist], [h[metric] for h in hist], budget or s["tokens"]["total"]),
@@ -95,7 +95,9 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
     target (censored at the budget; seeds that start at the target or where neither run reached it are left out,
     `ratio_seeds` counts the rest) and
     the reference's AUC minus the baseline's, each with a 95 % bootstrap interval; `matched`: the baseline's median
-    tokens/step is within ±25 % of the reference's."""
+    tokens/step is within ±25 % of the reference's; `variant`: the arm runs the reference's budget policy (or, in
+    summaries that do not record it, is named `<reference>_...`), so it is a variant of the reference, not a
+    baseline."""
     import pandas as pd
 
     from marginal_rl.stats import mean_interval
@@ -111,8 +113,10 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
         seeds = sorted(set(g.index) & set(ref.index))
         if not seeds:
             continue
+        policy, ref_policy = g.get("policy", pd.Series([None])).iloc[0], ref.get("policy", pd.Series([None])).iloc[0]
         row = {"arm": arm, "seeds": len(seeds), "tokens_per_step": tps[arm],
-               "matched": abs(tps[arm] / tps[reference] - 1) <= MATCHED}
+               "matched": abs(tps[arm] / tps[reference] - 1) <= MATCHED,
+               "variant": policy == ref_policy if policy and ref_policy else arm.startswith(f"{reference}_")}
         for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
             row[f"{name}_seeds"], row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _paired(
                 *(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)) for x in (g, ref)), budget)
@@ -209,7 +213,7 @@ def summary_markdown(table, target: float, delta: float | None) -> str:
 
 def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
     """The ratio table, then the reference against the best baseline overall and the best at matched compute, on each
-    target (arms named `<reference>_...`, variants of the reference, are in the table but are not baselines)."""
+    target (variants of the reference, arms of its budget policy, are in the table but are not baselines)."""
     if ratios.empty:
         return ""
     header = ["baseline", "seeds (absolute / relative target)", "tokens/step", "matched",
@@ -220,7 +224,7 @@ def comparison_markdown(ratios, reference: str = REFERENCE_ARM) -> str:
          "yes" if r["matched"] else "no", _ci(r, "ratio", ".2f", "x"), _ci(r, "ratio_delta", ".2f", "x"),
          _ci(r, "auc_diff", "+.4f")] for r in ratios.to_dict("records")])
     lines.append("")
-    baselines = ratios[~ratios.arm.str.startswith(f"{reference}_")]  # variants of the reference are not baselines
+    baselines = ratios[~ratios.variant.astype(bool)]
     for label, subset in (("best baseline", baselines),
                           ("best baseline at matched compute", baselines[baselines.matched])):
         for col, target in (("ratio", "the absolute target"), ("ratio_delta", "start + delta")):

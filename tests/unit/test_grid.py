@@ -128,6 +128,20 @@ def test_target_sweep_pairs_seeds_at_each_relative_target(tmp_path):
     assert target_sweep(rows, 1000, reference="other").empty
 
 
+def test_arms_of_the_reference_policy_are_its_variants_not_baselines(tmp_path):
+    _, runs = load_grid(_grid(tmp_path, {"ref": {}, "cheap": {}, "none": {}}))
+    rows = []
+    for r in runs:
+        _fake_finished(r, 0.45, {"ref": 800, "cheap": 500, "none": 900}[r.arm])
+        s = json.loads((r.dir / "summary.json").read_text())
+        (r.dir / "summary.json").write_text(json.dumps({**s, "policy": "none" if r.arm == "none" else "marginal"}))
+        rows.append(result_row(r.arm, r.seed, r.dir, budget=1000))
+    ratios = compare(rows, summarize(rows, budget=1000), budget=1000, reference="ref")
+    assert ratios.set_index("arm").variant.to_dict() == {"cheap": True, "none": False}
+    # `cheap` needs fewer tokens than the reference, but it is the reference's own policy: the best baseline is none
+    assert "- best baseline, the absolute target: none: 1.12x" in comparison_markdown(ratios, reference="ref")
+
+
 def test_report_names_a_missing_reference_arm(tmp_path):
     _, runs = load_grid(_grid(tmp_path, {"none": {}}))
     for r in runs:
