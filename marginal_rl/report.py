@@ -116,7 +116,8 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
         policy, ref_policy = g.get("policy", pd.Series([None])).iloc[0], ref.get("policy", pd.Series([None])).iloc[0]
         row = {"arm": arm, "seeds": len(seeds), "tokens_per_step": tps[arm],
                "matched": abs(tps[arm] / tps[reference] - 1) <= MATCHED,
-               "variant": policy == ref_policy if policy and ref_policy else arm.startswith(f"{reference}_")}
+               "variant": (policy == ref_policy if isinstance(policy, str) and isinstance(ref_policy, str)
+                           else arm.startswith(f"{reference}_"))}
         for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
             row[f"{name}_seeds"], row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _paired(
                 *(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)) for x in (g, ref)), budget)
