@@ -372,7 +372,7 @@ def plot_sweep(sweep, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
     """Arm / reference tokens to start + δ against δ, one line per arm with its 95 % interval (log axis; above 1:
     the reference needs fewer tokens to that target)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     arms = list(dict.fromkeys(sweep.arm))
     width = 0.004 / max(len(arms), 1)
     for k, (arm, g) in enumerate(sweep.groupby("arm", sort=False)):
@@ -383,7 +383,7 @@ def plot_sweep(sweep, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
     ax.set_yscale("log")
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    ax.yaxis.set_major_locator(FixedLocator([0.25, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4]))
+    ax.yaxis.set_major_locator(FixedLocator([0.125, 0.25, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 6, 8]))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("relative target: start + δ (eval reward)")
@@ -391,7 +391,7 @@ def plot_sweep(sweep, out_dir: Path, reference: str = REFERENCE_ARM) -> Path:
     ax.set_title(f"tokens to each relative target against {reference}: geometric mean over seeds, 95 % CI",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(plt, fig, out_dir / "ratios_by_target.png")
 
 
