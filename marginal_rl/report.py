@@ -113,7 +113,7 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
         seeds = sorted(set(g.index) & set(ref.index))
         if not seeds:
             continue
-        policy, ref_policy = g.get("policy", pd.Series([None])).iloc[0], ref.get("policy", pd.Series([None])).iloc[0]
+        policy, ref_policy = g.policy.iloc[0], ref.policy.iloc[0]
         row = {"arm": arm, "seeds": len(seeds), "tokens_per_step": tps[arm],
                "matched": abs(tps[arm] / tps[reference] - 1) <= MATCHED,
                "variant": (policy == ref_policy if isinstance(policy, str) and isinstance(ref_policy, str)
