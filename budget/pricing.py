@@ -43,19 +43,55 @@ def informative_prob(p: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
 
 def expected_group_gain(p: np.ndarray | float, n: np.ndarray | int, value: float, n0: float) -> np.ndarray:
     """G(n) = V·4p(1 − p)(n − 1)/(n + n0): the expected realised gain of a group of n (0 for n ≤ 1)."""
-    p, n = np.asarray(p, dtype=float), np.asarray(n, dtype=float)
-    return np.where(n >= 2, value * 4.0 * p * (1.0 - p) * (n - 1.0) / np.maximum(n + n0, 1e-12), 0.0)
+    p = np.asarray(p, dtype=float)
+    return _gain(4.0 * p * (1.0 - p), n, value, n0)
+
+
+def _gain(spread, n, value: float, n0: float) -> np.ndarray:
+    """G(n) = V·spread·(n − 1)/(n + n0), spread = 4p(1 − p) or its posterior expectation (0 for n ≤ 1)."""
+    n = np.asarray(n, dtype=float)
+    return np.where(n >= 2, value * spread * (n - 1.0) / np.maximum(n + n0, 1e-12), 0.0)
+
+
+def beta_power_mean(alpha: np.ndarray, beta: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """E[pⁿ] for p ~ Beta(α, β) and integers n ≥ 0: Π_{k<n} (α + k)/(α + β + k). α, β (P,); n a (1, K) row (a
+    (P, K) table) or (P,) (one value each)."""
+    alpha, beta, n = np.asarray(alpha, dtype=float), np.asarray(beta, dtype=float), np.asarray(n, dtype=np.int64)
+    ks = np.arange(max(int(n.max(initial=0)), 0))
+    steps = (alpha[:, None] + ks) / ((alpha + beta)[:, None] + ks)
+    table = np.concatenate([np.ones((len(alpha), 1)), np.cumprod(steps, axis=1)], axis=1)  # (P, n_max + 1)
+    return table[:, n[0]] if n.ndim == 2 else table[np.arange(len(alpha)), n]
+
+
+def posterior_spread(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """E[4p(1 − p)] for p ~ Beta(α, β) = 4αβ/((α + β)(α + β + 1)): the posterior expectation of G's p-factor."""
+    alpha, beta = np.asarray(alpha, dtype=float), np.asarray(beta, dtype=float)
+    return 4.0 * alpha * beta / ((alpha + beta) * (alpha + beta + 1.0))
+
+
+def posterior_informative_prob(alpha: np.ndarray, beta: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """E[P_inf(n)] for p ~ Beta(α, β) = 1 − E[pⁿ] − E[(1 − p)ⁿ] (1 − p ~ Beta(β, α)); 0 for n ≤ 1."""
+    n = np.asarray(n)
+    both = 1.0 - beta_power_mean(alpha, beta, n) - beta_power_mean(beta, alpha, n)
+    return np.where(n >= 2, both, 0.0)
 
 
 def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, n0: float, kappa_rollout: float,
-                    kappa_verify: float, kappa_update: float, kappa_scale: float = 1.0):
+                    kappa_verify: float, kappa_update: float, kappa_scale: float = 1.0, posterior=None):
     """(P_inf(n), G(n), C(n), T(n)) of groups of n at pass rate p, with expected tokens per sample by use: update
-    tokens only when the group is informative; every κ multiplied by kappa_scale (the controller's multiplier)."""
+    tokens only when the group is informative; every κ multiplied by kappa_scale (the controller's multiplier).
+    `posterior` = (α, β): their expectations over p ~ Beta(α, β) instead (p unread), exact because G is linear in
+    4p(1 − p) and T, C in P_inf(n)."""
     n = np.asarray(n, dtype=float)
-    informative = informative_prob(p, n)
+    if posterior is None:
+        informative, gain = informative_prob(p, n), expected_group_gain(p, n, value, n0)
+    else:
+        spread = posterior_spread(*posterior)
+        informative = posterior_informative_prob(*posterior, n)
+        gain = _gain(spread[:, None] if n.ndim == 2 else spread, n, value, n0)
     tr, tv, tu = n * tok_rollout, n * tok_verify, informative * n * tok_update
     cost = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * tu)
-    return informative, expected_group_gain(p, n, value, n0), cost, tr + tv + tu
+    return informative, gain, cost, tr + tv + tu
 
 
 def risk_factor(measure: str, alpha: float) -> float:

@@ -34,7 +34,7 @@ class PromptDecision:
     cost: float = 0.0  # expected cost of the allocated samples (tokens × κ), reward units
     price: float = 0.0  # gain − cost − risk
     risk: float = 0.0  # pre-rollout risk (0: estimator risk is priced after rollout, uncertainty by posterior sampling)
-    sampled_rate: float = 0.0  # the pass rate the price was computed at (a posterior draw under thompson)
+    sampled_rate: float = 0.0  # the pass rate the price was computed at (posterior=thompson: a draw; else the mean)
     informative: float = 0.0  # P(the group's rewards differ) = 1 − pⁿ − (1 − p)ⁿ at the priced n
     tokens: float = 0.0  # expected tokens (rollout + verify + expected update) at the priced n
     reason: str = ""  # why it was skipped (SKIP_REASONS); "" when sampled

@@ -15,9 +15,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -438,7 +440,18 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+# Keys this project had: old key -> (the key that took its place, its value for an old value, what an error says).
+# A config a user writes gets the error; a recorded one (a run's config.yaml, read by config_from_dict) is migrated.
+RENAMED: dict[str, tuple[str, Callable[[Any], Any], str]] = {
+    "budget.thompson": ("budget.posterior", lambda on: "thompson" if on else "mean",
+                        "thompson: true is posterior: thompson, false is posterior: mean"),
+}
+
+
 def _unknown_key(name: str, key: str, known: list[str], prefix: str) -> ConfigError:
+    if key in RENAMED:
+        new, _, how = RENAMED[key]
+        return ConfigError(f"unknown key '{key}': replaced by {new} ({how})")
     if name in TRL_KEYS and TRL_KEYS[name] != key:
         return ConfigError(f"unknown key '{key}' (TRL's GRPOConfig name; here it is '{TRL_KEYS[name]}')")
     close = difflib.get_close_matches(name, known, n=1)
@@ -554,6 +567,13 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
 
 
 def config_from_dict(data: dict) -> RunConfig:
+    """A recorded config (config_to_dict's output, maybe of an older version: renamed keys are migrated)."""
+    data = copy.deepcopy(data)
+    for old, (new, convert, _) in RENAMED.items():
+        *path, key = old.split(".")
+        section = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, path, data)
+        if isinstance(section, dict) and key in section:
+            section[new.rsplit(".", 1)[-1]] = convert(section.pop(key))
     return _build(RunConfig, data, "")
 
 

@@ -105,14 +105,16 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
 
 
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: PromptArrays,
-                 n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """P_inf(n), expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,):
-    (P, K) tables when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,)."""
+                 n: np.ndarray, expected: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """P_inf(n), expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,), or with
+    `expected`, their expectations over each prompt's posterior (arrays.alpha, arrays.beta; p unread): (P, K) tables
+    when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,)."""
     lengths = arrays.tok_rollout, arrays.tok_verify, arrays.tok_update
     if n.ndim == 2:
         p, lengths = p[:, None], tuple(x[:, None] for x in lengths)
     return group_economics(p, n, *lengths, value=cfg.value, n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout,
-                           kappa_verify=cfg.kappa_verify, kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale)
+                           kappa_verify=cfg.kappa_verify, kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale,
+                           posterior=(arrays.alpha, arrays.beta) if expected else None)
 
 
 def make_plan(candidates: Sequence[str], samples: np.ndarray, p_mean: np.ndarray, p: np.ndarray,

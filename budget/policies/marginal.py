@@ -1,8 +1,10 @@
 """`marginal` (seed paper, arXiv 2605.01214): the full price, before and after rollout, under the price controller.
 
 Before rollout: price the next sample of every candidate, G(n) − G(n−1) against C(n) − C(n−1) (budget/pricing.py),
-at a pass rate drawn from its drift-faded posterior (Thompson sampling keeps unseen and long-unseen prompts, whose
-posteriors are wide, from starving), and hand samples out greedily to the highest price per token until the step's
+at a pass rate drawn from its drift-faded posterior (posterior=thompson: Thompson sampling keeps unseen and
+long-unseen prompts, whose posteriors are wide, from starving; `mean`: at the posterior mean; `expected`: the gain and
+the chance of a signal averaged over the posterior, so a wide posterior is worth its expectation, not its luckiest
+draw among many), and hand samples out greedily to the highest price per token until the step's
 limits (planner_limits) are spent or no price is positive. Groups get min_group_size..max_group_size samples.
 
 After rollout: train on a trajectory when its price is positive. Zero-variance groups are zero_signal; a trajectory
@@ -53,13 +55,17 @@ from marginal_rl.budget.records import (
 )
 from marginal_rl.budget.state import BudgetState, fold_probe
 
+POSTERIORS = ("thompson", "mean", "expected")
+
 
 @dataclass
 class MarginalConfig(BudgetConfig):
     policy = "marginal"
-    thompson: bool = field(
-        default=True, metadata={"help": "price each prompt at a pass rate drawn from its posterior (exploration) "
-                                        "instead of the posterior mean"},
+    posterior: str = field(
+        default="thompson", metadata={"help": f"how a prompt's pass-rate posterior enters its price before rollout: "
+                                              f"{' | '.join(POSTERIORS)} (a draw from it: exploration; its mean; the "
+                                              f"expectation of the group's gain and chance of a signal over it: "
+                                              f"docs/budget.md, \"Exploration\")"},
     )
     pool_strength: float = field(
         default=0.0, metadata={"help": "pooled evidence: a prompt's prior is its task family's pass rate (from the "
@@ -117,6 +123,8 @@ class MarginalConfig(BudgetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.posterior not in POSTERIORS:
+            raise ValueError(f"posterior: expected one of {list(POSTERIORS)}, got {self.posterior!r}")
         if self.max_samples_per_step < 0:
             raise ValueError(f"max_samples_per_step: expected an integer >= 0 (0 = budget_slack × samples per step), "
                              f"got {self.max_samples_per_step}")
@@ -174,9 +182,10 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
     the probed rows)."""
     arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength) if arrays is None else arrays
     p_mean = arrays.mean
-    p = rng.beta(arrays.alpha, arrays.beta) if cfg.thompson and len(candidates) else p_mean
+    p = rng.beta(arrays.alpha, arrays.beta) if cfg.posterior == "thompson" and len(candidates) else p_mean
     max_n = limits.max_group_size
-    informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :])
+    informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :],
+                                                   expected=cfg.posterior == "expected")
     max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
 
     rows = np.arange(len(candidates))

@@ -131,7 +131,7 @@ def test_uniform_plan_is_unchanged():
 def test_default_prices_on_the_arithmetic_task():
     # tiny arithmetic task: 10 prompt + 7 completion tokens, 0/1 rewards, groups of 8 — with default prices a prompt
     # whose posterior is near 0.5 has a positive price and one near 0 or 1 a negative one
-    cfg = BudgetConfig("marginal", thompson=False)
+    cfg = BudgetConfig("marginal", posterior="mean")
     stats = dict(version=0, tok_rollout=17.0, tok_verify=0.0, tok_update=17.0)
     state = BudgetState(prompts={"mid": PromptStats(alpha=5.0, beta=5.0, **stats),
                                  "easy": PromptStats(alpha=30.0, beta=1.0, **stats),
@@ -164,7 +164,7 @@ def test_marginal_plan_caps_samples_under_a_token_budget():
                           LIMITS) == (10, 150_000)
     cands = [f"p{i}" for i in range(16)]
     for cap, expected in ((0, 48), (10, 10)):
-        cfg = BudgetConfig("marginal", token_budget=100_000, max_samples_per_step=cap, thompson=False)
+        cfg = BudgetConfig("marginal", token_budget=100_000, max_samples_per_step=cap, posterior="mean")
         plan = plan_prompts(cfg, BudgetState(), cands, 0, np.random.default_rng(0), LIMITS)
         assert sum(d.samples for d in plan) == expected  # unseen prompts (p = 0.5) are all worth sampling
         # 48 samples reach every candidate; 10 do not, and the others were skipped with the cap spent, not for price
@@ -201,12 +201,38 @@ def test_a_never_solved_family_stops_being_sampled_before_each_prompt_is_tried()
     family_of = {**{f"hard{i}": "hard" for i in range(12)}, **{f"new{i}": "new" for i in range(8)}}
     limits = SampleLimits(prompts_per_step=4, group_size=8, min_group_size=2, max_group_size=16)
     for strength, hard_sampled in ((0.0, True), (4.0, False)):
-        cfg = BudgetConfig("marginal", pool_strength=strength, thompson=False)
+        cfg = BudgetConfig("marginal", pool_strength=strength, posterior="mean")
         state = BudgetState(family_of=family_of, families={"hard": [0.0, 32.0, 0]})
         plan = plan_prompts(cfg, state, cands, 0, np.random.default_rng(0), limits)
         hard = sum(d.samples for d in plan if d.prompt_id.startswith("hard"))
         assert (hard > 0) is hard_sampled, (strength, [(d.prompt_id, d.samples) for d in plan])
         assert sum(d.samples for d in plan if d.prompt_id.startswith("new")) > 0
+
+
+def test_expected_posterior_prices_a_wide_posterior_at_its_expectation_not_its_luckiest_draw():
+    # one group's worth of samples (4) and 32 candidates: `known` had 1 success and 1 failure (Beta(2, 2), E[4p(1−p)]
+    # = 16/20 = 0.8), 31 are unseen (Beta(1, 1): 2/3 each). Priced at the expectation, `known` always wins the group;
+    # under Thompson sampling one of the 31 unseen prompts' draws usually lands nearer 0.5 than known's draw
+    limits = SampleLimits(prompts_per_step=1, group_size=4, min_group_size=2, max_group_size=16)
+    cands = ["known"] + [f"new{i}" for i in range(31)]
+    stats = dict(version=0, tok_rollout=20.0, tok_verify=0.0, tok_update=20.0)  # an unseen prompt's (prior_tokens)
+    wins = {}
+    for posterior in ("expected", "thompson"):
+        cfg = BudgetConfig("marginal", posterior=posterior)
+        won = 0
+        for seed in range(50):
+            state = BudgetState(prompts={"known": PromptStats(alpha=2.0, beta=2.0, **stats)})
+            plan = plan_prompts(cfg, state, cands, 0, np.random.default_rng(seed), limits)
+            assert sum(d.samples for d in plan) == 4
+            won += plan[0].samples == 4
+        wins[posterior] = won
+    assert wins["expected"] == 50 and wins["thompson"] < 15, wins
+    # and a prompt seen failing twice (Beta(1, 3): 12/20 = 0.6 < 2/3) loses to an unseen one
+    state = BudgetState(prompts={"failed": PromptStats(alpha=1.0, beta=3.0, **stats)})
+    plan = plan_prompts(BudgetConfig("marginal", posterior="expected"), state, ["failed", "new"], 0,
+                        np.random.default_rng(0), limits)
+    assert [d.samples for d in plan] == [0, 4]
+    assert plan[1].gain == pytest.approx(2 / 3 * 3 / 12) and plan[1].sampled_rate == 0.5  # G(4) = V·(2/3)·3/12
 
 
 def test_prior_plan_skips_zero_variance_history():
@@ -486,6 +512,8 @@ def test_config_validation():
         BudgetConfig("max_var", keep_fraction=0.0)
     with pytest.raises(ValueError, match="policy: expected one of"):
         BudgetConfig("greedy")
+    with pytest.raises(ValueError, match=r"posterior: expected one of \['thompson', 'mean', 'expected'\], got 'ucb'"):
+        BudgetConfig("marginal", posterior="ucb")
     with pytest.raises(TypeError, match="token_budget"):  # a key of another policy (the loader names it: test_config)
         BudgetConfig("none", token_budget=100)
 
@@ -504,7 +532,7 @@ def test_discover_price_turns_an_empty_plan_into_one_that_spends_the_budget():
     candidates = [f"p{i}" for i in range(16)]
     plans = {}
     for discover in (False, True):
-        cfg = BudgetConfig("marginal", token_budget=2000, discover_price=discover, prior_tokens=300, thompson=False)
+        cfg = BudgetConfig("marginal", token_budget=2000, discover_price=discover, prior_tokens=300, posterior="mean")
         state = BudgetState(kappa_scale=5.0)  # long samples at a high price: every price is negative
         plans[discover] = (plan_prompts(cfg, state, candidates, 0, np.random.default_rng(0), limits), state)
     empty, state = plans[False]
@@ -515,7 +543,7 @@ def test_discover_price_turns_an_empty_plan_into_one_that_spends_the_budget():
     assert (plan.price[plan.samples > 0] > 0).all()
     # ...and a price 1 % higher would not (the discovered price is the highest that does)
     higher = BudgetState(kappa_scale=state.kappa_scale * 1.01)
-    cfg = BudgetConfig("marginal", token_budget=2000, prior_tokens=300, thompson=False)
+    cfg = BudgetConfig("marginal", token_budget=2000, prior_tokens=300, posterior="mean")
     above = plan_prompts(cfg, higher, candidates, 0, np.random.default_rng(0), limits)
     assert above.tokens[above.samples > 0].sum() < 2000
     with pytest.raises(ValueError, match="discover_price: true finds the price"):

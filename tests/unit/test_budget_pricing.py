@@ -10,6 +10,7 @@ import pytest
 
 from marginal_rl.budget.pricing import (
     allocate_greedy,
+    beta_power_mean,
     consistent_admission,
     controller_step,
     depreciation,
@@ -18,6 +19,8 @@ from marginal_rl.budget.pricing import (
     group_economics,
     informative_prob,
     max_variance_keep,
+    posterior_informative_prob,
+    posterior_spread,
     price_arrays,
     risk_factor,
 )
@@ -49,6 +52,39 @@ def test_expected_gain_is_the_mean_of_the_realised_gain(p, n, n0):
     # and it splits as P_inf(n) · E[4σ̂² | informative] · n/(n + n0)
     teach = 4 * p * (1 - p) * (n - 1) / n / float(informative_prob(p, n))
     assert float(informative_prob(p, n)) * teach * n / (n + n0) == pytest.approx(expect)
+
+
+def test_posterior_moments_by_hand():
+    # Beta(1, 1): E[pⁿ] = 1/(n + 1); Beta(2, 3): E[p] = 2/5, E[p²] = 2·3/(5·6) = 0.2, E[p³] = 0.2·4/7
+    assert beta_power_mean(np.array([1.0]), np.array([1.0]), np.arange(5)[None, :])[0] == pytest.approx(
+        [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+    assert beta_power_mean(np.array([2.0, 1.0]), np.array([3.0, 1.0]), np.array([3, 0])) == pytest.approx(
+        [0.8 / 7, 1.0])
+    # E[4p(1 − p)] = 4αβ/((α + β)(α + β + 1)): Beta(1, 1) 4/6 = 2/3, Beta(2, 3) 24/30 = 0.8, Beta(1, 3) 12/20 = 0.6
+    assert posterior_spread(np.array([1.0, 2.0, 1.0]), np.array([1.0, 3.0, 3.0])) == pytest.approx([2 / 3, 0.8, 0.6])
+    # E[P_inf(n)]: Beta(1, 1), n = 3: 1 − 1/4 − 1/4 = 0.5;  Beta(2, 3), n = 2: 1 − 0.2 − E[(1 − p)²] (Beta(3, 2):
+    # 3·4/(5·6) = 0.4) = 0.4;  n = 1: 0
+    got = posterior_informative_prob(np.array([1.0, 2.0, 2.0]), np.array([1.0, 3.0, 3.0]), np.array([3, 2, 1]))
+    assert got == pytest.approx([0.5, 0.4, 0.0])
+
+
+def test_posterior_economics_are_the_point_economics_averaged_over_the_posterior():
+    # G, C, T are linear in 4p(1 − p) and P_inf(n), so their posterior expectation is exact: check it against the
+    # point economics integrated over the Beta density (midpoint rule, 20 000 cells)
+    alpha, beta, n = np.array([1.0, 2.0, 6.5]), np.array([1.0, 3.0, 1.5]), np.arange(9)[None, :]
+    kw = dict(value=1.5, n0=8.0, kappa_rollout=0.001, kappa_verify=0.002, kappa_update=0.003, kappa_scale=0.7)
+    expected = group_economics(None, n, 17.0, 3.0, 20.0, posterior=(alpha, beta), **kw)
+    x = (np.arange(20_000) + 0.5) / 20_000
+    for i, (a, b) in enumerate(zip(alpha, beta, strict=True)):
+        w = x ** (a - 1) * (1 - x) ** (b - 1)
+        w /= w.sum()
+        point = group_economics(x[:, None], n, 17.0, 3.0, 20.0, **kw)  # (cells, K) each
+        for got, table in zip(expected, point, strict=True):
+            assert got[i] == pytest.approx(w @ table, rel=1e-4, abs=1e-9)
+    # a tight posterior is its mean: Beta(3·10⁶, 7·10⁶) prices as p = 0.3
+    tight = group_economics(None, n, 17.0, 3.0, 20.0, posterior=(np.array([3e6]), np.array([7e6])), **kw)
+    for got, want in zip(tight, group_economics(np.array([[0.3]]), n, 17.0, 3.0, 20.0, **kw), strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_group_economics():

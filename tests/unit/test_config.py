@@ -59,6 +59,8 @@ def test_override_values_are_yaml():
         ("train.lr=1e30", "train.lr: expected a learning rate in (0, 1], got 1e+30"),
         ("train.weight_decay=-1", "train.weight_decay: expected a number >= 0"),
         ("seed=-1", "seed: expected an integer >= 0, got -1"),
+        ("budget.thompson=false", "unknown key 'budget.thompson': replaced by budget.posterior (thompson: true is "
+                                  "posterior: thompson, false is posterior: mean)"),
     ],
 )
 def test_bad_config_names_key(override, needle):
@@ -86,6 +88,15 @@ def test_a_key_of_another_variant_names_the_variant_that_reads_it(overrides, nee
     with pytest.raises(ConfigError) as e:
         load_config([], overrides)
     assert needle in str(e.value)
+
+
+def test_a_recorded_config_with_a_renamed_key_reads_as_the_new_key():
+    # a run recorded before budget.thompson became budget.posterior is still the run the grid asks for
+    for old, new in ((True, "thompson"), (False, "mean")):
+        d = config_to_dict(load_config([], ["budget.policy=marginal", f"budget.posterior={new}"]))
+        del d["budget"]["posterior"]
+        d["budget"]["thompson"] = old
+        assert config_from_dict(d).budget.posterior == new
 
 
 def test_each_variant_reads_its_own_keys():

@@ -91,9 +91,9 @@ class FakeProbe:
 
 
 def test_the_plan_probes_the_candidates_it_wants_and_replans_without_the_solved_and_the_hopeless():
-    # posterior means (thompson off), fixed prices: unseen prompts tie at p = 0.5 and fill the 4 samples in order.
+    # posterior means (posterior: mean), fixed prices: unseen prompts tie at p = 0.5 and fill the 4 samples in order.
     # A probe worth 64 samples at rate 0 or 1 reads Beta(1, 65): its group of 2 is priced negative.
-    cfg = budget_config("marginal", thompson=False, probe_strength=64)
+    cfg = budget_config("marginal", posterior="mean", probe_strength=64)
     rates = {"solved": 1.0, "hopeless": 0.0, "half": 0.5, "third": 0.3, "spare": 0.5}
     probe, budget = FakeProbe(rates), Budget(cfg, LIMITS)
     plan = budget.plan(list(rates), 0, np.random.default_rng(0), probe)
@@ -120,12 +120,12 @@ def test_the_plan_probes_the_candidates_it_wants_and_replans_without_the_solved_
 def test_probe_rounds_bound_the_replanning_and_the_probe_tokens_come_off_a_token_budget():
     rates = {"solved": 1.0, "hopeless": 0.0, "half": 0.5, "third": 0.3}
     one = FakeProbe(rates)
-    Budget(budget_config("marginal", thompson=False, probe_strength=64, probe_rounds=1), LIMITS).plan(
+    Budget(budget_config("marginal", posterior="mean", probe_strength=64, probe_rounds=1), LIMITS).plan(
         list(rates), 0, np.random.default_rng(0), one)
     assert one.calls == [["solved", "hopeless"]]
     # under a token budget the planner's cap is token_budget × slack minus what the probe spent: the first plan fits
     # one group in 100 tokens (`solved`, 60 expected tokens), its probe costs 60, and no group fits in the 40 left
-    cfg = budget_config("marginal", thompson=False, probe_strength=64, token_budget=100, budget_slack=1.0)
+    cfg = budget_config("marginal", posterior="mean", probe_strength=64, token_budget=100, budget_slack=1.0)
     plan = Budget(cfg, LIMITS).plan(list(rates), 0, np.random.default_rng(0), FakeProbe(rates, tokens=60))
     assert plan.probed.tolist() == [True, False, False, False] and plan.probe_tokens == 60
     assert not plan.samples.any()
