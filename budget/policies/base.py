@@ -104,6 +104,16 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
     return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
 
 
+def family_weight(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], n0: float) -> np.ndarray:
+    """(P,) w_f = N0/(N0 + N_f): the marginal value of one more sample of family f under a log utility per family,
+    N0·log(1 + N_f/N0), where N_f is the family's sample count so far (S + F of state.families, faded to the current
+    version like its evidence). 1 for a prompt without a family, or of a family not sampled yet."""
+    stats = [state.families.get(state.family_of.get(pid, "")) for pid in candidates]
+    fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
+    keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
+    return n0 / (n0 + (fam[:, 0] + fam[:, 1]) * keep)
+
+
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: PromptArrays,
                  n: np.ndarray, expected: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """P_inf(n), expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,), or with

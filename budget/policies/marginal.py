@@ -5,7 +5,8 @@ at a pass rate drawn from its drift-faded posterior (posterior=thompson: Thompso
 long-unseen prompts, whose posteriors are wide, from starving; `mean`: at the posterior mean; `expected`: the gain and
 the chance of a signal averaged over the posterior, so a wide posterior is worth its expectation, not its luckiest
 draw among many), and hand samples out greedily to the highest price per token until the step's
-limits (planner_limits) are spent or no price is positive. Groups get min_group_size..max_group_size samples.
+limits (planner_limits) are spent or no price is positive. With family_half_samples N0 a candidate's gain is
+weighted by N0/(N0 + N_f), N_f its family's faded sample count (family_weight: a log utility per family). Groups get min_group_size..max_group_size samples.
 
 After rollout: train on a trajectory when its price is positive. Zero-variance groups are zero_signal; a trajectory
 whose price is not positive only because of staleness is dropped_stale, any other dropped_price; a group whose
@@ -38,6 +39,7 @@ from marginal_rl.budget.policies.base import (
     PromptArrays,
     SampleLimits,
     TrajectoryArrays,
+    family_weight,
     group_tables,
     make_plan,
     prompt_arrays,
@@ -71,6 +73,12 @@ class MarginalConfig(BudgetConfig):
         default=0.0, metadata={"help": "pooled evidence: a prompt's prior is its task family's pass rate (from the "
                                        "family's other prompts) worth this many samples, instead of Beta(prior_alpha, "
                                        "prior_beta); 0 = off (docs/budget.md, \"Pooled evidence\")"},
+    )
+    family_half_samples: float = field(
+        default=0.0, metadata={"help": "family balance: a sample of a family already sampled N_f times (faded by the "
+                                       "drift) is worth N0/(N0 + N_f) of its gain before rollout, N0 this value (a log "
+                                       "utility per task family: diminishing returns across a family's prompts); 0 = "
+                                       "off (docs/budget.md, \"Family balance\")"},
     )
     token_budget: int = field(
         default=0, metadata={"help": "tokens per step (rollout + training); > 0 makes the κ scale a dual variable "
@@ -130,6 +138,9 @@ class MarginalConfig(BudgetConfig):
                              f"got {self.max_samples_per_step}")
         if not self.pool_strength >= 0:
             raise ValueError(f"pool_strength: expected a number >= 0 (0 = off), got {self.pool_strength}")
+        if not self.family_half_samples >= 0:
+            raise ValueError(f"family_half_samples: expected a number >= 0 (samples; 0 = off), got "
+                             f"{self.family_half_samples}")
         if self.reuse_buffer < 0:
             raise ValueError(f"reuse_buffer: expected an integer >= 0 (trajectories; 0 = off), got {self.reuse_buffer}")
         if not self.probe_strength >= 0:
@@ -186,6 +197,8 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
     max_n = limits.max_group_size
     informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :],
                                                    expected=cfg.posterior == "expected")
+    if cfg.family_half_samples > 0:  # the same weight for every group size: it scales G(n), not its shape in n
+        gain = gain * family_weight(cfg, state, candidates, cfg.family_half_samples)[:, None]
     max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
 
     rows = np.arange(len(candidates))

@@ -235,6 +235,32 @@ def test_expected_posterior_prices_a_wide_posterior_at_its_expectation_not_its_l
     assert plan[1].gain == pytest.approx(2 / 3 * 3 / 12) and plan[1].sampled_rate == 0.5  # G(4) = V·(2/3)·3/12
 
 
+def test_family_weight_by_hand():
+    # family a: 6 + 2 = 8 samples at version 0; N0 = 8 -> 8/(8 + 8) = 0.5. Family b was never sampled, c has no
+    # family: 1. One version later at drift 0.1, scale 0.1, a's count keeps exp(−1): 8/(8 + 8/e)
+    cfg = BudgetConfig("marginal", drift_prior=0.1, drift_scale=0.1)
+    state = BudgetState(families={"a": [6.0, 2.0, 0]}, family_of={"a1": "a", "a2": "a", "b1": "b"})
+    w = policies.base.family_weight(cfg, state, ["a1", "a2", "b1", "c1"], 8.0)
+    assert w == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    state.version = 1
+    assert policies.base.family_weight(cfg, state, ["a1"], 8.0) == pytest.approx([8 / (8 + 8 / math.e)])
+
+
+def test_family_balance_moves_a_group_to_the_family_sampled_less():
+    # two unseen prompts, one group's worth of samples: without the weight the first candidate wins the tie; with
+    # N0 = 8 its family (24 samples so far: weight 8/32 = 0.25) loses to the other's (never sampled: 1). Priced
+    # gains: a skipped prompt at its smallest group (2: G = 1·1·1/10 = 0.1, × 0.25 for x), a sampled one at 4 (3/12)
+    limits = SampleLimits(prompts_per_step=1, group_size=4, min_group_size=2, max_group_size=16)
+    state = BudgetState(families={"busy": [12.0, 12.0, 0]}, family_of={"x": "busy", "y": "quiet"})
+    off = plan_prompts(BudgetConfig("marginal", posterior="mean"), state, ["x", "y"], 0, np.random.default_rng(0),
+                       limits)
+    on = plan_prompts(BudgetConfig("marginal", posterior="mean", family_half_samples=8.0), state, ["x", "y"], 0,
+                      np.random.default_rng(0), limits)
+    assert [d.samples for d in off] == [4, 0] and [d.samples for d in on] == [0, 4]
+    assert (off[0].gain, off[1].gain) == pytest.approx((0.25, 0.1))
+    assert (on[0].gain, on[1].gain) == pytest.approx((0.025, 0.25))
+
+
 def test_prior_plan_skips_zero_variance_history():
     cfg = BudgetConfig("prior", explore_prob=0.0)
     state = BudgetState(prompts={f"p{i}": PromptStats(1.0, 9.0, zero_var_streak=1) for i in (0, 2, 3)})
@@ -512,6 +538,8 @@ def test_config_validation():
         BudgetConfig("max_var", keep_fraction=0.0)
     with pytest.raises(ValueError, match="policy: expected one of"):
         BudgetConfig("greedy")
+    with pytest.raises(ValueError, match="family_half_samples: expected a number >= 0"):
+        BudgetConfig("marginal", family_half_samples=-1.0)
     with pytest.raises(ValueError, match=r"posterior: expected one of \['thompson', 'mean', 'expected'\], got 'ucb'"):
         BudgetConfig("marginal", posterior="ucb")
     with pytest.raises(TypeError, match="token_budget"):  # a key of another policy (the loader names it: test_config)
