@@ -95,23 +95,28 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
     μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
     global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried."""
     own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
-    stats = [state.families.get(state.family_of.get(pid, "")) for pid in candidates]
-    pooled = np.array([st is not None for st in stats], dtype=bool)
-    fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
-    keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
-    others_s, others_f = np.maximum(fam[:, 0] * keep - own_s, 0.0), np.maximum(fam[:, 1] * keep - own_f, 0.0)
+    pooled, fam_s, fam_f = family_counts(cfg, state, candidates)
+    others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
     return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
+
+
+def family_counts(cfg: BudgetConfig, state: BudgetState,
+                  candidates: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P,) each: whether the candidate's family has evidence, and the family's successes and failures faded to the
+    current version (0 without)."""
+    stats = [state.families.get(state.family_of.get(pid, "")) for pid in candidates]
+    fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
+    keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
+    return np.array([st is not None for st in stats], dtype=bool), fam[:, 0] * keep, fam[:, 1] * keep
 
 
 def family_weight(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], n0: float) -> np.ndarray:
     """(P,) w_f = N0/(N0 + N_f): the marginal value of one more sample of family f under a log utility per family,
     N0·log(1 + N_f/N0), where N_f is the family's sample count so far (S + F of state.families, faded to the current
     version like its evidence). 1 for a prompt without a family, or of a family not sampled yet."""
-    stats = [state.families.get(state.family_of.get(pid, "")) for pid in candidates]
-    fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
-    keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
-    return n0 / (n0 + (fam[:, 0] + fam[:, 1]) * keep)
+    _, successes, failures = family_counts(cfg, state, candidates)
+    return n0 / (n0 + successes + failures)
 
 
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: PromptArrays,

@@ -1,12 +1,12 @@
 """`marginal` (seed paper, arXiv 2605.01214): the full price, before and after rollout, under the price controller.
 
 Before rollout: price the next sample of every candidate, G(n) − G(n−1) against C(n) − C(n−1) (budget/pricing.py),
-at a pass rate drawn from its drift-faded posterior (posterior=thompson: Thompson sampling keeps unseen and
-long-unseen prompts, whose posteriors are wide, from starving; `mean`: at the posterior mean; `expected`: the gain and
-the chance of a signal averaged over the posterior, so a wide posterior is worth its expectation, not its luckiest
-draw among many), and hand samples out greedily to the highest price per token until the step's
-limits (planner_limits) are spent or no price is positive. With family_half_samples N0 a candidate's gain is
-weighted by N0/(N0 + N_f), N_f its family's faded sample count (family_weight: a log utility per family). Groups get min_group_size..max_group_size samples.
+from its drift-faded posterior (posterior=thompson: at a pass rate drawn from it, which keeps unseen and long-unseen
+prompts, whose posteriors are wide, from starving; `mean`: at its mean; `expected`: the gain and the chance of a
+signal averaged over it, so a wide posterior is worth its expectation, not its luckiest draw among many), and hand
+samples out greedily to the highest price per token until the step's limits (planner_limits) are spent or no price
+is positive. Groups get min_group_size..max_group_size samples. With family_half_samples N0 a candidate's gain is
+weighted by N0/(N0 + N_f), N_f its family's faded sample count (family_weight: a log utility per family).
 
 After rollout: train on a trajectory when its price is positive. Zero-variance groups are zero_signal; a trajectory
 whose price is not positive only because of staleness is dropped_stale, any other dropped_price; a group whose
