@@ -132,8 +132,9 @@ class Budget:
         t2 = time.perf_counter()
         reuse_tokens = reuse.tokens(self.num_iterations) if reuse is not None else 0.0
         reused = int(reuse.prices.trained.sum()) if reuse is not None else 0
+        charged = plan.probe_tokens if getattr(self.cfg, "probe_charge", True) else 0  # the controller's spend
         update_state(self.cfg, self.state, columns, step, done.version, done.drift_kl, prices=prices,
-                     num_iterations=self.num_iterations, reuse_tokens=reuse_tokens, probe_tokens=plan.probe_tokens)
+                     num_iterations=self.num_iterations, reuse_tokens=reuse_tokens, probe_tokens=charged)
         fold_reuse_drift(self.cfg, self.state, done.reuse_drift_kl)
         self.ledger.record_step(columns, prices, self.num_iterations, prompts_skipped=int((plan.samples == 0).sum()),
                                 reused=reused, reuse_tokens=int(reuse_tokens), probe_tokens=plan.probe_tokens,

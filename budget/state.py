@@ -105,8 +105,8 @@ def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str],
                version: int, strength: float, step: int) -> None:
     """The likelihood probe's pass rates (the policy at `version`), each as `strength` samples of evidence: the
     prompt's posterior becomes Beta(prior_alpha + m·r, prior_beta + m·(1 − r)) at that version. It replaces the
-    prompt's own faded evidence, which was weaker (PromptArrays.evidence) and older; group evidence then adds to it
-    and both fade with the drift as before."""
+    prompt's own faded evidence, which was older (and, unless probe_refresh=every, weaker: PromptArrays.evidence);
+    group evidence then adds to it and both fade with the drift as before."""
     for pid, rate in zip(prompt_ids, rates, strict=True):
         r = min(max(float(rate), 0.0), 1.0)
         s = state.prompts.get(pid)

@@ -250,7 +250,8 @@ def _build_policy(cfg, args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from marginal_rl.grid import run_grid
 
-    return run_grid(args.config, parallel=args.parallel, dry_run=args.dry_run)
+    arms = [a for a in (args.arms or "").split(",") if a]
+    return run_grid(args.config, parallel=args.parallel, dry_run=args.dry_run, arms=arms or None)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "finished runs.")
     ablate.add_argument("--config", required=True, help="grid YAML (see docs/ablations.md)")
     ablate.add_argument("--parallel", type=int, default=1, help="runs at a time (each a separate process)")
+    ablate.add_argument("--arms", metavar="A,B", help="run only these arms (comma-separated), e.g. to add an arm to a "
+                                                      "grid; the report still covers every arm with finished runs")
     ablate.add_argument("--dry-run", action="store_true", help="validate the grid and list its runs, run nothing")
     ablate.set_defaults(func=cmd_ablate)
 

@@ -124,14 +124,22 @@ def launch(run: Run, base: str, log_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def run_grid(path: str, parallel: int = 1, dry_run: bool = False) -> int:
-    """Run every unfinished run of the grid at `path`, then write results.csv, summary.md / summary.csv and the
-    plots under its output_dir. Returns the exit status: 2 for a bad grid, 1 if a run failed, else 0."""
+def run_grid(path: str, parallel: int = 1, dry_run: bool = False, arms: list[str] | None = None) -> int:
+    """Run every unfinished run of the grid at `path` (of the named `arms` only, when given), then write
+    results.csv, summary.md / summary.csv and the plots under its output_dir, over every arm with finished runs.
+    Returns the exit status: 2 for a bad grid or an arm it lacks, 1 if a run failed, else 0."""
     try:
         spec, runs = load_grid(path)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if arms:
+        missing = [a for a in arms if a not in spec["arms"]]
+        if missing:
+            print(f"config error: --arms: grid {path} has no arm(s) {missing}; its arms: {list(spec['arms'])}",
+                  file=sys.stderr)
+            return 2
+        runs = [r for r in runs if r.arm in arms]
     out = Path(spec["output_dir"])
     todo = [r for r in runs if not is_finished(r)]
     print(f"grid {spec['name']}: {len(runs)} runs ({len(runs) - len(todo)} finished, {len(todo)} to run) -> {out}")

@@ -273,7 +273,8 @@ def record_eval(result: dict[str, float], step: int, ledger: Ledger, evals: list
     """Note an eval in the ledger (its `metric`, budget.target_metric) and the history, with the tokens and seconds
     spent so far."""
     ledger.record_eval(step, result[metric])
-    evals.append({"step": step, "tokens": ledger.total_tokens, "seconds": round(time.time() - started, 2), **result})
+    evals.append({"step": step, "tokens": ledger.total_tokens, "tokens_probe": ledger.by_use["probe"],
+                  "seconds": round(time.time() - started, 2), **result})
 
 
 def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: str, world_size: int,
@@ -295,7 +296,7 @@ def run_summary(cfg: RunConfig, ledger: Ledger, evals: list[dict], *, policy: st
                    "probe": ledger.by_use["probe"], "total": ledger.total_tokens},
         "hindsight_bound_tokens": ledger.hindsight_bound,  # sampling only the groups with a signal, training on all
         "tokens_over_hindsight": None if math.isnan(over) else over,
-        "eval_history": evals,  # each: step, tokens (total so far), seconds (since start), eval/* metrics
+        "eval_history": evals,  # each: step, tokens (total so far), tokens_probe (of them the probe's), seconds (since start), eval/* metrics
         "ledger": ledger.summary(b.target_reward, delta),
         "unscored_steps": unscored_steps,  # steps where every reward function returned None/NaN for every completion
         "wall_seconds": round(time.time() - started, 2),

@@ -58,6 +58,7 @@ from marginal_rl.budget.records import (
 from marginal_rl.budget.state import BudgetState, fold_probe
 
 POSTERIORS = ("thompson", "mean", "expected")
+PROBE_REFRESH = ("weak", "every")
 
 
 @dataclass
@@ -109,6 +110,18 @@ class MarginalConfig(BudgetConfig):
                                        "take it as a pass-rate estimate worth this many samples; 0 = off "
                                        "(docs/budget.md, \"The likelihood probe\")"},
     )
+    probe_refresh: str = field(
+        default="weak", metadata={"help": f"with probe_strength: which candidates the plan samples are probed: "
+                                          f"{' | '.join(PROBE_REFRESH)} (those whose evidence is worth less than half "
+                                          f"a probe; every one, every step: its posterior is the current policy's "
+                                          f"probe, not one that lags the training; docs/budget.md)"},
+    )
+    probe_charge: bool = field(
+        default=True, metadata={"help": "with probe_strength: false is a diagnostic, not a method: the probe's tokens "
+                                        "neither come off the step's cap nor count in the controller's spend (the "
+                                        "ledger still records them, use `probe`), to measure what the pass rates "
+                                        "would buy if they were free; never for a comparison at matched compute"},
+    )
     probe_rounds: int = field(
         default=4, metadata={"help": "with probe_strength: plan-probe-replan rounds per step (a probe can free "
                                      "samples for candidates that were not probed yet)"},
@@ -148,8 +161,11 @@ class MarginalConfig(BudgetConfig):
                              f"{self.probe_strength}")
         if self.probe_rounds < 1:
             raise ValueError(f"probe_rounds: expected an integer >= 1, got {self.probe_rounds}")
-        if self.probe_strength == 0 and self.probe_rounds != MarginalConfig.probe_rounds:
-            raise ValueError("probe_rounds: read only with the likelihood probe on; set budget.probe_strength > 0")
+        if self.probe_refresh not in PROBE_REFRESH:
+            raise ValueError(f"probe_refresh: expected one of {list(PROBE_REFRESH)}, got {self.probe_refresh!r}")
+        for key in ("probe_rounds", "probe_refresh", "probe_charge"):
+            if self.probe_strength == 0 and getattr(self, key) != getattr(MarginalConfig, key):
+                raise ValueError(f"{key}: read only with the likelihood probe on; set budget.probe_strength > 0")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         if not self.controller_rate >= 0:
@@ -229,13 +245,14 @@ the tokens each probe processed)."""
 def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
                  rng: np.random.Generator, limits: SampleLimits, probe: Probe) -> tuple[PromptPlan, float]:
     """The likelihood probe's plan (probe_strength m > 0): plan, probe the candidates it samples whose own evidence
-    is worth less than half a probe (< m/2 faded pseudo-counts: every unseen prompt), fold the probes in
+    is worth less than half a probe (< m/2 faded pseudo-counts: every unseen prompt; with probe_refresh=every, each
+    one it samples, once a step), fold the probes in
     (fold_probe), plan again with their tokens taken off the step's cap; probe_rounds times at most. Returns the plan
     (with `probed` and `probe_tokens`) and the seconds spent inside `probe`. Between rounds only the probed
     candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed."""
     arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
     plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
-    weak = arrays.evidence < cfg.probe_strength / 2
+    weak = arrays.evidence < cfg.probe_strength / 2 if cfg.probe_refresh == "weak" else np.ones(len(candidates), bool)
     probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
     for _ in range(cfg.probe_rounds):
         ask = np.flatnonzero((plan.samples > 0) & weak & ~probed)
@@ -247,7 +264,8 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
         probe_s += time.perf_counter() - t0
         fold_probe(cfg, state, ids, rates, state.version, cfg.probe_strength, step)
         probed[ask], spent = True, spent + int(np.sum(tokens))
-        limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
+        if cfg.probe_charge:
+            limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
         arrays = PromptArrays(*(a.copy() for a in arrays))
         for a, r in zip(arrays, prompt_arrays(cfg, state, ids, cfg.pool_strength), strict=True):
             a[ask] = r

@@ -106,6 +106,19 @@ def test_a_changed_arm_reruns_only_that_arm(fake_grid):
     assert sorted(_calls(calls)) == sorted(str(path.parent / "grid" / "fast" / f"seed{s}") for s in (0, 1))
 
 
+def test_arms_runs_only_the_named_arms_and_names_a_missing_one(fake_grid, capsys):
+    path, calls = fake_grid
+    assert cli(["ablate", "--config", str(path), "--arms", "fast"]) == 0
+    assert sorted(_calls(calls)) == sorted(str(path.parent / "grid" / "fast" / f"seed{s}") for s in (0, 1))
+    assert "grid grid: 2 runs (0 finished, 2 to run)" in capsys.readouterr().out
+    assert cli(["ablate", "--config", str(path), "--arms", "fast,nope"]) == 2
+    assert "--arms: grid" in (err := capsys.readouterr().err) and "no arm(s) ['nope']; its arms: ['none', 'fast']" in err
+    assert cli(["ablate", "--config", str(path), "--arms", "none"]) == 0  # the report then covers both arms
+    with (path.parent / "grid" / "results.csv").open() as f:
+        assert {r["arm"] for r in csv.DictReader(f)} == {"none", "fast"}
+    assert len(_calls(calls)) == 4
+
+
 def test_a_key_added_to_the_schema_since_the_run_does_not_force_a_rerun(fake_grid):
     path, calls = fake_grid
     assert cli(["ablate", "--config", str(path)]) == 0

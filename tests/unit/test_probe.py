@@ -4,6 +4,7 @@ evidence, which candidates the plan probes and that its tokens are spent, and th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -133,6 +134,42 @@ def test_probe_rounds_bound_the_replanning_and_the_probe_tokens_come_off_a_token
         Budget(cfg, LIMITS).plan(list(rates), 0, np.random.default_rng(0))
 
 
+def test_with_probe_refresh_every_the_plan_probes_what_it_samples_again_each_step():
+    # The policy moved after step 0: `half` is solved at step 1. Under `weak` its step-0 probe (64 pseudo-counts at
+    # 0.5) is still strong evidence and the plan samples it again; under `every` it is probed again, reads
+    # Beta(1 + 64·0.95, 1 + 64·0.05) and loses its samples to `third`, probed in the second round.
+    plans = {}
+    for refresh in ("weak", "every"):
+        cfg = budget_config("marginal", posterior="mean", probe_strength=64, probe_refresh=refresh)
+        probe, budget = FakeProbe({"half": 0.5, "third": 0.3}), Budget(cfg, dataclasses.replace(LIMITS, prompts_per_step=1))
+        first = budget.plan(["half", "third"], 0, np.random.default_rng(0), probe)
+        assert probe.calls == [["half"]] and first.samples.tolist() == [2, 0]
+        probe.rates["half"] = 0.95
+        plans[refresh] = budget.plan(["half", "third"], 1, np.random.default_rng(1), probe), probe.calls[1:]
+    weak, every = plans["weak"], plans["every"]
+    assert weak[1] == [] and weak[0].samples.tolist() == [2, 0]
+    assert every[1] == [["half"], ["third"]] and every[0].samples.tolist() == [0, 2]
+    assert every[0].pass_rate[0] == pytest.approx((1 + 64 * 0.95) / 66) and every[0].probe_tokens == 2 * 5
+
+
+def test_an_uncharged_probe_leaves_the_cap_and_the_controller_alone_and_the_ledger_still_counts_it():
+    # the diagnostic (probe_charge: false): the same plan as above under a token budget of 100, whose probe of 60
+    # tokens no longer crowds out the group of 60 expected tokens; the controller's spend is the group's alone
+    rates = {"solved": 1.0, "hopeless": 0.0, "half": 0.5, "third": 0.3}
+    cfg = budget_config("marginal", posterior="mean", probe_strength=64, token_budget=100, budget_slack=1.0,
+                        probe_charge=False)
+    budget = Budget(cfg, LIMITS)
+    plan = budget.plan(list(rates), 0, np.random.default_rng(0), FakeProbe(rates, tokens=60))
+    # one group fits a round: `solved` is probed and dropped, then `hopeless`, then `half` is probed and kept
+    assert plan.probed.tolist() == [True, True, True, False] and plan.probe_tokens == 180
+    assert plan.samples.tolist() == [0, 0, 2, 0]
+    group = [Trajectory(f"t{k}", "half", "g", 0, 0, [0] * 4, [0] * 3, [1] * 3, [0.0] * 3, float(k), "eos")
+             for k in (0, 1)]
+    budget.settle(plan, TrajectoryColumns.of(group), 0, 0, lambda prices, reuse: Update(1, None), group)
+    assert budget.state.last_spend == 2 * 7 + 2 * 7 and budget.ledger.by_use["probe"] == 180
+    assert budget.ledger.total_tokens == 2 * 7 + 2 * 7 + 180
+
+
 def test_probe_keys_are_checked():
     with pytest.raises(ValueError, match="probe_strength: expected a number >= 0"):
         budget_config("marginal", probe_strength=-1)
@@ -140,6 +177,12 @@ def test_probe_keys_are_checked():
         budget_config("marginal", probe_rounds=0, probe_strength=16)
     with pytest.raises(ValueError, match="probe_rounds: read only with the likelihood probe on"):
         budget_config("marginal", probe_rounds=2)
+    with pytest.raises(ValueError, match="probe_refresh: read only with the likelihood probe on"):
+        budget_config("marginal", probe_refresh="every")
+    with pytest.raises(ValueError, match="probe_charge: read only with the likelihood probe on"):
+        budget_config("marginal", probe_charge=False)
+    with pytest.raises(ValueError, match=r"probe_refresh: expected one of \['weak', 'every'\], got 'always'"):
+        budget_config("marginal", probe_refresh="always", probe_strength=16)
     with pytest.raises(ConfigError, match="read only by budget.policy=marginal"):
         load_config([], ["budget.policy=none", "budget.probe_strength=16"])
 
