@@ -33,6 +33,7 @@ class PromptStats:
     tok_rollout: float = 0.0  # moving average per sample: prefill + decode + observation (verify excluded)
     tok_verify: float = 0.0  # ... verification tokens
     tok_update: float = 0.0  # ... training tokens if trained (prompt + completion, × epochs)
+    seen: float = 0.0  # samples drawn of it, faded by the drift like its evidence, as of `version`
 
 
 @dataclass
@@ -113,6 +114,7 @@ def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str],
         if s is None:
             s = state.prompts[pid] = PromptStats(0.0, 0.0, version, step, 0, 0, *unseen_lengths(cfg, state))
         s.alpha, s.beta = cfg.prior_alpha + strength * r, cfg.prior_beta + strength * (1.0 - r)
+        s.seen *= math.exp(-current_drift(cfg, state) * max(version - s.version, 0) / cfg.drift_scale)  # to `version`
         s.version = max(version, s.version)
 
 
@@ -150,7 +152,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
             s = prompts[pid] = PromptStats(prior_a, prior_b, version, step, 0, 0, tok_r, tok_v, tok_u)
         factor = math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)
         a, b = fade_posterior(s.alpha, s.beta, prior_a, prior_b, factor)
-        s.alpha, s.beta = a + succ, b + (n - succ)
+        s.alpha, s.beta, s.seen = a + succ, b + (n - succ), s.seen * factor + n
         s.version, s.last_step, s.groups = max(version, s.version), step, s.groups + 1
         s.zero_var_streak = s.zero_var_streak + 1 if flat else 0
         family = state.family_of.get(pid)

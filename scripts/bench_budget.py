@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 # marginal with every issue-15 mechanism on: token budget, pooled evidence, one price for the run, priced reuse, price
 # discovery on an empty plan, the likelihood probe, pricing at the posterior's expectation, family balance
 EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pace": "run", "reuse_buffer": 256,
-                   "discover_price": True, "probe_strength": 16.0, "posterior": "expected", "family_half_samples": 256.0}
+                   "discover_price": True, "probe_strength": 16.0, "probe_refresh": "every", "posterior": "expected",
+                   "family_half_samples": 256.0, "prompt_half_samples": 8.0}
 
 
 def parse_args() -> argparse.Namespace:

@@ -59,6 +59,7 @@ class PromptArrays(NamedTuple):
     tok_update: np.ndarray
     streak: np.ndarray
     evidence: np.ndarray  # the prompt's own pseudo-counts above the prior, faded (pooling not included)
+    seen: np.ndarray  # samples drawn of the prompt, faded like its evidence (a probe's pseudo-counts not included)
 
     @property
     def mean(self) -> np.ndarray:
@@ -66,7 +67,7 @@ class PromptArrays(NamedTuple):
         return self.alpha / (self.alpha + self.beta)
 
 
-_STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout", "tok_verify", "tok_update")
+_STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout", "tok_verify", "tok_update", "seen")
 
 
 def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
@@ -75,16 +76,16 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     m > 0 a prompt's prior is its family's (pool_prior) instead of Beta(prior_alpha, prior_beta)."""
     num = len(candidates)
     # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
-    unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0, *unseen_lengths(cfg, state))
+    unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0, *unseen_lengths(cfg, state), 0.0)
     rows = [unseen if s is None else _STATS(s) for s in map(state.prompts.get, candidates)]
-    table = np.fromiter(chain.from_iterable(rows), dtype=float, count=7 * num).reshape(num, 7).T  # (7, P): a row each
-    alpha, beta, version, streak, tr, tv, tu = table
+    table = np.fromiter(chain.from_iterable(rows), dtype=float, count=8 * num).reshape(num, 8).T  # (8, P): a row each
+    alpha, beta, version, streak, tr, tv, tu, seen = table
     factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
     evidence = alpha + beta - cfg.prior_alpha - cfg.prior_beta
     if pool_strength > 0:
         alpha, beta = pool_prior(cfg, state, candidates, alpha, beta, pool_strength)
-    return PromptArrays(alpha, beta, tr, tv, tu, streak, evidence)
+    return PromptArrays(alpha, beta, tr, tv, tu, streak, evidence, seen * factor)
 
 
 def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], alpha: np.ndarray, beta: np.ndarray,

@@ -81,6 +81,12 @@ class MarginalConfig(BudgetConfig):
                                        "utility per task family: diminishing returns across a family's prompts); 0 = "
                                        "off (docs/budget.md, \"Family balance\")"},
     )
+    prompt_half_samples: float = field(
+        default=0.0, metadata={"help": "revisit balance: a sample of a prompt already sampled N_p times (faded by the "
+                                       "drift) is worth N0/(N0 + N_p) of its gain before rollout, N0 this value (a "
+                                       "log utility per prompt: diminishing returns across steps); 0 = off "
+                                       "(docs/budget.md, \"Revisit balance\")"},
+    )
     token_budget: int = field(
         default=0, metadata={"help": "tokens per step (rollout + training); > 0 makes the κ scale a dual variable "
                                      "that the controller adjusts, 0 = fixed prices"},
@@ -154,6 +160,9 @@ class MarginalConfig(BudgetConfig):
         if not self.family_half_samples >= 0:
             raise ValueError(f"family_half_samples: expected a number >= 0 (samples; 0 = off), got "
                              f"{self.family_half_samples}")
+        if not self.prompt_half_samples >= 0:
+            raise ValueError(f"prompt_half_samples: expected a number >= 0 (samples; 0 = off), got "
+                             f"{self.prompt_half_samples}")
         if self.reuse_buffer < 0:
             raise ValueError(f"reuse_buffer: expected an integer >= 0 (trajectories; 0 = off), got {self.reuse_buffer}")
         if not self.probe_strength >= 0:
@@ -215,6 +224,8 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
                                                    expected=cfg.posterior == "expected")
     if cfg.family_half_samples > 0:  # the same weight for every group size: it scales G(n), not its shape in n
         gain = gain * family_weight(cfg, state, candidates, cfg.family_half_samples)[:, None]
+    if cfg.prompt_half_samples > 0:  # likewise per prompt: N0/(N0 + N_p), N_p its faded samples so far
+        gain = gain * (cfg.prompt_half_samples / (cfg.prompt_half_samples + arrays.seen))[:, None]
     max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
 
     rows = np.arange(len(candidates))

@@ -76,7 +76,11 @@ def test_state_round_trips_through_json():
     update_state(cfg, state, group("a", [1, 0, 1]) + group("b", [0, 0]), step=3, current_version=2, drift_kl=0.01)
     back = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
     assert back.state_dict() == state.state_dict()
-    assert back.prompts["b"] == PromptStats(1.0, 3.0, 0, 3, 1, 1, 17.0, 0.0, 17.0)
+    assert back.prompts["b"] == PromptStats(1.0, 3.0, 0, 3, 1, 1, 17.0, 0.0, 17.0, seen=2.0)
+    old = state.state_dict()  # a checkpoint from before `seen` was kept: its prompts read as never counted
+    for v in old["prompts"].values():
+        del v["seen"]
+    assert BudgetState.from_state_dict(old).prompts["b"].seen == 0.0
 
 
 def test_posterior_fades_with_drift():
@@ -259,6 +263,29 @@ def test_family_balance_moves_a_group_to_the_family_sampled_less():
     assert [d.samples for d in off] == [4, 0] and [d.samples for d in on] == [0, 4]
     assert (off[0].gain, off[1].gain) == pytest.approx((0.25, 0.1))
     assert (on[0].gain, on[1].gain) == pytest.approx((0.025, 0.25))
+
+
+def test_revisit_balance_by_hand():
+    # a prompt's samples are counted and fade with its evidence: a group of 3 at version 0, then at drift 0.1, scale
+    # 0.1 a group of 2 at version 1 adds to 3/e. Two prompts at the same posterior Beta(2, 2) (p = 0.5), one group's
+    # worth of samples: "old" was sampled 8 times, "new" twice; with N0 = 8 their gains weigh 8/16 and 8/10, so the
+    # group moves to "new" (without the weight the first candidate wins the tie)
+    cfg = BudgetConfig("marginal", drift_prior=0.1, drift_scale=0.1)
+    state = BudgetState()
+    update_state(cfg, state, group("a", [1, 0, 1]), step=0, current_version=0, drift_kl=None)
+    update_state(cfg, state, group("a1", [1, 0], prompt="a", version=1), step=1, current_version=1, drift_kl=None)
+    assert state.prompts["a"].seen == pytest.approx(3 / math.e + 2)
+    limits = SampleLimits(prompts_per_step=1, group_size=4, min_group_size=2, max_group_size=16)
+    state = BudgetState(prompts={"old": PromptStats(2.0, 2.0, seen=8.0), "new": PromptStats(2.0, 2.0, seen=2.0)})
+    arrays = policies.base.prompt_arrays(cfg, state, ["old", "new", "unseen"])
+    assert arrays.seen.tolist() == [8.0, 2.0, 0.0]
+    plan = {n0: plan_prompts(BudgetConfig("marginal", posterior="mean", prompt_half_samples=n0), state,
+                             ["old", "new"], 0, np.random.default_rng(0), limits) for n0 in (0.0, 8.0)}
+    assert [d.samples for d in plan[0.0]] == [4, 0] and [d.samples for d in plan[8.0]] == [0, 4]
+    # priced gains: the sampled prompt at its group of 4 (G = 1·1·3/12), the skipped at its smallest (2: 1/10)
+    assert (plan[8.0][0].gain, plan[8.0][1].gain) == pytest.approx((0.1 * 8 / 16, 0.25 * 8 / 10))
+    with pytest.raises(ValueError, match="prompt_half_samples: expected a number >= 0"):
+        BudgetConfig("marginal", prompt_half_samples=-1)
 
 
 def test_prior_plan_skips_zero_variance_history():

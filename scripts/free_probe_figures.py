@@ -1,0 +1,91 @@
+"""Benchmark figures with the likelihood probe's tokens taken off the x-axis: what an arm's pass rates would buy if
+they cost nothing. For the oracle diagnostic (`budget.probe_charge: false`, docs/budget.md "Pricing at the current
+pass rate"); for any other arm the figures are those of `marginal-rl report`, less the probe's tokens.
+
+    python scripts/free_probe_figures.py runs/ablations/bench_v2_fine --arms marginal_6_oracle,marginal_6_probe \\
+        --baselines none_8,none_4 --delta 0.05
+
+For each arm and baseline, paired by seed: tokens to start + delta on that x-axis (eval_history's tokens minus
+tokens_probe; runs from before tokens_probe was recorded have no probe and read 0), censored at B, the smallest
+probe-free total any listed run reached (so every run's curve covers it); the geometric mean of baseline / arm with
+its 95 % bootstrap interval over seeds (marginal_rl.stats), the AUC over [0, B], the probe's share of the tokens, the
+probe-free tokens per step, and every seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from marginal_rl.report import _paired
+from marginal_rl.stats import mean_interval, reward_auc, tokens_to_gain
+
+
+def curve(run: Path) -> tuple[list[float], list[float], dict]:
+    s = json.loads((run / "summary.json").read_text())
+    hist = s["eval_history"]
+    return [h["tokens"] - h.get("tokens_probe", 0) for h in hist], [h[s.get("target_metric", "eval/reward")]
+                                                                     for h in hist], s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("grid", type=Path, help="a grid's output_dir (runs under ARM/seedN)")
+    ap.add_argument("--arms", required=True, help="comma-separated arms to report")
+    ap.add_argument("--baselines", required=True, help="comma-separated arms each arm is compared against")
+    ap.add_argument("--delta", type=float, default=0.05, help="the relative target: start + delta (default 0.05)")
+    args = ap.parse_args(argv)
+    arms, bases = args.arms.split(","), args.baselines.split(",")
+    runs = {}
+    for arm in dict.fromkeys(arms + bases):
+        seeds = sorted((args.grid / arm).glob("seed*/summary.json"))
+        if not seeds:
+            print(f"error: no finished runs under {args.grid / arm}", file=sys.stderr)
+            return 2
+        runs[arm] = {int(p.parent.name.removeprefix("seed")): curve(p.parent) for p in seeds}
+    budget = min(x[-1] for r in runs.values() for x, _, _ in r.values())
+    print(f"x-axis: tokens less the probe's; budget B = {budget:,.0f} (the smallest probe-free total of these runs)")
+    figures = {}
+    for arm, r in runs.items():
+        figures[arm] = {seed: (tokens_to_gain(x, y, args.delta), reward_auc(x, y, budget), y[0]) for seed, (x, y, _)
+                        in r.items()}
+        s = [v for _, _, v in r.values()]
+        probe = [v["tokens"].get("probe", 0) / v["tokens"]["total"] for v in s]
+        per_step = [(v["tokens"]["total"] - v["tokens"].get("probe", 0)) / v["steps"] for v in s]
+        zero = [v["ledger"]["zero_signal_groups"] / v["ledger"]["groups"] for v in s if v["ledger"].get("groups")]
+        auc = mean_interval([a for _, a, _ in figures[arm].values()])
+        print(f"{arm}: {len(s)} seeds, probe share {_median(probe):.3f}, probe-free tokens/step {_median(per_step):.0f}, "
+              f"zero-signal groups {_median(zero):.2f}, AUC {auc[0]:.4f} [{auc[1]:.4f}, {auc[2]:.4f}]")
+    for arm in arms:
+        for base in bases:
+            if base == arm:
+                continue
+            seeds = sorted(set(figures[arm]) & set(figures[base]))
+            n, ratio, lo, hi = _paired([figures[base][s][0] for s in seeds], [figures[arm][s][0] for s in seeds],
+                                       budget)
+            diff = mean_interval([figures[arm][s][1] - figures[base][s][1] for s in seeds])
+            print(f"{base} / {arm}, tokens to start + {args.delta}: {ratio:.2f}x [{lo:.2f}, {hi:.2f}] ({n} seeds); "
+                  f"AUC {arm} - {base}: {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]")
+    print("\n| seed | start | " + " | ".join(f"{a}: tokens to start + {args.delta}" for a in runs) + " | "
+          + " | ".join(f"{a}: AUC" for a in runs) + " |")
+    print("|" + " --- |" * (2 + 2 * len(runs)))
+    for seed in sorted(set.intersection(*(set(f) for f in figures.values()))):
+        cells = [_k(figures[a][seed][0], budget) for a in runs] + [f"{figures[a][seed][1]:.3f}" for a in runs]
+        print(f"| {seed} | {figures[arms[0]][seed][2]:.3f} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return math.nan if not v else (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def _k(t: float | None, budget: float) -> str:
+    return "never" if t is None or t > budget else f"{t / 1000:.0f}k"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
