@@ -84,7 +84,9 @@ def _median(v: list[float]) -> float:
 
 
 def _k(t: float | None, budget: float) -> str:
-    return "never" if t is None or t > budget else f"{t / 1000:.0f}k"
+    if t is None or t > budget:
+        return "never"
+    return f"{t / 1000:.1f}k" if t < 10_000 else f"{t / 1000:.0f}k"
 
 
 if __name__ == "__main__":
