@@ -263,10 +263,11 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed."""
     arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
     plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
-    weak = arrays.evidence < cfg.probe_strength / 2 if cfg.probe_refresh == "weak" else np.ones(len(candidates), bool)
+    eligible = (arrays.evidence < cfg.probe_strength / 2 if cfg.probe_refresh == "weak"
+                else np.ones(len(candidates), bool))  # which candidates may be probed, once a step
     probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
     for _ in range(cfg.probe_rounds):
-        ask = np.flatnonzero((plan.samples > 0) & weak & ~probed)
+        ask = np.flatnonzero((plan.samples > 0) & eligible & ~probed)
         if not len(ask):
             break
         ids = [candidates[i] for i in ask]
