@@ -100,7 +100,7 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
     baseline."""
     import pandas as pd
 
-    from marginal_rl.stats import mean_interval
+    from marginal_rl.stats import censored_paired_ratio, mean_interval
 
     df = pd.DataFrame(results)
     if reference not in set(df.arm):
@@ -119,24 +119,12 @@ def compare(results, table, budget: float, reference: str = REFERENCE_ARM):
                "variant": (policy == ref_policy if isinstance(policy, str) and isinstance(ref_policy, str)
                            else arm.startswith(f"{reference}_"))}
         for col, name in (("tokens_to_target", "ratio"), ("tokens_to_target_delta", "ratio_delta")):
-            row[f"{name}_seeds"], row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _paired(
+            row[f"{name}_seeds"], row[name], row[f"{name}_lo"], row[f"{name}_hi"] = censored_paired_ratio(
                 *(list(x.loc[seeds, col].where(x.loc[seeds, col].notna(), None)) for x in (g, ref)), budget)
         row["auc_diff"], row["auc_diff_lo"], row["auc_diff_hi"] = mean_interval(
             ref.loc[seeds, "auc"].to_numpy() - g.loc[seeds, "auc"].to_numpy())
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _paired(base: list, mine: list, budget: float) -> tuple[int, float, float, float]:
-    """(seeds used, geometric mean of base / mine tokens to a target, its 95 % interval), both censored at the
-    budget; a seed whose start is already at the target, or where neither run reached it, says nothing and is left
-    out."""
-    from marginal_rl.stats import censor, paired_ratio
-
-    b, m = censor(base, budget), censor(mine, budget)
-    informative = (b > 0) & (m > 0) & ((b < budget) | (m < budget))
-    return (int(informative.sum()),
-            *(paired_ratio(b[informative], m[informative]) if informative.any() else (math.nan,) * 3))
 
 
 SWEEP_DELTAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
@@ -149,7 +137,7 @@ def target_sweep(results, budget: float, reference: str = REFERENCE_ARM, deltas=
     eval history (summary.json)."""
     import pandas as pd
 
-    from marginal_rl.stats import tokens_to_gain
+    from marginal_rl.stats import censored_paired_ratio, tokens_to_gain
 
     df = pd.DataFrame(results)
     if reference not in set(df.arm):
@@ -165,8 +153,8 @@ def target_sweep(results, budget: float, reference: str = REFERENCE_ARM, deltas=
     for arm in dict.fromkeys(df.arm[df.arm != reference]):
         seeds = sorted(set(df.seed[df.arm == arm]) & ref_seeds)
         for i, d in enumerate(deltas):
-            used, ratio, lo, hi = _paired([reached[arm, k][i] for k in seeds],
-                                          [reached[reference, k][i] for k in seeds], budget)
+            used, ratio, lo, hi = censored_paired_ratio([reached[arm, k][i] for k in seeds],
+                                                        [reached[reference, k][i] for k in seeds], budget)
             rows.append({"arm": arm, "delta": d, "seeds": used, "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi})
     return pd.DataFrame(rows)
 

@@ -37,6 +37,17 @@ def paired_ratio(base: Sequence[float], method: Sequence[float], *, n_boot: int 
     return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
 
 
+def censored_paired_ratio(base: Sequence[float | None], mine: Sequence[float | None],
+                          budget: float) -> tuple[int, float, float, float]:
+    """(seeds used, geometric mean of base / mine tokens to a target, its 95 % interval), both censored at the
+    budget; a seed whose start is already at the target (0 tokens), or where neither run reached it, says nothing and
+    is left out. NaN figures when no seed is left."""
+    b, m = censor(base, budget), censor(mine, budget)
+    informative = (b > 0) & (m > 0) & ((b < budget) | (m < budget))
+    return (int(informative.sum()),
+            *(paired_ratio(b[informative], m[informative]) if informative.any() else (math.nan,) * 3))
+
+
 def mean_interval(values: Sequence[float], *, n_boot: int = 10_000, level: float = 0.95,
                   seed: int = 0) -> tuple[float, float, float]:
     """(mean, and its percentile bootstrap interval over resampled seeds)."""

@@ -7,9 +7,9 @@ pass rate"); for any other arm the figures are those of `marginal-rl report`, le
 
 For each arm and baseline, paired by seed: tokens to start + delta on that x-axis (eval_history's tokens minus
 tokens_probe; runs from before tokens_probe was recorded have no probe and read 0), censored at B, the smallest
-probe-free total any listed run reached (so every run's curve covers it); the geometric mean of baseline / arm with
-its 95 % bootstrap interval over seeds (marginal_rl.stats), the AUC over [0, B], the probe's share of the tokens, the
-probe-free tokens per step, and every seed.
+probe-free total any run of the pair reached (so both curves cover it); the geometric mean of baseline / arm with
+its 95 % bootstrap interval over seeds (marginal_rl.stats), the AUC over [0, B]; per arm, the probe's share of the
+tokens, the probe-free tokens per step and the AUC, and every seed, over the smallest B of all listed runs.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
-from marginal_rl.report import _paired
-from marginal_rl.stats import mean_interval, reward_auc, tokens_to_gain
+from marginal_rl.stats import censored_paired_ratio, mean_interval, reward_auc, tokens_to_gain
 
 
 def curve(run: Path) -> tuple[list[float], list[float], dict]:
@@ -47,11 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs[arm] = {int(p.parent.name.removeprefix("seed")): curve(p.parent) for p in seeds}
     budget = min(x[-1] for r in runs.values() for x, _, _ in r.values())
-    print(f"x-axis: tokens less the probe's; budget B = {budget:,.0f} (the smallest probe-free total of these runs)")
-    figures = {}
+    print(f"x-axis: tokens less the probe's; budget B = {budget:,.0f} (the smallest probe-free total of these runs: "
+          f"the per-arm AUC and the seed table; each comparison uses its own pair's B)")
+    figures = {arm: _figures(r, args.delta, budget) for arm, r in runs.items()}
     for arm, r in runs.items():
-        figures[arm] = {seed: (tokens_to_gain(x, y, args.delta), reward_auc(x, y, budget), y[0]) for seed, (x, y, _)
-                        in r.items()}
         s = [v for _, _, v in r.values()]
         probe = [v["tokens"].get("probe", 0) / v["tokens"]["total"] for v in s]
         per_step = [(v["tokens"]["total"] - v["tokens"].get("probe", 0)) / v["steps"] for v in s]
@@ -63,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         for base in bases:
             if base == arm:
                 continue
-            seeds = sorted(set(figures[arm]) & set(figures[base]))
-            n, ratio, lo, hi = _paired([figures[base][s][0] for s in seeds], [figures[arm][s][0] for s in seeds],
-                                       budget)
-            diff = mean_interval([figures[arm][s][1] - figures[base][s][1] for s in seeds])
+            pair = min(x[-1] for a in (arm, base) for x, _, _ in runs[a].values())  # both curves cover [0, pair]
+            mine, theirs = _figures(runs[arm], args.delta, pair), _figures(runs[base], args.delta, pair)
+            seeds = sorted(set(mine) & set(theirs))
+            n, ratio, lo, hi = censored_paired_ratio([theirs[s][0] for s in seeds], [mine[s][0] for s in seeds], pair)
+            diff = mean_interval([mine[s][1] - theirs[s][1] for s in seeds])
             print(f"{base} / {arm}, tokens to start + {args.delta}: {ratio:.2f}x [{lo:.2f}, {hi:.2f}] ({n} seeds); "
-                  f"AUC {arm} - {base}: {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]")
+                  f"AUC {arm} - {base}: {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}] (B = {pair:,.0f})")
     print("\n| seed | start | " + " | ".join(f"{a}: tokens to start + {args.delta}" for a in runs) + " | "
           + " | ".join(f"{a}: AUC" for a in runs) + " |")
     print("|" + " --- |" * (2 + 2 * len(runs)))
@@ -78,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _figures(runs: dict, delta: float, budget: float) -> dict[int, tuple[float | None, float, float]]:
+    """Per seed: tokens to start + delta on the probe-free axis, the AUC over [0, budget], the start."""
+    return {seed: (tokens_to_gain(x, y, delta), reward_auc(x, y, budget), y[0]) for seed, (x, y, _) in runs.items()}
+
+
 def _median(v: list[float]) -> float:
-    v = sorted(v)
-    return math.nan if not v else (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+    return statistics.median(v) if v else math.nan
 
 
 def _k(t: float | None, budget: float) -> str:

@@ -39,6 +39,7 @@ def test_tokens_to_the_target_are_read_off_the_probe_free_axis(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "budget B = 300,000" in out
     assert f"base / arm, tokens to start + 0.05: {math.sqrt(12):.2f}x [3.00, 4.00] (2 seeds)" in out
+    assert "(B = 300,000)" in out  # the pair's own budget
     assert "arm: 2 seeds, probe share 0.562, probe-free tokens/step 35000, zero-signal groups 0.25" in out
     assert "| 0 | 0.300 | 50k | 200k |" in out and "| 1 | 0.300 | 100k | 300k |" in out
 
