@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import json
 import math
 import random
 import signal
@@ -34,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from marginal_rl.budget.allocator import Budget, Update
+from marginal_rl.budget.clusters import cluster_prompts
 from marginal_rl.budget.ledger import Ledger
 from marginal_rl.budget.policies import SampleLimits
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
@@ -144,6 +146,28 @@ def check_probe(cfg: RunConfig, task: TaskSet) -> bool:
         raise ConfigError(f"budget.probe_strength: the probe scores the full sampling distribution; rollout.top_p="
                           f"{cfg.rollout.top_p} truncates it (set rollout.top_p=1.0)")
     return True
+
+
+def build_families(cfg: RunConfig, task: TaskSet) -> tuple[dict[str, str], list[dict]]:
+    """prompt id -> family for the budget's pooled evidence and family balance: the task's families and, with
+    budget.pool_clusters k > 0, for the training prompts without one, the clusters of their surface template
+    (budget/clusters.py), named `cluster-0`.. by decreasing size. Also each cluster's size and first prompt, for the
+    run directory (empty without clusters). A ConfigError when every prompt already has a family."""
+    families = {p.prompt_id: p.family for p in task.train if p.family}
+    k = getattr(cfg.budget, "pool_clusters", 0)
+    if not k:
+        return families, []
+    bare = [p for p in task.train if not p.family]
+    if not bare:
+        hint = " (set task.group_column: '' to cluster the prompts instead)" if cfg.task.name == "dataset" else ""
+        raise ConfigError(f"budget.pool_clusters: every training prompt of task.name={cfg.task.name} has a family, so "
+                          f"there is nothing to cluster{hint}")
+    labels = cluster_prompts([p.text for p in bare], k, seed=cfg.seed)
+    summary: dict[int, dict] = {}
+    for p, c in zip(bare, labels, strict=True):
+        families[p.prompt_id] = f"cluster-{c}"
+        summary.setdefault(c, {"cluster": f"cluster-{c}", "prompts": 0, "first": p.text})["prompts"] += 1
+    return families, [summary[c] for c in sorted(summary)]
 
 
 def build_reference(cfg: RunConfig, model: torch.nn.Module):
@@ -418,6 +442,13 @@ class Run:
             prepare_run_dir(self.out, resume=bool(cfg.train.resume_from), overwrite=cfg.train.overwrite)
 
         self.probing = check_probe(cfg, task)  # before the model loads
+        families, clusters = build_families(cfg, task)  # for the pooled evidence
+        if clusters and self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "budget_clusters.json").write_text(json.dumps(clusters, indent=1) + "\n")
+            print(f"budget.pool_clusters: {sum(c['prompts'] for c in clusters)} prompts without a family in "
+                  f"{len(clusters)} clusters (sizes {', '.join(str(c['prompts']) for c in clusters)}; "
+                  f"{self.out / 'budget_clusters.json'})")
         model, self.tokenizer = build_policy(cfg, task, accelerator)
         fit_prompts_to_context(cfg, task, self.tokenizer, model.config)
         self.reference = build_reference(cfg, model)
@@ -425,7 +456,6 @@ class Run:
         self.optimizer, self.scheduler = build_optimizer(cfg, [model] + ([value_head] if value_head is not None else []))
         self.limits = SampleLimits(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.min_group_size,
                                    cfg.rollout.max_group_size)
-        families = {p.prompt_id: p.family for p in task.train if p.family}  # for the pooled evidence
         self.state = RunState(Budget(cfg.budget, self.limits, cfg.algo.num_iterations, families), started=started)
         ckpt = self._resume(model, value_head) if cfg.train.resume_from else None
         # a plain copy made before prepare(): FSDP's wrapped modules cannot be deep-copied, and the snapshot must hold

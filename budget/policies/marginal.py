@@ -75,6 +75,12 @@ class MarginalConfig(BudgetConfig):
                                        "family's other prompts) worth this many samples, instead of Beta(prior_alpha, "
                                        "prior_beta); 0 = off (docs/budget.md, \"Pooled evidence\")"},
     )
+    pool_clusters: int = field(
+        default=0, metadata={"help": "with pool_strength or family_half_samples: prompts without a task family (a "
+                                     "dataset with no task.group_column) are grouped into at most this many clusters "
+                                     "of their surface template, which then act as their families; 0 = off "
+                                     "(docs/budget.md, \"Clusters\")"},
+    )
     family_half_samples: float = field(
         default=0.0, metadata={"help": "family balance: a sample of a family already sampled N_f times (faded by the "
                                        "drift) is worth N0/(N0 + N_f) of its gain before rollout, N0 this value (a log "
@@ -157,6 +163,11 @@ class MarginalConfig(BudgetConfig):
                              f"got {self.max_samples_per_step}")
         if not self.pool_strength >= 0:
             raise ValueError(f"pool_strength: expected a number >= 0 (0 = off), got {self.pool_strength}")
+        if self.pool_clusters < 0:
+            raise ValueError(f"pool_clusters: expected an integer >= 0 (clusters; 0 = off), got {self.pool_clusters}")
+        if self.pool_clusters and not (self.pool_strength > 0 or self.family_half_samples > 0):
+            raise ValueError("pool_clusters: the clusters stand in for task families, which only the pooled evidence "
+                             "and family balance read; set budget.pool_strength or budget.family_half_samples > 0")
         if not self.family_half_samples >= 0:
             raise ValueError(f"family_half_samples: expected a number >= 0 (samples; 0 = off), got "
                              f"{self.family_half_samples}")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from marginal_rl.rollout.build import build_task
-from marginal_rl.train.config import load_config
+from marginal_rl.train.config import ConfigError, load_config
 from marginal_rl.train.loop import train
 from tests.conftest import tiny_overrides
 
@@ -113,3 +113,30 @@ def test_a_token_budget_ends_the_run_at_the_first_step_past_it_and_evals_follow_
     # an eval at the start, after the first step past each multiple of 1000 tokens, and at the end
     crossings = [t for prev, t in zip([0, *totals], totals, strict=False) if t // 1000 > prev // 1000]
     assert [e["tokens"] for e in evals] == [0, *crossings]
+
+
+def test_a_dataset_without_families_pools_by_clusters(tmp_path, policy_cache):
+    # two templates and no family column: with budget.pool_clusters the budget pools them as two clusters (their
+    # evidence sums under cluster-0 and cluster-1 in the saved state), and the run directory lists the clusters
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "completion": str(a + b)} for a in range(6) for b in range(6)]
+    rows += [{"prompt": f"rev {w}=", "answer": w[::-1], "completion": w[::-1]} for w in ("abc", "bca", "cab", "acb", "bac", "cba", "xyz")]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "rev zyx=", "answer": "xyz"}))
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", f"model.cache_dir={policy_cache}/dataset", "model.hidden_size=32",
+              "model.warm_start_steps=20", "task.name=dataset", f"task.dataset={tmp_path / 'train.jsonl'}",
+              f"task.eval_dataset={tmp_path / 'eval.jsonl'}", "task.reward_funcs=[examples.rewards.exact_match]",
+              "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=4",
+              "rollout.eval_samples=1", "train.max_steps=2", "train.save_every=2", "train.eval_every=0",
+              "log.report_to=none", "log.progress=false", "budget.policy=marginal", "budget.pool_strength=4",
+              "budget.pool_clusters=4"]
+    # every row has an answer, so grouped by that column every prompt has a family: stopped before the model loads
+    labelled = load_config([], [*common, "task.group_column=answer", f"output_dir={tmp_path / 'labelled'}"])
+    with pytest.raises(ConfigError, match="nothing to cluster .*task.group_column: ''"):
+        train(labelled, build_task(labelled.task, labelled.rollout))
+    cfg = load_config([], common)
+    assert train(cfg, build_task(cfg.task, cfg.rollout))["steps"] == 2
+    assert json.loads((out / "budget_clusters.json").read_text()) == [
+        {"cluster": "cluster-0", "prompts": 36, "first": "0+0="}, {"cluster": "cluster-1", "prompts": 7, "first": "rev abc="}]
+    state = json.loads(next((out / "checkpoints").glob("*/state.json")).read_text())
+    assert state["budget"]["families"] and set(state["budget"]["families"]) <= {"cluster-0", "cluster-1"}
