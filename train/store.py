@@ -23,8 +23,7 @@ from marginal_rl.train.config import ConfigError
 
 # What a run (and `marginal-rl report`) writes under output_dir: what train.overwrite deletes, and nothing else.
 RUN_FILES = ("config.yaml", "trajectories", "prompts", "reuse", "metrics.jsonl", "checkpoints", "summary.json", "final", "vllm",
-             "wandb", "report.html",
-             "budget_clusters.json")
+             "wandb", "report.html", "budget_clusters.json")
 
 
 class StorageError(RuntimeError):
