@@ -54,6 +54,8 @@ class BudgetState:
     # pooled evidence: family -> [successes, failures, version] summed over its prompts' groups (faded like a
     # prompt's), and the task's prompt -> family map (task data, set by the Budget, not saved)
     families: dict[str, list[float]] = field(default_factory=dict)
+    # ... and the likelihood probe's pseudo-counts, the same way (budget.pool_probes)
+    family_probes: dict[str, list[float]] = field(default_factory=dict)
     family_of: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra: dict = field(default_factory=dict)
 
@@ -62,7 +64,8 @@ class BudgetState:
                 "kappa_scale": self.kappa_scale,
                 "last_spend": self.last_spend, "spent_total": self.spent_total, "tok_rollout": self.tok_rollout,
                 "tok_verify": self.tok_verify, "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
-                "families": {k: list(v) for k, v in self.families.items()}, "extra": self.extra}
+                "families": {k: list(v) for k, v in self.families.items()},
+                "family_probes": {k: list(v) for k, v in self.family_probes.items()}, "extra": self.extra}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> BudgetState:
@@ -71,7 +74,8 @@ class BudgetState:
                    spent_total=d.get("spent_total", 0.0),
                    tok_rollout=d.get("tok_rollout"), tok_verify=d.get("tok_verify"), tok_update=d.get("tok_update"),
                    prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()},
-                   families={k: list(v) for k, v in d.get("families", {}).items()}, extra=d.get("extra", {}))
+                   families={k: list(v) for k, v in d.get("families", {}).items()},
+                   family_probes={k: list(v) for k, v in d.get("family_probes", {}).items()}, extra=d.get("extra", {}))
 
 
 def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
@@ -102,20 +106,35 @@ def unseen_lengths(cfg: BudgetConfig, state: BudgetState) -> tuple[float, float,
             cfg.prior_tokens if state.tok_update is None else state.tok_update)
 
 
+def add_family_counts(book: dict[str, list[float]], family: str, successes: float, failures: float, version: int,
+                      drift: float, drift_scale: float) -> None:
+    """Add evidence gathered at `version` to a family's [successes, failures, version], its old counts faded to it."""
+    fs = book.setdefault(family, [0.0, 0.0, version])
+    keep = math.exp(-drift * max(version - fs[2], 0) / drift_scale)
+    fs[0], fs[1], fs[2] = fs[0] * keep + successes, fs[1] * keep + failures, max(version, fs[2])
+
+
 def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str], rates: Sequence[float],
-               version: int, strength: float, step: int) -> None:
+               version: int, strength: float, step: int, pool: bool = False) -> None:
     """The likelihood probe's pass rates (the policy at `version`), each as `strength` samples of evidence: the
     prompt's posterior becomes Beta(prior_alpha + m·r, prior_beta + m·(1 − r)) at that version. It replaces the
     prompt's own faded evidence, which was older (and, unless probe_refresh=every, weaker: PromptArrays.evidence);
-    group evidence then adds to it and both fade with the drift as before."""
+    group evidence then adds to it and both fade with the drift as before. With `pool` (budget.pool_probes) the same
+    pseudo-counts are added to the prompt's family's probe counts (state.family_probes), which the pooled prior reads
+    next to its groups'."""
+    drift = current_drift(cfg, state)
     for pid, rate in zip(prompt_ids, rates, strict=True):
         r = min(max(float(rate), 0.0), 1.0)
         s = state.prompts.get(pid)
         if s is None:
             s = state.prompts[pid] = PromptStats(0.0, 0.0, version, step, 0, 0, *unseen_lengths(cfg, state))
         s.alpha, s.beta = cfg.prior_alpha + strength * r, cfg.prior_beta + strength * (1.0 - r)
-        s.seen *= math.exp(-current_drift(cfg, state) * max(version - s.version, 0) / cfg.drift_scale)  # to `version`
+        s.seen *= math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)  # to `version`
         s.version = max(version, s.version)
+        family = state.family_of.get(pid) if pool else None
+        if family:
+            add_family_counts(state.family_probes, family, strength * r, strength * (1.0 - r), version, drift,
+                              cfg.drift_scale)
 
 
 def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns, trained: np.ndarray, step: int,
@@ -157,9 +176,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
         s.zero_var_streak = s.zero_var_streak + 1 if flat else 0
         family = state.family_of.get(pid)
         if family:
-            fs = state.families.setdefault(family, [0.0, 0.0, version])
-            keep = math.exp(-drift * max(version - fs[2], 0) / cfg.drift_scale)
-            fs[0], fs[1], fs[2] = fs[0] * keep + succ, fs[1] * keep + (n - succ), max(version, fs[2])
+            add_family_counts(state.families, family, succ, n - succ, version, drift, cfg.drift_scale)
         if s.groups > 1:
             s.tok_rollout = w * s.tok_rollout + (1.0 - w) * tok_r
             s.tok_verify = w * s.tok_verify + (1.0 - w) * tok_v

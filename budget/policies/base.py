@@ -94,19 +94,25 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
     its own (faded) evidence. μ is the family's pass rate from the evidence of its other prompts (leave-one-out:
     the family's faded counts minus this prompt's own), shrunk to the global prior:
     μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
-    global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried."""
+    global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried.
+    With budget.pool_probes the family's counts include its likelihood probes' (state.family_probes); a prompt's own
+    evidence includes its probe, so leave-one-out takes that out too."""
     own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
     pooled, fam_s, fam_f = family_counts(cfg, state, candidates)
+    if getattr(cfg, "pool_probes", False):
+        probed, probe_s, probe_f = family_counts(cfg, state, candidates, state.family_probes)
+        pooled, fam_s, fam_f = pooled | probed, fam_s + probe_s, fam_f + probe_f
     others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
     return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
 
 
-def family_counts(cfg: BudgetConfig, state: BudgetState,
-                  candidates: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def family_counts(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
+                  book: dict[str, list[float]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(P,) each: whether the candidate's family has evidence, and the family's successes and failures faded to the
-    current version (0 without)."""
-    stats = [state.families.get(state.family_of.get(pid, "")) for pid in candidates]
+    current version (0 without), from its groups (state.families) or another `book` of family counts."""
+    book = state.families if book is None else book
+    stats = [book.get(state.family_of.get(pid, "")) for pid in candidates]
     fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
     keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
     return np.array([st is not None for st in stats], dtype=bool), fam[:, 0] * keep, fam[:, 1] * keep

@@ -81,6 +81,13 @@ class MarginalConfig(BudgetConfig):
                                      "of their surface template, which then act as their families; 0 = off "
                                      "(docs/budget.md, \"Clusters\")"},
     )
+    pool_probes: bool = field(
+        default=False, metadata={"help": "with pool_strength and probe_strength: a family's pooled pass rate counts "
+                                         "the likelihood probe's pass rates too (each worth probe_strength samples), "
+                                         "not only the groups sampled, so a family the probe finds solved (or "
+                                         "hopeless) stops being probed prompt by prompt (docs/budget.md, \"Pooled "
+                                         "probes\")"},
+    )
     family_half_samples: float = field(
         default=0.0, metadata={"help": "family balance: a sample of a family already sampled N_f times (faded by the "
                                        "drift) is worth N0/(N0 + N_f) of its gain before rollout, N0 this value (a log "
@@ -183,6 +190,9 @@ class MarginalConfig(BudgetConfig):
             raise ValueError(f"probe_rounds: expected an integer >= 1, got {self.probe_rounds}")
         if self.probe_refresh not in PROBE_REFRESH:
             raise ValueError(f"probe_refresh: expected one of {list(PROBE_REFRESH)}, got {self.probe_refresh!r}")
+        if self.pool_probes and not (self.pool_strength > 0 and self.probe_strength > 0):
+            raise ValueError("pool_probes: pools the likelihood probe's pass rates into the family prior; set both "
+                             "budget.pool_strength > 0 and budget.probe_strength > 0")
         for key in ("probe_rounds", "probe_refresh", "probe_charge"):
             if self.probe_strength == 0 and getattr(self, key) != getattr(MarginalConfig, key):
                 raise ValueError(f"{key}: read only with the likelihood probe on; set budget.probe_strength > 0")
@@ -271,7 +281,8 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     one it samples, once a step), fold the probes in
     (fold_probe), plan again with their tokens taken off the step's cap; probe_rounds times at most. Returns the plan
     (with `probed` and `probe_tokens`) and the seconds spent inside `probe`. Between rounds only the probed
-    candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed."""
+    candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed; with
+    pool_probes a probe also moves its family's prior, and every row is."""
     arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
     plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
     eligible = (arrays.evidence < cfg.probe_strength / 2 if cfg.probe_refresh == "weak"
@@ -285,13 +296,16 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
         t0 = time.perf_counter()
         rates, tokens = probe(ids)
         probe_s += time.perf_counter() - t0
-        fold_probe(cfg, state, ids, rates, state.version, cfg.probe_strength, step)
+        fold_probe(cfg, state, ids, rates, state.version, cfg.probe_strength, step, pool=cfg.pool_probes)
         probed[ask], spent = True, spent + int(np.sum(tokens))
         if cfg.probe_charge:
             limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
-        arrays = PromptArrays(*(a.copy() for a in arrays))
-        for a, r in zip(arrays, prompt_arrays(cfg, state, ids, cfg.pool_strength), strict=True):
-            a[ask] = r
+        if cfg.pool_probes:  # a probe moves its family's prior: every sibling's row changes
+            arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
+        else:
+            arrays = PromptArrays(*(a.copy() for a in arrays))
+            for a, r in zip(arrays, prompt_arrays(cfg, state, ids, cfg.pool_strength), strict=True):
+                a[ask] = r
         plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
     return dataclasses.replace(plan, probed=probed, probe_tokens=spent), probe_s
 

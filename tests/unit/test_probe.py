@@ -5,6 +5,7 @@ evidence, which candidates the plan probes and that its tokens are spent, and th
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from types import SimpleNamespace
 
@@ -170,6 +171,55 @@ def test_an_uncharged_probe_leaves_the_cap_and_the_controller_alone_and_the_ledg
     assert budget.ledger.total_tokens == 2 * 7 + 2 * 7 + 180
 
 
+def test_pooled_probes_by_hand():
+    # pool_probes: a probe's 16 pseudo-counts at r = 0.75 (12 successes, 4 failures) go into its family's probe counts
+    cfg = budget_config("marginal", posterior="mean", probe_strength=16, pool_strength=4, pool_probes=True,
+                        drift_prior=0.1, drift_scale=1.0)
+    family_of = {"a1": "f", "a2": "f", "b": "g"}
+    state = BudgetState(family_of=family_of, tok_rollout=12.0, tok_verify=0.0, tok_update=12.0)
+    fold_probe(cfg, state, ["a1"], [0.75], version=0, strength=16, step=0, pool=True)
+    assert state.family_probes == {"f": [12.0, 4.0, 0]} and state.families == {}
+    arrays = prompt_arrays(cfg, state, ["a1", "a2", "b"], cfg.pool_strength)
+    # a2, unseen: the family's μ = (12 + 1)/(16 + 2), worth 4 samples; a1 leaves its own probe out (μ = 1/2) and
+    # keeps its own evidence; b's family has no evidence: the global prior
+    assert arrays.alpha.tolist() == pytest.approx([2 + 12, 4 * 13 / 18, 1])
+    assert arrays.beta.tolist() == pytest.approx([2 + 4, 4 * 5 / 18, 1])
+    # without pool_probes the same probe leaves the family's prior empty: a2 reads the global prior
+    plain = budget_config("marginal", posterior="mean", probe_strength=16, pool_strength=4)
+    assert prompt_arrays(plain, state, ["a2"], 4).alpha.tolist() == [1.0]
+    # the counts fade with the drift like a group's: a probe two versions later keeps exp(−0.2) of the first
+    fold_probe(cfg, state, ["a2"], [0.5], version=2, strength=16, step=1, pool=True)
+    keep = math.exp(-0.2)
+    assert state.family_probes["f"] == pytest.approx([12 * keep + 8, 4 * keep + 8, 2])
+    restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert restored.family_probes == state.family_probes
+
+
+def test_with_pooled_probes_a_solved_family_stops_being_probed_prompt_by_prompt():
+    # Each step offers 4 new prompts of an `easy` family (probed at 0.97) and 4 of a `mid` one (0.5), interleaved;
+    # 2 groups of 2 a step, posterior means. Without pool_probes every unseen prompt reads Beta(1, 1): each step the
+    # plan takes easy, mid, probes both, drops the easy one, takes the next easy one, probes and drops it, then takes
+    # a mid one (2 easy probes a step). With it the first easy probe puts the family's unseen prompts at
+    # μ = (16·0.97 + 1)/(16 + 2) ≈ 0.92, worth 4 samples, and no easy prompt is probed again
+    easy, mid = [f"easy{i}" for i in range(12)], [f"mid{i}" for i in range(12)]
+    rates = {**dict.fromkeys(easy, 0.97), **dict.fromkeys(mid, 0.5)}
+    family_of = {**dict.fromkeys(easy, "easy"), **dict.fromkeys(mid, "mid")}
+    calls = {}
+    for pool in (False, True):
+        cfg = budget_config("marginal", posterior="mean", probe_strength=16, pool_strength=4, pool_probes=pool)
+        budget, probe = Budget(cfg, LIMITS, families=family_of), FakeProbe(rates)
+        for step in range(3):
+            offered = [c for pair in zip(easy[4 * step:4 * step + 4], mid[4 * step:4 * step + 4], strict=True)
+                       for c in pair]
+            plan = budget.plan(offered, step, np.random.default_rng(step), probe)
+            assert sorted(c for c, n in zip(plan.prompt_ids, plan.samples, strict=True) if n) == [
+                f"mid{4 * step}", f"mid{4 * step + 1}"]  # both plans end on two mid prompts
+        calls[pool] = probe.calls
+    assert calls[False] == [["easy0", "mid0"], ["easy1"], ["mid1"], ["easy4", "mid4"], ["easy5"], ["mid5"],
+                            ["easy8", "mid8"], ["easy9"], ["mid9"]]
+    assert calls[True] == [["easy0", "mid0"], ["mid1"], ["mid4", "mid5"], ["mid8", "mid9"]]
+
+
 def test_probe_keys_are_checked():
     with pytest.raises(ValueError, match="probe_strength: expected a number >= 0"):
         budget_config("marginal", probe_strength=-1)
@@ -185,6 +235,9 @@ def test_probe_keys_are_checked():
         budget_config("marginal", probe_refresh="always", probe_strength=16)
     with pytest.raises(ConfigError, match="read only by budget.policy=marginal"):
         load_config([], ["budget.policy=none", "budget.probe_strength=16"])
+    for keys in ({"pool_strength": 4}, {"probe_strength": 16}):
+        with pytest.raises(ValueError, match="pool_probes: .*set both budget.pool_strength > 0 and budget.probe"):
+            budget_config("marginal", pool_probes=True, **keys)
 
 
 def test_the_probe_needs_a_one_turn_task_with_reference_answers_and_untruncated_sampling():
