@@ -35,10 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 
 # marginal with every issue-15 mechanism on: token budget, pooled evidence, one price for the run, priced reuse, price
-# discovery on an empty plan, the likelihood probe, pricing at the posterior's expectation, family balance
+# discovery on an empty plan, the likelihood probe and its pass rates pooled by family, pricing at the posterior's
+# expectation, family and revisit balance (budget.pool_clusters is left out: the quickstart's prompts all have a
+# family, and clustering runs once, before the first step)
 EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pace": "run", "reuse_buffer": 256,
-                   "discover_price": True, "probe_strength": 16.0, "probe_refresh": "every", "posterior": "expected",
-                   "family_half_samples": 256.0, "prompt_half_samples": 8.0}
+                   "discover_price": True, "probe_strength": 16.0, "probe_refresh": "every", "pool_probes": True,
+                   "posterior": "expected", "family_half_samples": 256.0, "prompt_half_samples": 8.0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -210,7 +212,8 @@ def real_model_share(args: argparse.Namespace) -> None:
     cfg = load_config([args.real_config], args.real_set)
     task = build_task(cfg.task, cfg.rollout)
     if not (task.probes and all(p.answer for p in task.train)):
-        keys.pop("probe_strength")
+        for key in ("probe_strength", "probe_refresh", "pool_probes"):  # each is read only with the probe on
+            keys.pop(key)
         print(f"real model: task.name={cfg.task.name} has no one-turn reference answers; every mechanism but the "
               f"likelihood probe")
     with tempfile.TemporaryDirectory() as out:

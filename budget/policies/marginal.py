@@ -282,12 +282,13 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     (fold_probe), plan again with their tokens taken off the step's cap; probe_rounds times at most. Returns the plan
     (with `probed` and `probe_tokens`) and the seconds spent inside `probe`. Between rounds only the probed
     candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed; with
-    pool_probes a probe also moves its family's prior, and every row is."""
+    pool_probes a probe also moves its family's prior, and its siblings' rows are recomputed too."""
     arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
     plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
     eligible = (arrays.evidence < cfg.probe_strength / 2 if cfg.probe_refresh == "weak"
                 else np.ones(len(candidates), bool))  # which candidates may be probed, once a step
     probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
+    families = [state.family_of.get(c) for c in candidates] if cfg.pool_probes else []
     for _ in range(cfg.probe_rounds):
         ask = np.flatnonzero((plan.samples > 0) & eligible & ~probed)
         if not len(ask):
@@ -300,12 +301,14 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
         probed[ask], spent = True, spent + int(np.sum(tokens))
         if cfg.probe_charge:
             limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
-        if cfg.pool_probes:  # a probe moves its family's prior: every sibling's row changes
-            arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
-        else:
-            arrays = PromptArrays(*(a.copy() for a in arrays))
-            for a, r in zip(arrays, prompt_arrays(cfg, state, ids, cfg.pool_strength), strict=True):
-                a[ask] = r
+        rows = ask
+        if cfg.pool_probes:  # a probe moves its family's prior: its siblings' rows change too
+            moved = {families[i] for i in ask} - {None, ""}
+            rows = np.union1d(ask, np.flatnonzero([f in moved for f in families]))
+        arrays = PromptArrays(*(a.copy() for a in arrays))
+        for a, r in zip(arrays, prompt_arrays(cfg, state, [candidates[i] for i in rows], cfg.pool_strength),
+                        strict=True):
+            a[rows] = r
         plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
     return dataclasses.replace(plan, probed=probed, probe_tokens=spent), probe_s
 

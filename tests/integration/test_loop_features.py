@@ -151,8 +151,9 @@ def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tm
 
 
 @pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"], ["budget.reuse_buffer=64", "budget.drift_scale=10"],
-                                   ["budget.probe_strength=16", "budget.token_budget=600"]],
-                         ids=["on_policy", "stale_rollouts", "priced_reuse", "likelihood_probe"])
+                                   ["budget.probe_strength=16", "budget.token_budget=600", "budget.pool_strength=4",
+                                    "budget.pool_probes=true"]],
+                         ids=["on_policy", "stale_rollouts", "priced_reuse", "likelihood_probe_pooled"])
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, stale):
     # with max_staleness=2 the step-2 checkpoint falls while rollouts still sample from version 0: the lagging
     # snapshot must come back from the checkpoint, not be re-synced to version 2
@@ -170,7 +171,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, 
         reuse = pd.read_parquet(Path(full.output_dir) / "reuse")
         assert (reuse.uses > 1).any() and (reuse.step >= 2).any()
         pd.testing.assert_frame_equal(reuse, pd.read_parquet(Path(resumed.output_dir) / "reuse"))
-    if "budget.probe_strength=16" in stale:  # the probed posteriors came back: the same probes after the resume
+    if "budget.probe_strength=16" in stale:  # the probed posteriors and the family's probe counts came back: the
+        # same probes after the resume
         probes = pd.read_parquet(Path(full.output_dir) / "prompts")
         assert probes[probes.step >= 2].probed.any()
         pd.testing.assert_frame_equal(probes, pd.read_parquet(Path(resumed.output_dir) / "prompts"))
