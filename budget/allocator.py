@@ -33,7 +33,7 @@ from marginal_rl.budget.policies import (
     price_trajectories,
     update_state,
 )
-from marginal_rl.budget.policies.marginal import Probe, plan_probing
+from marginal_rl.budget.policies.marginal import Probe, plan_probing, plan_top_up
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
 from marginal_rl.budget.reuse import Reuse, ReuseBuffer, reuse_metrics
 from marginal_rl.budget.state import BudgetState, fold_reuse_drift, reuse_drift
@@ -102,6 +102,29 @@ class Budget:
             plan = plan_prompts(self.cfg, self.state, candidates, step, rng, limits)
         self.seconds += time.perf_counter() - t0
         return plan
+
+    def top_up(self, plan: PromptPlan, pilots: TrajectoryColumns, rng: np.random.Generator) -> PromptPlan:
+        """Pilot then commit (budget.pilot_samples > 0): `plan`'s groups have drawn their pilots (`pilots`: every
+        pilot trajectory of the step, grouped by prompt); the rest of each group is priced on what its pilot showed
+        and the step's limits are handed out again (policies.marginal.plan_top_up). Returns the plan with the groups'
+        final sizes; the trainer samples the difference."""
+        t0 = time.perf_counter()
+        index = {pid: i for i, pid in enumerate(plan.prompt_ids)}
+        rows = np.array([index[pid] for pid in pilots.group_prompt_ids], dtype=np.int64)
+        count, total = np.zeros(len(plan)), np.zeros(len(plan))
+        np.add.at(count, rows, pilots.group_size)
+        np.add.at(total, rows, np.bincount(pilots.group, weights=pilots.reward, minlength=pilots.num_groups))
+        flat = np.zeros(len(plan), dtype=bool)
+        flat[rows] = pilots.group_flat
+        limits = self.limits
+        offer = self.offer(self.state.version)
+        if offer is not None:
+            limits = dataclasses.replace(limits, reserved_tokens=offer.tokens(self.num_iterations))
+        committed = float(pilots.tokens_rollout.sum()) + (
+            plan.probe_tokens if getattr(self.cfg, "probe_charge", True) else 0.0)
+        out = plan_top_up(self.cfg, self.state, plan, count.astype(np.int64), total, flat, rng, limits, committed)
+        self.seconds += time.perf_counter() - t0
+        return out
 
     def offer(self, version: int) -> Reuse | None:
         """The reuse buffer's trajectories priced at policy `version` (the marginal fate rule: `trained` = worth

@@ -65,6 +65,11 @@ def step_metrics(plan: PromptPlan, prices: TrajectoryPrices, cols: TrajectoryCol
         "budget/drift": float("nan") if state.drift is None else float(state.drift),
     }
     out.update({f"budget/fraction_{fate}": _mean(k, n) for fate, k in zip(FATES, fates, strict=True)})
+    if plan.pilot is not None:  # pilot then commit: how many pilots were grown, and the pilots' share of samples
+        piloted = plan.pilot > 0
+        out["budget/pilot_grown_fraction"] = _mean(int(np.count_nonzero(plan.samples[piloted] > plan.pilot[piloted])),
+                                                   int(np.count_nonzero(piloted)))
+        out["budget/pilot_samples_fraction"] = _mean(int(plan.pilot.sum()), samples)
     if cfg is not None:
         out["budget/drift"] = current_drift(cfg, state)
         out["budget/controller_price"] = state.kappa_scale * cfg.kappa_rollout

@@ -23,6 +23,15 @@ After rollout, group g with n members, rewards r, mean r̄, population variance 
 the first risk term is the relative error of the advantage from the baseline's standard error σ̂/√n (small groups,
 members near the mean), the second the part of the gain lost to drift; k = 1 (std) or φ(Φ⁻¹(α))/α (CVaR_α shortfall
 of a normal with that std).
+
+With a pilot (budget.pilot_samples): group g's first k samples are drawn, with rewards summing to s, before the rest
+are priced. With p ~ Beta(α, β) the posterior after the pilot, and X ~ BetaBinomial(m, α, β) the successes among m
+more samples (n = k + m in all, c = α + β, μ = α/c; an exact p is c = ∞):
+    E[X] = mμ,  Var[X] = mμ(1 − μ)(c + m)/(c + 1),  r̄ = (s + X)/n
+    G(n | pilot)    = V·4(E[r̄] − E[r̄²])·n/(n + n0)           (m = 0: the pilot's realised gain)
+    P_inf(n | pilot) = 1 for a mixed pilot; 1 − E[p^m] after an all-pass one, 1 − E[(1 − p)^m] after an all-fail one
+and the continuation's gain, cost and tokens are those of the whole group minus the pilot's: its rollout tokens are
+sunk, and its update tokens count once the group is informative. With k = 0 this is G(n) above, exactly.
 """
 
 from __future__ import annotations
@@ -92,6 +101,39 @@ def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, 
     tr, tv, tu = n * tok_rollout, n * tok_verify, informative * n * tok_update
     cost = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * tu)
     return informative, gain, cost, tr + tv + tu
+
+
+def pilot_group_economics(alpha, beta, k, s, flat, n, tok_rollout, tok_verify, tok_update, *, value: float,
+                          n0: float, kappa_rollout: float, kappa_verify: float, kappa_update: float,
+                          kappa_scale: float = 1.0, exact: bool = False):
+    """P piloted groups grown by m more samples, m the (1, M) row `n` (module docstring, "With a pilot"): (P, M)
+    tables of P_inf and G of the whole group of k + m, and C and T of the m more samples (the pilot's rollout is
+    sunk; the group's update tokens count once it is informative, less the pilot's own where it already is; m = 0:
+    C = T = 0). alpha, beta: the posterior after the pilot (with `exact`, p is its mean); k ≥ 1, s: the pilot's
+    samples and reward sum; flat: its rewards are all equal; token lengths per sample by use; (P,) each."""
+    alpha, beta = np.asarray(alpha, dtype=float)[:, None], np.asarray(beta, dtype=float)[:, None]
+    k, s = np.asarray(k, dtype=float)[:, None], np.asarray(s, dtype=float)[:, None]
+    m = np.asarray(n, dtype=float)
+    conc, mu = alpha + beta, alpha / (alpha + beta)
+    widen = 1.0 if exact else (conc + m) / (conc + 1.0)
+    x2 = m * mu * (1.0 - mu) * widen + (m * mu) ** 2  # E[X²]
+    size = k + m
+    spread = 4.0 * ((s + m * mu) / size - (s * s + 2.0 * s * m * mu + x2) / size**2)
+    gain = np.where(size >= 2, value * spread * size / (size + n0), 0.0)
+    if exact:
+        stays_pass, stays_fail = mu**m, (1.0 - mu) ** m
+    else:
+        ms = np.asarray(n, dtype=np.int64)
+        a, b = alpha[:, 0], beta[:, 0]
+        stays_pass, stays_fail = beta_power_mean(a, b, ms), beta_power_mean(b, a, ms)
+    flat = np.asarray(flat, dtype=bool)[:, None]
+    passed = s >= k / 2  # a flat pilot's side (0/1 rewards: all pass or all fail)
+    informative = np.where(flat, 1.0 - np.where(passed, stays_pass, stays_fail), 1.0)
+    informative = np.where(size >= 2, informative, 0.0)
+    update = (informative * size - informative[:, :1] * k) * np.asarray(tok_update, dtype=float)[:, None]
+    tr, tv = m * np.asarray(tok_rollout, dtype=float)[:, None], m * np.asarray(tok_verify, dtype=float)[:, None]
+    cost = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * update)
+    return informative, gain, cost, tr + tv + update
 
 
 def risk_factor(measure: str, alpha: float) -> float:

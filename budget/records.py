@@ -107,6 +107,7 @@ class PromptPlan(_Columnar):
     reason_code: np.ndarray  # (P,) int8, SKIP_REASONS[code]
     probed: np.ndarray | None = None  # (P,) bool: the likelihood probe scored it this step (None: probe off)
     probe_tokens: int = 0  # tokens the step's likelihood probe processed (spent before rollout)
+    pilot: np.ndarray | None = None  # (P,) int64: samples drawn as the group's pilot (None: pilot off)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -243,6 +243,14 @@ class RunConfig:
             raise ValueError(f"output_dir: {self.output_dir!r} exists and is not a directory")
         if self.seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
+        pilot = getattr(self.budget, "pilot_samples", 0)
+        if pilot and self.rollout.async_rollout:
+            raise ValueError("budget.pilot_samples: the rest of each group is priced on its pilot's rewards, within "
+                             "the step; rollout.async_rollout samples the next step before this one's rewards are in "
+                             "(set rollout.async_rollout=false)")
+        if pilot >= self.rollout.max_group_size:
+            raise ValueError(f"budget.pilot_samples: a pilot of {pilot} leaves no room to grow a group of at most "
+                             f"rollout.max_group_size={self.rollout.max_group_size}; expected fewer samples")
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +335,15 @@ TRL_METRIC_NAMES = ("reward", "reward_std", "rewards/<func>/mean", "rewards/<fun
                     "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
+def join_groups(pilots: list[Trajectory], rest: list[Trajectory]) -> list[Trajectory]:
+    """A step's pilot trajectories and the samples drawn after them, as one list in which each prompt's samples
+    form one group (the pilot's group id), members adjacent, in the pilots' order."""
+    group_of = {t.prompt_id: t.group_id for t in pilots}
+    order = {g: i for i, g in enumerate(dict.fromkeys(t.group_id for t in pilots))}
+    joined = pilots + [replace(t, group_id=group_of[t.prompt_id]) for t in rest]
+    return sorted(joined, key=lambda t: order[t.group_id])  # stable: the pilot first within each group
+
+
 def _unscored(t: Trajectory) -> bool:
     """No reward function gave this completion a value (each returned None or NaN): its reward 0.0 is TRL's nansum."""
     return bool(t.rewards) and all(v is None or v != v for v in t.rewards.values())
@@ -569,26 +578,35 @@ class Run:
             self.engine.update_weights(str(path.resolve()), self.state.version)
         self.accelerator.wait_for_everyone()
 
-    def generate(self, step: int, plan: PromptPlan, version: int) -> list[Trajectory]:
-        """This rank's share of the planned groups, sampled from the behaviour weights (at policy `version`)."""
-        allocation = [(self.by_id[pid], n) for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True)
-                      if n > 0]
+    def generate(self, step: int, plan: PromptPlan, version: int, samples: np.ndarray | None = None,
+                 tag: str = "") -> list[Trajectory]:
+        """This rank's share of the planned groups (or of `samples` per candidate), sampled from the behaviour
+        weights (at policy `version`); `tag` keeps a second draw's trajectory ids apart from the first's."""
+        counts = plan.samples if samples is None else samples
+        allocation = [(self.by_id[pid], n) for pid, n in zip(plan.prompt_ids, counts.tolist(), strict=True) if n > 0]
         with generation_context(self.model if self.behaviour is self.policy else None, self.accelerator):
             return self.task.rollout(self.behaviour, self.tokenizer, allocation[self.rank::self.world],
                                      self.cfg.rollout, step=step, version=version,
-                                     temperature=self.cfg.rollout.temperature, id_prefix=f"r{self.rank}-")
+                                     temperature=self.cfg.rollout.temperature, id_prefix=f"r{self.rank}-{tag}")
 
     def rollout(self, step: int) -> tuple[PromptPlan, list[Trajectory], bool]:
         """The step's plan and every rank's trajectories (each rank generates its share of the groups, then every
         rank sees all of them); True when they were generated ahead, during the last step's update."""
         if self.ahead is not None:
             (plan, future), self.ahead = self.ahead, None
-            mine, ahead = future.result(), True
-        else:
-            plan = self.plan(step)
-            self.refresh_behaviour(trains_after=0)
-            mine, ahead = self.generate(step, plan, self.state.behaviour_version), False
-        return plan, [t for part in gather_object([mine]) for t in part], ahead
+            return plan, [t for part in gather_object([future.result()]) for t in part], True
+        plan = self.plan(step)
+        self.refresh_behaviour(trains_after=0)
+        version, pilot = self.state.behaviour_version, getattr(self.cfg.budget, "pilot_samples", 0)
+        if not pilot:
+            return plan, [t for part in gather_object([self.generate(step, plan, version)]) for t in part], False
+        # pilot then commit: each group's first samples, then the rest priced on what they showed
+        first = np.minimum(plan.samples, pilot)
+        drawn = [t for part in gather_object([self.generate(step, plan, version, first)]) for t in part]
+        plan = self.state.budget.top_up(plan, TrajectoryColumns.of(drawn), np.random.default_rng([self.cfg.seed, step, 1]))
+        rest = [t for part in gather_object([self.generate(step, plan, version, plan.samples - first, tag="u")])
+                for t in part]
+        return plan, join_groups(drawn, rest), False
 
     def start_ahead(self, step: int) -> None:
         """Async rollouts: plan `step` and start generating it in the background (it trains after this update)."""

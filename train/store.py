@@ -105,7 +105,8 @@ def reuse_rows(step: int, reuse: Reuse, advantages: Sequence[float], num_iterati
 
 
 def prompt_rows(step: int, plan: PromptPlan) -> list[dict]:
-    """One row per candidate; `probed` (the likelihood probe scored it this step) only when the probe is on."""
+    """One row per candidate; `probed` (the likelihood probe scored it this step) only when the probe is on, `pilot`
+    (the samples its group drew before the rest were priced) only with budget.pilot_samples."""
     rows = [{"step": step, "prompt_id": pid, "samples": n, "pass_rate": rate, "gain": gain, "cost": cost,
              "price": price, "fate": "sampled" if n > 0 else "skipped", "reason": reason}
             for pid, n, rate, gain, cost, price, reason in zip(
@@ -114,6 +115,9 @@ def prompt_rows(step: int, plan: PromptPlan) -> list[dict]:
     if plan.probed is not None:
         for row, probed in zip(rows, plan.probed.tolist(), strict=True):
             row["probed"] = probed
+    if plan.pilot is not None:
+        for row, pilot in zip(rows, plan.pilot.tolist(), strict=True):
+            row["pilot"] = pilot
     return rows
 
 

@@ -45,7 +45,13 @@ from marginal_rl.budget.policies.base import (
     prompt_arrays,
     smallest_group,
 )
-from marginal_rl.budget.pricing import PriceComponents, allocate_greedy, consistent_admission, controller_step
+from marginal_rl.budget.pricing import (
+    PriceComponents,
+    allocate_greedy,
+    consistent_admission,
+    controller_step,
+    pilot_group_economics,
+)
 from marginal_rl.budget.records import (
     BUDGET,
     DROPPED_PRICE,
@@ -145,6 +151,13 @@ class MarginalConfig(BudgetConfig):
         default=4, metadata={"help": "with probe_strength: plan-probe-replan rounds per step (a probe can free "
                                      "samples for candidates that were not probed yet)"},
     )
+    pilot_samples: int = field(
+        default=0, metadata={"help": "pilot then commit: draw this many samples of each planned group first, then "
+                                     "price the rest of every group on what its pilot showed (a mixed pilot "
+                                     "already carries a signal; an all-pass or all-fail one makes more samples worth "
+                                     "less) and hand out the step's remaining tokens again; 0 = off "
+                                     "(docs/budget.md, \"Pilot then commit\")"},
+    )
     discover_price: bool = field(
         default=False, metadata={"help": "with token_budget: a step whose plan is empty at the current price lowers "
                                          "κ at once to the price at which its plan spends token_budget (bisection), "
@@ -196,6 +209,8 @@ class MarginalConfig(BudgetConfig):
         for key in ("probe_rounds", "probe_refresh", "probe_charge"):
             if self.probe_strength == 0 and getattr(self, key) != getattr(MarginalConfig, key):
                 raise ValueError(f"{key}: read only with the likelihood probe on; set budget.probe_strength > 0")
+        if self.pilot_samples < 0:
+            raise ValueError(f"pilot_samples: expected an integer >= 0 (samples; 0 = off), got {self.pilot_samples}")
         if self.token_budget < 0:
             raise ValueError(f"token_budget: expected an integer >= 0 (0 = fixed prices), got {self.token_budget}")
         if not self.controller_rate >= 0:
@@ -311,6 +326,62 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
             a[rows] = r
         plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
     return dataclasses.replace(plan, probed=probed, probe_tokens=spent), probe_s
+
+
+def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot: np.ndarray, reward_sum: np.ndarray,
+                flat: np.ndarray, rng: np.random.Generator, limits: SampleLimits, committed: float) -> PromptPlan:
+    """Pilot then commit (pilot_samples > 0): `plan`'s groups have drawn their first `pilot` samples (P,), with
+    rewards summing to `reward_sum` and all equal where `flat`. Each piloted group's posterior takes its pilot in
+    (not the state's: settle folds the whole group once), the rest of the group is priced on it
+    (pricing.pilot_group_economics: G and T of the whole group, given the pilot; C and T of the samples beyond it),
+    and the step's limits, less the `committed` tokens (the pilots' rollout tokens, the probe's when charged) and the
+    pilots' own samples, are handed out again, one sample at a time to the highest price per token. Returns the plan
+    with the groups' final sizes (`pilot` recorded), priced at them; candidates without a pilot are left as they
+    were."""
+    rows = np.flatnonzero(pilot > 0)
+    samples = np.asarray(plan.samples).copy()
+    if not len(rows):
+        return dataclasses.replace(plan, pilot=np.asarray(pilot, dtype=np.int64))
+    ids = [plan.prompt_ids[i] for i in rows]
+    arrays = prompt_arrays(cfg, state, ids, cfg.pool_strength)
+    k, s = pilot[rows].astype(float), reward_sum[rows].astype(float)
+    alpha, beta = arrays.alpha + s, arrays.beta + k - s
+    if cfg.posterior == "thompson":
+        p = rng.beta(alpha, beta)
+        alpha, beta = p, 1.0 - p  # an exact p, as its mean
+    exact = cfg.posterior != "expected"
+    extra = np.arange(limits.max_group_size)[None, :]  # m = 0..max_n − 1 more samples (a pilot has at least one)
+    informative, gain, cost, tokens = pilot_group_economics(
+        alpha, beta, k, s, flat[rows], extra, arrays.tok_rollout, arrays.tok_verify, arrays.tok_update,
+        value=cfg.value, n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout, kappa_verify=cfg.kappa_verify,
+        kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale, exact=exact)
+    weight = np.ones(len(rows))
+    if cfg.family_half_samples > 0:
+        weight = weight * family_weight(cfg, state, ids, cfg.family_half_samples)
+    if cfg.prompt_half_samples > 0:
+        weight = weight * cfg.prompt_half_samples / (cfg.prompt_half_samples + arrays.seen)
+    gain = gain * weight[:, None]
+    # a group may not grow past max_group_size: those sizes are priced out
+    gain = np.where(k[:, None] + extra > limits.max_group_size, -1e18, gain)
+    max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
+    pilot_update = informative[:, 0] * k * arrays.tok_update  # the mixed pilots train: their update is committed
+    more = allocate_greedy(gain - gain[:, :1], cost, tokens, 1, limits.max_group_size - 1,
+                           max_samples=max_samples - k.sum(),
+                           max_tokens=max(max_tokens - committed - float(pilot_update.sum()), 0.0))
+    at = np.arange(len(rows))
+    samples[rows] = pilot[rows] + more
+    # the record prices each group whole, as an unpiloted one: the pilot's own tokens and cost included
+    pilot_tokens = k * (arrays.tok_rollout + arrays.tok_verify) + pilot_update
+    pilot_cost = state.kappa_scale * (cfg.kappa_rollout * k * arrays.tok_rollout + cfg.kappa_verify * k
+                                      * arrays.tok_verify + cfg.kappa_update * pilot_update)
+    fields = {name: np.asarray(getattr(plan, name), dtype=float).copy() for name in
+              ("gain", "cost", "price", "informative", "tokens")}
+    fields["gain"][rows] = gain[at, more]
+    fields["cost"][rows] = pilot_cost + cost[at, more]
+    fields["price"][rows] = fields["gain"][rows] - fields["cost"][rows]
+    fields["informative"][rows] = informative[at, more]
+    fields["tokens"][rows] = pilot_tokens + tokens[at, more]
+    return dataclasses.replace(plan, samples=samples, pilot=np.asarray(pilot, dtype=np.int64), **fields)
 
 
 def clearing_scale(planned: Callable[[float], float], budget: float, lo: float, hi: float, iters: int = 10) -> float:

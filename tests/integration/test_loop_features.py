@@ -141,6 +141,23 @@ def test_the_likelihood_probe_spends_its_tokens_and_the_prompt_store_records_it(
     assert {k for k in undocumented if "probe" in k} == set()
 
 
+def test_pilot_then_commit_draws_each_group_in_two_parts_and_trains_it_as_one(tmp_path, policy_cache, monkeypatch):
+    out, summary, undocumented = _recorded_run(tmp_path, policy_cache, [
+        "budget.policy=marginal", "budget.pilot_samples=2", "budget.token_budget=600", "train.max_steps=4"],
+        monkeypatch)
+    prompts, df = pd.read_parquet(out / "prompts"), pd.read_parquet(out / "trajectories")
+    sampled = prompts[prompts.samples > 0]
+    assert (sampled.pilot == sampled.samples.clip(upper=2)).all()  # every group's pilot: its first 2 samples
+    assert (sampled.samples > sampled.pilot).any()  # and some were grown after it
+    assert ((prompts.samples == 0) == (prompts.pilot == 0)).all()
+    # one group per prompt and step, of the size the plan records, each sample drawn and ledgered once
+    groups = df.groupby(["step", "prompt_id"]).agg(n=("traj_id", "size"), ids=("group_id", "nunique"))
+    assert (groups.ids == 1).all() and df.traj_id.is_unique
+    assert groups.n.to_dict() == sampled.set_index(["step", "prompt_id"]).samples.to_dict()
+    assert summary["tokens"]["rollout"] == int(df.tokens_rollout.sum())
+    assert {k for k in undocumented if "pilot" in k} == set()
+
+
 def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tmp_path, policy_cache):
     cfg = _cfg(tmp_path, policy_cache, ["budget.policy=none", "train.max_steps=10", "train.max_nonfinite=2"])
     task = build_task(cfg.task, cfg.rollout)
@@ -152,8 +169,8 @@ def test_nonfinite_rewards_stop_the_run_with_a_clear_error_and_keep_the_store(tm
 
 @pytest.mark.parametrize("stale", [[], ["rollout.max_staleness=2"], ["budget.reuse_buffer=64", "budget.drift_scale=10"],
                                    ["budget.probe_strength=16", "budget.token_budget=600", "budget.pool_strength=4",
-                                    "budget.pool_probes=true"]],
-                         ids=["on_policy", "stale_rollouts", "priced_reuse", "likelihood_probe_pooled"])
+                                    "budget.pool_probes=true"], ["budget.pilot_samples=2", "budget.token_budget=600"]],
+                         ids=["on_policy", "stale_rollouts", "priced_reuse", "likelihood_probe_pooled", "pilot"])
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, policy_cache, stale):
     # with max_staleness=2 the step-2 checkpoint falls while rollouts still sample from version 0: the lagging
     # snapshot must come back from the checkpoint, not be re-synced to version 2
