@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 # marginal with every issue-15 mechanism on: token budget, pooled evidence, one price for the run, priced reuse, price
 # discovery on an empty plan, the likelihood probe and its pass rates pooled by family, pricing at the posterior's
-# expectation, family and revisit balance (budget.pool_clusters is left out: the quickstart's prompts all have a
-# family, and clustering runs once, before the first step)
+# expectation, family and revisit balance, pilot then commit (budget.pool_clusters is left out: the quickstart's
+# prompts all have a family, and clustering runs once, before the first step)
 EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pace": "run", "reuse_buffer": 256,
                    "discover_price": True, "probe_strength": 16.0, "probe_refresh": "every", "pool_probes": True,
-                   "posterior": "expected", "family_half_samples": 256.0, "prompt_half_samples": 8.0}
+                   "posterior": "expected", "family_half_samples": 256.0, "prompt_half_samples": 8.0,
+                   "pilot_samples": 2}
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,13 +133,14 @@ def main() -> None:
 
     pass_rate = np.random.default_rng(args.seed).random(512)  # each prompt's chance of a reward of 1
 
-    def quickstart_step(step: int, plan) -> list[Trajectory]:
-        """The plan's samples (2-8 completion tokens after a 10-token prompt; 0/1 rewards at the prompt's pass rate)."""
+    def quickstart_step(step: int, plan, samples=None, tag: str = "") -> list[Trajectory]:
+        """The plan's samples, or `samples` per candidate (2-8 completion tokens after a 10-token prompt; 0/1 rewards
+        at the prompt's pass rate); a prompt's samples share one group id, whichever draw they come from."""
         trajs = []
-        for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True):
+        for pid, n in zip(plan.prompt_ids, (plan.samples if samples is None else samples).tolist(), strict=True):
             for k in range(n):
                 m = int(rng.integers(2, 9))
-                trajs.append(Trajectory(f"t{step}-{pid}-{k}", pid, f"g{step}-{pid}", step, step, [0] * 10, [0] * m,
+                trajs.append(Trajectory(f"t{tag}{step}-{pid}-{k}", pid, f"g{step}-{pid}", step, step, [0] * 10, [0] * m,
                                         [1] * m, [0.0] * m, float(rng.random() < pass_rate[int(pid[1:])]), "eos"))
         return trajs
 
@@ -169,11 +171,22 @@ def main() -> None:
             between()  # the previous step's training and logging
             budget.seconds = 0.0
             plan = budget.plan(cands, step, step_rng, probe if keys.get("probe_strength") else None)
-            trajs = quickstart_step(step, plan)
+            columns_s = 0.0
+            if keys.get("pilot_samples"):  # the pilots, read and priced on (Budget.top_up), then the rest
+                first = np.minimum(plan.samples, keys["pilot_samples"])
+                pilots = quickstart_step(step, plan, first)
+                between()  # the pilots' rollout
+                t0 = time.perf_counter()
+                pilot_columns = TrajectoryColumns.of(pilots)
+                columns_s += time.perf_counter() - t0
+                plan = budget.top_up(plan, pilot_columns, np.random.default_rng([args.seed, step, 1]))
+                trajs = pilots + quickstart_step(step, plan, plan.samples - first, tag="u")
+            else:
+                trajs = quickstart_step(step, plan)
             between()  # rollout
             t0 = time.perf_counter()
             columns = TrajectoryColumns.of(trajs)
-            columns_s = time.perf_counter() - t0
+            columns_s += time.perf_counter() - t0
             budget.settle(plan, columns, step, step,
                           lambda prices, reuse, step=step: (between(), Update(step + 1, 0.01))[1], trajs)
             budget.ledger_metrics()
