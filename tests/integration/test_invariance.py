@@ -109,3 +109,26 @@ def test_the_likelihood_probe_plans_alike_on_two_processes_and_one(tmp_path, pol
     two, one = plans
     assert two.probed.any() and two.probed.equals(one.probed) and two.samples.equals(one.samples)
     pd.testing.assert_series_equal(two.pass_rate, one.pass_rate, rtol=1e-5)
+
+
+def test_pilot_then_commit_on_two_processes_joins_each_group_across_ranks(tmp_path, policy_cache):
+    """Each rank draws its share of the pilots, every rank prices the same top-up, each draws its share of the rest:
+    every prompt's samples end in one group of the size the plan records, whichever ranks drew them."""
+    import pandas as pd
+
+    from tests.conftest import tiny_overrides
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "marginal_rl", "train", *tiny_overrides(policy_cache, str(out)), "budget.policy=marginal",
+           "budget.pilot_samples=2", "budget.token_budget=600", "train.max_steps=2"]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    df, prompts = pd.read_parquet(out / "trajectories"), pd.read_parquet(out / "prompts")
+    assert df.traj_id.is_unique and {"r0-", "r1-"} <= set(df.traj_id.str[:3])
+    assert df.traj_id.str.contains("-u").any()  # some groups were grown after their pilot
+    groups = df.groupby(["step", "prompt_id"]).agg(n=("traj_id", "size"), ids=("group_id", "nunique"))
+    assert (groups.ids == 1).all()
+    sampled = prompts[prompts.samples > 0].set_index(["step", "prompt_id"])
+    assert groups.n.to_dict() == sampled.samples.to_dict()
