@@ -31,7 +31,8 @@ more samples (n = k + m in all, c = α + β, μ = α/c; an exact p is c = ∞):
     G(n | pilot)    = V·4(E[r̄] − E[r̄²])·n/(n + n0)           (m = 0: the pilot's realised gain)
     P_inf(n | pilot) = 1 for a mixed pilot; 1 − E[p^m] after an all-pass one, 1 − E[(1 − p)^m] after an all-fail one
 and the continuation's gain, cost and tokens are those of the whole group minus the pilot's: its rollout tokens are
-sunk, and its update tokens count once the group is informative. With k = 0 this is G(n) above, exactly.
+sunk, and its update tokens count once the group is informative. Averaged over the pilot's outcomes, G(n | pilot)
+and P_inf(n | pilot) are G(n) and P_inf(n) above, exactly (the law of total expectation).
 """
 
 from __future__ import annotations

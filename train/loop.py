@@ -335,6 +335,11 @@ TRL_METRIC_NAMES = ("reward", "reward_std", "rewards/<func>/mean", "rewards/<fun
                     "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
+def every_rank(mine: list[Trajectory]) -> list[Trajectory]:
+    """Every rank's trajectories, in rank order, on every rank."""
+    return [t for part in gather_object([mine]) for t in part]
+
+
 def join_groups(pilots: list[Trajectory], rest: list[Trajectory]) -> list[Trajectory]:
     """A step's pilot trajectories and the samples drawn after them, as one list in which each prompt's samples
     form one group (the pilot's group id), members adjacent, in the pilots' order."""
@@ -594,18 +599,17 @@ class Run:
         rank sees all of them); True when they were generated ahead, during the last step's update."""
         if self.ahead is not None:
             (plan, future), self.ahead = self.ahead, None
-            return plan, [t for part in gather_object([future.result()]) for t in part], True
+            return plan, every_rank(future.result()), True
         plan = self.plan(step)
         self.refresh_behaviour(trains_after=0)
         version, pilot = self.state.behaviour_version, getattr(self.cfg.budget, "pilot_samples", 0)
         if not pilot:
-            return plan, [t for part in gather_object([self.generate(step, plan, version)]) for t in part], False
+            return plan, every_rank(self.generate(step, plan, version)), False
         # pilot then commit: each group's first samples, then the rest priced on what they showed
         first = np.minimum(plan.samples, pilot)
-        drawn = [t for part in gather_object([self.generate(step, plan, version, first)]) for t in part]
+        drawn = every_rank(self.generate(step, plan, version, first))
         plan = self.state.budget.top_up(plan, TrajectoryColumns.of(drawn), np.random.default_rng([self.cfg.seed, step, 1]))
-        rest = [t for part in gather_object([self.generate(step, plan, version, plan.samples - first, tag="u")])
-                for t in part]
+        rest = every_rank(self.generate(step, plan, version, plan.samples - first, tag="u"))
         return plan, join_groups(drawn, rest), False
 
     def start_ahead(self, step: int) -> None:
