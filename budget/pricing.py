@@ -81,8 +81,12 @@ def posterior_spread(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
 
 def posterior_informative_prob(alpha: np.ndarray, beta: np.ndarray, n: np.ndarray) -> np.ndarray:
     """E[P_inf(n)] for p ~ Beta(α, β) = 1 − E[pⁿ] − E[(1 − p)ⁿ] (1 − p ~ Beta(β, α)); 0 for n ≤ 1."""
-    n = np.asarray(n)
-    both = 1.0 - beta_power_mean(alpha, beta, n) - beta_power_mean(beta, alpha, n)
+    n, num = np.asarray(n), len(alpha)
+    if n.ndim == 2:  # E[pⁿ] and E[(1 − p)ⁿ] in one pass over the stacked rows, as each would be alone
+        powers = beta_power_mean(np.concatenate([alpha, beta]), np.concatenate([beta, alpha]), n)
+        both = 1.0 - powers[:num] - powers[num:]
+    else:
+        both = 1.0 - beta_power_mean(alpha, beta, n) - beta_power_mean(beta, alpha, n)
     return np.where(n >= 2, both, 0.0)
 
 
@@ -126,7 +130,8 @@ def pilot_group_economics(alpha, beta, k, s, flat, n, tok_rollout, tok_verify, t
     else:
         ms = np.asarray(n, dtype=np.int64)
         a, b = alpha[:, 0], beta[:, 0]
-        stays_pass, stays_fail = beta_power_mean(a, b, ms), beta_power_mean(b, a, ms)
+        powers = beta_power_mean(np.concatenate([a, b]), np.concatenate([b, a]), ms)  # both in one pass
+        stays_pass, stays_fail = powers[:len(a)], powers[len(a):]
     flat = np.asarray(flat, dtype=bool)[:, None]
     passed = s >= k / 2  # a flat pilot's side (0/1 rewards: all pass or all fail)
     informative = np.where(flat, 1.0 - np.where(passed, stays_pass, stays_fail), 1.0)
@@ -295,7 +300,10 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     # the allocation.
     heap = list(zip((-entry_ppt[live]).tolist(), live.tolist(), (min_n + entry[live]).tolist(), strict=True))
     heapq.heapify(heap)
-    while heap and left_samples + 1e-9 >= 1:  # every option needs a sample
+    least = None if by_tokens else -math.inf  # fewest_tokens, once an option has been dropped
+    # every option needs a sample, and once fewer tokens are left than any option of the prompts that entered the
+    # heap needs, every option left would be dropped in turn
+    while heap and left_samples + 1e-9 >= 1 and (least is None or left_tokens + 1e-9 >= least):
         _, c, to = heap[0]
         frm = alloc[c]
         need_tokens, need_samples = tok[c, to] - tok[c, frm] if by_tokens else 0.0, to - frm
@@ -310,6 +318,8 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
                     heapq.heapreplace(heap, (-best_ppt, c, min_n + best))
                     continue
             heapq.heappop(heap)
+            if least is None:  # the first option dropped: the end is near, and may be nearer than the heap shows
+                least = fewest_tokens(tokens, live, min_n)
             continue
         left_tokens -= need_tokens
         left_samples -= need_samples
@@ -319,6 +329,15 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
         else:
             heapq.heappop(heap)
     return np.array(alloc, dtype=np.int64)
+
+
+def fewest_tokens(tokens: np.ndarray, rows: np.ndarray, min_n: int) -> float:
+    """The fewest tokens any option of these prompts needs in allocate_greedy: an entry block (its tokens, and its
+    tokens over the prompt's T(0)) or a one-sample increment; `tokens` (P, max_n + 1), `rows` the prompts' indices."""
+    t = tokens[rows]
+    least = min(float(t[:, min_n:].min()), float((t[:, min_n:] - t[:, :1]).min()),
+                float((t[:, 1:] - t[:, :-1]).min(initial=math.inf)))
+    return -math.inf if math.isnan(least) else least  # a NaN compares false: never stop on it
 
 
 def controller_step(scale: float, spend: float, budget: float, rate: float, lo: float, hi: float) -> float:

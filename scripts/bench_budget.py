@@ -53,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
     p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
     p.add_argument("--steps", type=int, default=60, help="quickstart-shaped steps per policy (the first 10 not timed)")
+    p.add_argument("--data-seeds", type=int, default=5,
+                   help="quickstart-shaped runs per policy, each on its own draw of the samples' rewards and lengths "
+                        "(the figure is their median, the range theirs): one run's figure moves with how many probe "
+                        "rounds its steps happen to need")
     p.add_argument("--loop-shaped", action="store_true",
                    help="also time the step with a small torch training step between the budget's phases, as the "
                         "trainer runs them: the cache-cold cost that perf/budget_seconds sees")
@@ -159,10 +163,12 @@ def main() -> None:
         forward passes are the trainer's time, not the budget's (Budget.plan does not count them)."""
         return [float(pass_rate[int(pid[1:])]) for pid in ids], [14] * len(ids)
 
-    def step_time(policy: str, keys: dict, between=lambda: None) -> float:
-        """The budget's seconds in one step, as the trainer's perf/budget_seconds counts them: Budget.plan, reading
-        the step's columns, Budget.settle (price, fold, ledger, metrics; the update it calls is `between`) and the
-        ledger's metrics."""
+    def step_time(policy: str, keys: dict, between=lambda: None, data_seed: int = 0) -> float:
+        """The budget's seconds in one step (median over steps), as the trainer's perf/budget_seconds counts them:
+        Budget.plan, reading the step's columns, Budget.settle (price, fold, ledger, metrics; the update it calls is
+        `between`) and the ledger's metrics. `data_seed`: the draw of the samples' rewards and lengths."""
+        nonlocal rng
+        rng = np.random.default_rng([args.seed, 1, data_seed])
         cfg = budget_config(policy, **keys)
         budget, times = Budget(cfg, SampleLimits(32, 8, 2, 16), families=families), []
         for step in range(args.steps):
@@ -201,9 +207,14 @@ def main() -> None:
         return policy + (f" ({', '.join(f'{k} {v}' for k, v in keys.items())})" if keys else "")
 
     def per_arm(between=lambda: None) -> str:
-        return ", ".join(f"{label(policy, keys)} {step_time(policy, keys, between) * 1e3:.2f} ms" for policy, keys in arms)
+        out = []
+        for policy, keys in arms:
+            ms = np.array([step_time(policy, keys, between, k) for k in range(args.data_seeds)]) * 1e3
+            out.append(f"{label(policy, keys)} {np.median(ms):.2f} ms"
+                       + (f" [{ms.min():.2f}-{ms.max():.2f}]" if len(ms) > 1 else ""))
+        return ", ".join(out)
 
-    print("budget per quickstart step: " + per_arm())
+    print(f"budget per quickstart step (median over {args.data_seeds} runs [their range]): " + per_arm())
     if args.loop_shaped:
         import torch
 

@@ -71,9 +71,10 @@ _STATS = attrgetter("alpha", "beta", "version", "zero_var_streak", "tok_rollout"
 
 
 def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
-                  pool_strength: float = 0.0) -> PromptArrays:
+                  pool_strength: float = 0.0, families: FamilyRows | None = None) -> PromptArrays:
     """What the budget knows about each candidate, its evidence faded to the current version. With `pool_strength`
-    m > 0 a prompt's prior is its family's (pool_prior) instead of Beta(prior_alpha, prior_beta)."""
+    m > 0 a prompt's prior is its family's (pool_prior) instead of Beta(prior_alpha, prior_beta). `families`: the
+    candidates' family_rows, when the caller has them."""
     num = len(candidates)
     # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
     unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0, *unseen_lengths(cfg, state), 0.0)
@@ -83,46 +84,82 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
     evidence = alpha + beta - cfg.prior_alpha - cfg.prior_beta
+    arrays = PromptArrays(alpha, beta, tr, tv, tu, streak, evidence, seen * factor)
     if pool_strength > 0:
-        alpha, beta = pool_prior(cfg, state, candidates, alpha, beta, pool_strength)
-    return PromptArrays(alpha, beta, tr, tv, tu, streak, evidence, seen * factor)
+        arrays = pooled(cfg, state, arrays, family_rows(state, candidates) if families is None else families,
+                        pool_strength)
+    return arrays
 
 
-def pool_prior(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], alpha: np.ndarray, beta: np.ndarray,
-               m: float) -> tuple[np.ndarray, np.ndarray]:
+def pooled(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, families: FamilyRows,
+           m: float, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> PromptArrays:
+    """`arrays` (their own evidence on the global prior, as prompt_arrays gives them with pool_strength 0) with
+    each prompt's prior replaced by its family's (pool_prior; `groups`: its family_counts from state.families, when
+    the caller has them)."""
+    alpha, beta = pool_prior(cfg, state, families, arrays.alpha, arrays.beta, m, groups)
+    return arrays._replace(alpha=alpha, beta=beta)
+
+
+def pool_prior(cfg: BudgetConfig, state: BudgetState, families: FamilyRows, alpha: np.ndarray,
+               beta: np.ndarray, m: float, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Replace each candidate's prior Beta(prior_alpha, prior_beta) by its family's, Beta(m·μ, m·(1 − μ)), keeping
     its own (faded) evidence. μ is the family's pass rate from the evidence of its other prompts (leave-one-out:
     the family's faded counts minus this prompt's own), shrunk to the global prior:
     μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
     global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried.
     With budget.pool_probes the family's counts include its likelihood probes' (state.family_probes); a prompt's own
-    evidence includes its probe, so leave-one-out takes that out too."""
+    evidence includes its probe, so leave-one-out takes that out too. `families`: the candidates' family_rows;
+    `groups`: their family_counts from state.families, when the caller has them."""
     own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
-    pooled, fam_s, fam_f = family_counts(cfg, state, candidates)
+    pooled, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
     if getattr(cfg, "pool_probes", False):
-        probed, probe_s, probe_f = family_counts(cfg, state, candidates, state.family_probes)
+        probed, probe_s, probe_f = family_counts(cfg, state, families, state.family_probes)
         pooled, fam_s, fam_f = pooled | probed, fam_s + probe_s, fam_f + probe_f
     others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
     return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
 
 
-def family_counts(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str],
+class FamilyRows(NamedTuple):
+    """The candidates' families once, for the family books' lookups: the distinct families among them and each
+    candidate's index into that list (−1: no family). A step's plan reads the books several times (every probe
+    round), its candidates once."""
+
+    names: list[str]
+    index: np.ndarray  # (P,) int64
+
+
+def family_rows(state: BudgetState, candidates: Sequence[str]) -> FamilyRows:
+    positions: dict[str, int] = {}
+    index = [positions.setdefault(f, len(positions)) if (f := state.family_of.get(pid)) else -1 for pid in candidates]
+    return FamilyRows(list(positions), np.array(index, dtype=np.int64))
+
+
+def family_counts(cfg: BudgetConfig, state: BudgetState, candidates: FamilyRows | Sequence[str],
                   book: dict[str, list[float]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(P,) each: whether the candidate's family has evidence, and the family's successes and failures faded to the
-    current version (0 without), from its groups (state.families) or another `book` of family counts."""
+    current version (0 without), from its groups (state.families) or another `book` of family counts. `candidates`:
+    the prompt ids, or their family_rows."""
+    rows = candidates if isinstance(candidates, FamilyRows) else family_rows(state, candidates)
     book = state.families if book is None else book
-    stats = [book.get(state.family_of.get(pid, "")) for pid in candidates]
-    fam = np.array([(0.0, 0.0, state.version) if st is None else st for st in stats], dtype=float).reshape(-1, 3)
+    stats = [book.get(name) for name in rows.names]
+    # one row per family, and a last one (no evidence: zero counts, not faded) for index −1 and families not in the book
+    fam = np.array([*((0.0, 0.0, state.version) if st is None else st for st in stats), (0.0, 0.0, state.version)],
+                   dtype=float).reshape(-1, 3)
     keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
-    return np.array([st is not None for st in stats], dtype=bool), fam[:, 0] * keep, fam[:, 1] * keep
+    has = np.array([*(st is not None for st in stats), False], dtype=bool)
+    at = np.where(rows.index >= 0, rows.index, len(stats))
+    return has[at], (fam[:, 0] * keep)[at], (fam[:, 1] * keep)[at]
 
 
-def family_weight(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[str], n0: float) -> np.ndarray:
+def family_weight(cfg: BudgetConfig, state: BudgetState, candidates: FamilyRows | Sequence[str],
+                  n0: float, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(P,) w_f = N0/(N0 + N_f): the marginal value of one more sample of family f under a log utility per family,
     N0·log(1 + N_f/N0), where N_f is the family's sample count so far (S + F of state.families, faded to the current
-    version like its evidence). 1 for a prompt without a family, or of a family not sampled yet."""
-    _, successes, failures = family_counts(cfg, state, candidates)
+    version like its evidence). 1 for a prompt without a family, or of a family not sampled yet. `candidates`: the
+    prompt ids, or their family_rows; `groups`: their family_counts, when the caller has them."""
+    _, successes, failures = family_counts(cfg, state, candidates) if groups is None else groups
     return n0 / (n0 + successes + failures)
 
 

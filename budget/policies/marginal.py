@@ -39,9 +39,12 @@ from marginal_rl.budget.policies.base import (
     PromptArrays,
     SampleLimits,
     TrajectoryArrays,
+    family_counts,
+    family_rows,
     family_weight,
     group_tables,
     make_plan,
+    pooled,
     prompt_arrays,
     smallest_group,
 )
@@ -249,9 +252,18 @@ def run_credit(cfg: MarginalConfig, state: BudgetState) -> float:
 
 
 def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
-                  rng: np.random.Generator, limits: SampleLimits, arrays: PromptArrays | None = None) -> PromptPlan:
-    """`arrays`: the candidates' prompt_arrays when the caller has them (the likelihood probe's replans update only
-    the probed rows)."""
+                  rng: np.random.Generator, limits: SampleLimits) -> PromptPlan:
+    """The marginal policy's plan (module docstring): allocate_marginal's samples, priced."""
+    return allocate_marginal(cfg, state, candidates, rng, limits)[1]()
+
+
+def allocate_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], rng: np.random.Generator,
+                      limits: SampleLimits, arrays: PromptArrays | None = None, weight: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, Callable[[], PromptPlan]]:
+    """The marginal plan's samples per candidate (P,), and a function that prices them into the PromptPlan (the
+    likelihood probe's rounds read only the samples of all but their last plan). `arrays`: the candidates'
+    prompt_arrays, `weight`: their family_weight at family_half_samples, when the caller has them (the probe's
+    replans recompute only what a probe moved)."""
     arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength) if arrays is None else arrays
     p_mean = arrays.mean
     p = rng.beta(arrays.alpha, arrays.beta) if cfg.posterior == "thompson" and len(candidates) else p_mean
@@ -259,7 +271,9 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
     informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :],
                                                    expected=cfg.posterior == "expected")
     if cfg.family_half_samples > 0:  # the same weight for every group size: it scales G(n), not its shape in n
-        gain = gain * family_weight(cfg, state, candidates, cfg.family_half_samples)[:, None]
+        if weight is None:
+            weight = family_weight(cfg, state, candidates, cfg.family_half_samples)
+        gain = gain * weight[:, None]
     if cfg.prompt_half_samples > 0:  # likewise per prompt: N0/(N0 + N_p), N_p its faded samples so far
         gain = gain * (cfg.prompt_half_samples / (cfg.prompt_half_samples + arrays.seen))[:, None]
     max_samples, max_tokens = planner_limits(cfg, limits, run_credit(cfg, state))
@@ -277,11 +291,15 @@ def plan_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[
                                cfg.kappa_scale_min, state.kappa_scale)
         state.kappa_scale, cost = scale, unit * scale  # price discovery: the controller goes on from here
         samples = allocate(cost)
-    at = smallest_group(samples, limits, max_n)
-    # a skipped prompt: no group size it could enter with has a positive price, or the step's limits were spent
-    priced = (gain[:, limits.min_group_size:] > cost[:, limits.min_group_size:]).any(axis=1)
-    return make_plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
-                     tokens[rows, at], np.where(priced, BUDGET, PRICE))
+
+    def plan() -> PromptPlan:
+        at = smallest_group(samples, limits, max_n)
+        # a skipped prompt: no group size it could enter with has a positive price, or the step's limits were spent
+        priced = (gain[:, limits.min_group_size:] > cost[:, limits.min_group_size:]).any(axis=1)
+        return make_plan(candidates, samples, p_mean, p, informative[rows, at], gain[rows, at], cost[rows, at],
+                         tokens[rows, at], np.where(priced, BUDGET, PRICE))
+
+    return samples, plan
 
 
 Probe = Callable[[Sequence[str]], tuple[Sequence[float], Sequence[int]]]
@@ -296,16 +314,26 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     one it samples, once a step), fold the probes in
     (fold_probe), plan again with their tokens taken off the step's cap; probe_rounds times at most. Returns the plan
     (with `probed` and `probe_tokens`) and the seconds spent inside `probe`. Between rounds only the probed
-    candidates' prompt arrays change (the probe touches nothing else), so only their rows are recomputed; with
-    pool_probes a probe also moves its family's prior, and its siblings' rows are recomputed too."""
-    arrays = prompt_arrays(cfg, state, candidates, cfg.pool_strength)
-    plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
+    candidates' own evidence changes (the probe touches nothing else), so only their rows are read again; the
+    family prior (pool_strength), which with pool_probes the probes move, is laid over every row afresh from the
+    families' counts, and the candidates' families are looked up once."""
+    # the probes change neither the candidates' families nor the families' group counts: both are read once
+    families = family_rows(state, candidates) if cfg.pool_strength > 0 or cfg.family_half_samples > 0 else None
+    groups = family_counts(cfg, state, families) if families is not None else None
+    weight = (family_weight(cfg, state, families, cfg.family_half_samples, groups) if cfg.family_half_samples > 0
+              else None)
+    own = prompt_arrays(cfg, state, candidates)  # each prompt's own evidence, on the global prior
+
+    def pool(own: PromptArrays) -> PromptArrays:
+        return pooled(cfg, state, own, families, cfg.pool_strength, groups) if cfg.pool_strength > 0 else own
+
+    arrays = pool(own)
+    samples, plan = allocate_marginal(cfg, state, candidates, rng, limits, arrays, weight)
     eligible = (arrays.evidence < cfg.probe_strength / 2 if cfg.probe_refresh == "weak"
                 else np.ones(len(candidates), bool))  # which candidates may be probed, once a step
     probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
-    families = [state.family_of.get(c) for c in candidates] if cfg.pool_probes else []
     for _ in range(cfg.probe_rounds):
-        ask = np.flatnonzero((plan.samples > 0) & eligible & ~probed)
+        ask = np.flatnonzero((samples > 0) & eligible & ~probed)
         if not len(ask):
             break
         ids = [candidates[i] for i in ask]
@@ -316,16 +344,14 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
         probed[ask], spent = True, spent + int(np.sum(tokens))
         if cfg.probe_charge:
             limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
-        rows = ask
-        if cfg.pool_probes:  # a probe moves its family's prior: its siblings' rows change too
-            moved = {families[i] for i in ask} - {None, ""}
-            rows = np.union1d(ask, np.flatnonzero([f in moved for f in families]))
-        arrays = PromptArrays(*(a.copy() for a in arrays))
-        for a, r in zip(arrays, prompt_arrays(cfg, state, [candidates[i] for i in rows], cfg.pool_strength),
-                        strict=True):
-            a[rows] = r
-        plan = plan_marginal(cfg, state, candidates, step, rng, limits, arrays)
-    return dataclasses.replace(plan, probed=probed, probe_tokens=spent), probe_s
+        # the probe replaced the probed prompts' own evidence, and nothing else of any prompt's; with pool_probes it
+        # also moved their families' counts, which the pooling reads afresh for every row
+        own = PromptArrays(*(a.copy() for a in own))
+        for a, r in zip(own, prompt_arrays(cfg, state, ids), strict=True):
+            a[ask] = r
+        arrays = pool(own)
+        samples, plan = allocate_marginal(cfg, state, candidates, rng, limits, arrays, weight)
+    return dataclasses.replace(plan(), probed=probed, probe_tokens=spent), probe_s
 
 
 def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot: np.ndarray, reward_sum: np.ndarray,
@@ -343,7 +369,8 @@ def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot
     if not len(rows):
         return dataclasses.replace(plan, pilot=np.asarray(pilot, dtype=np.int64))
     ids = [plan.prompt_ids[i] for i in rows]
-    arrays = prompt_arrays(cfg, state, ids, cfg.pool_strength)
+    families = family_rows(state, ids) if cfg.pool_strength > 0 or cfg.family_half_samples > 0 else None
+    arrays = prompt_arrays(cfg, state, ids, cfg.pool_strength, families)
     k, s = pilot[rows].astype(float), reward_sum[rows].astype(float)
     alpha, beta = arrays.alpha + s, arrays.beta + k - s
     if cfg.posterior == "thompson":
@@ -357,7 +384,7 @@ def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot
         kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale, exact=exact)
     weight = np.ones(len(rows))
     if cfg.family_half_samples > 0:
-        weight = weight * family_weight(cfg, state, ids, cfg.family_half_samples)
+        weight = weight * family_weight(cfg, state, families, cfg.family_half_samples)
     if cfg.prompt_half_samples > 0:
         weight = weight * cfg.prompt_half_samples / (cfg.prompt_half_samples + arrays.seen)
     gain = gain * weight[:, None]

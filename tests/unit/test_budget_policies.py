@@ -250,6 +250,23 @@ def test_family_weight_by_hand():
     assert policies.base.family_weight(cfg, state, ["a1"], 8.0) == pytest.approx([8 / (8 + 8 / math.e)])
 
 
+def test_family_rows_look_each_candidate_up_once_and_read_the_books_as_the_ids_do():
+    state = BudgetState(families={"a": [6.0, 2.0, 0], "b": [1.0, 3.0, 1]}, family_probes={"b": [4.0, 4.0, 1]},
+                        family_of={"a1": "a", "a2": "a", "b1": "b", "c1": "c", "e": ""}, version=2)
+    cfg = BudgetConfig("marginal", drift_prior=0.1, drift_scale=0.1)
+    ids = ["b1", "a1", "x", "c1", "a2", "e"]  # x: not in family_of; c: a family with no evidence; e: "" (none)
+    rows = policies.base.family_rows(state, ids)
+    assert rows.names == ["b", "a", "c"] and rows.index.tolist() == [0, 1, -1, 2, 1, -1]
+    # faded to version 2 at drift 0.1, scale 0.1: a (version 0) keeps exp(−2), b (version 1) exp(−1)
+    has, s, f = policies.base.family_counts(cfg, state, rows)
+    assert has.tolist() == [True, True, False, False, True, False]
+    assert s.tolist() == pytest.approx([math.exp(-1), 6 * math.exp(-2), 0, 0, 6 * math.exp(-2), 0])
+    assert f.tolist() == pytest.approx([3 * math.exp(-1), 2 * math.exp(-2), 0, 0, 2 * math.exp(-2), 0])
+    has, s, f = policies.base.family_counts(cfg, state, rows, state.family_probes)  # another book, the same rows
+    assert has.tolist() == [True, False, False, False, False, False]
+    assert s.tolist() == f.tolist() == pytest.approx([4 * math.exp(-1), 0, 0, 0, 0, 0])
+
+
 def test_family_balance_moves_a_group_to_the_family_sampled_less():
     # two unseen prompts, one group's worth of samples: without the weight the first candidate wins the tie; with
     # N0 = 8 its family (24 samples so far: weight 8/32 = 0.25) loses to the other's (never sampled: 1). Priced

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from marginal_rl.budget import policies
 from marginal_rl.budget.allocator import Budget, Update
 from marginal_rl.budget.policies import SampleLimits, budget_config
 from marginal_rl.budget.policies.base import prompt_arrays
@@ -259,3 +260,31 @@ def test_the_probe_needs_a_one_turn_task_with_reference_answers_and_untruncated_
     cfg = load_config([], ["task.name=fix_test", "budget.policy=marginal", "budget.probe_strength=16"])
     with pytest.raises(ConfigError, match="runs multi-turn episodes"):
         check_probe(cfg, build_task(cfg.task, cfg.rollout))
+
+
+@pytest.mark.parametrize("keys", [dict(pool_strength=4, pool_probes=True, family_half_samples=64),
+                                  dict(pool_strength=4), dict(prompt_half_samples=8), dict()])
+def test_the_probing_plan_is_the_plan_a_fresh_read_of_the_probed_state_gives(keys):
+    # Between its rounds the probing plan re-reads only the probed prompts' own evidence and lays the family prior
+    # over every row again; its last plan must be, field for field, the plan the state it leaves gives when read
+    # afresh (every prompt's arrays from the state, at the step's cap less the probe's tokens)
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(40)]
+    family_of = {pid: f"f{i % 3}" for i, pid in enumerate(ids) if i % 5}  # every fifth prompt without a family
+    rates = dict(zip(ids, rng.random(40).round(2).tolist(), strict=True))
+    cfg = budget_config("marginal", posterior="expected", probe_strength=16, probe_refresh="every", **keys)
+    limits = SampleLimits(prompts_per_step=4, group_size=4, min_group_size=2, max_group_size=8)
+    budget = Budget(cfg, limits, families=family_of)
+    for step in range(4):  # some evidence first: the plans read a mix of sampled, probed and unseen prompts
+        offered = [ids[i] for i in rng.choice(40, size=24, replace=False)]
+        probe = FakeProbe(rates)
+        plan = budget.plan(offered, step, np.random.default_rng(step), probe)
+        assert len(probe.calls) >= 1
+        fresh = policies.plan_prompts(cfg, budget.state, offered, step, np.random.default_rng(step),
+                                      dataclasses.replace(limits, reserved_tokens=plan.probe_tokens))
+        for field in ("samples", "pass_rate", "gain", "cost", "price", "informative", "tokens", "reason_code"):
+            assert np.array_equal(getattr(plan, field), getattr(fresh, field)), (step, field)
+        trajs = [Trajectory(f"t{step}-{pid}-{k}", pid, f"g{step}-{pid}", step, step, [0] * 4, [0] * 3, [1] * 3,
+                            [0.0] * 3, float(rng.random() < rates[pid]), "eos")
+                 for pid, n in zip(plan.prompt_ids, plan.samples.tolist(), strict=True) for k in range(n)]
+        budget.settle(plan, TrajectoryColumns.of(trajs), step, step, lambda prices, reuse, s=step: Update(s + 1, 0.01))
