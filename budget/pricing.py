@@ -1,4 +1,6 @@
-"""The price formulas, as pure vectorised numpy functions: arrays in, arrays out, no state, no objects.
+"""The price formulas, as pure vectorised numpy functions: arrays in, arrays out, no state, no objects. (The greedy
+allocator and the planner's posterior tables run as budget/kernels.py's numba kernels when numba is installed: the
+same numbers, bit for bit.)
 
     price_i = V·ΔQ_i − ΔC_i − ρ·ΔR_i                                   (seed paper, arXiv 2605.01214)
 
@@ -43,6 +45,8 @@ from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
+
+from marginal_rl.budget import kernels
 
 
 def informative_prob(p: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
@@ -97,6 +101,13 @@ def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, 
     `posterior` = (α, β): their expectations over p ~ Beta(α, β) instead (p unread), exact because G is linear in
     4p(1 − p) and T, C in P_inf(n)."""
     n = np.asarray(n, dtype=float)
+    if posterior is not None and n.ndim == 2 and n.shape[0] == 1 and (kernel := kernels.posterior_tables()) is not None \
+            and np.array_equal(n[0], np.arange(n.shape[1])):  # the planner's tables: compiled, the same bit for bit
+        alpha = np.ascontiguousarray(posterior[0], dtype=float)
+        lengths = (np.ascontiguousarray(np.broadcast_to(np.asarray(x, dtype=float).reshape(-1), alpha.shape))
+                   for x in (tok_rollout, tok_verify, tok_update))
+        return kernel(alpha, np.ascontiguousarray(posterior[1], dtype=float), *lengths, n.shape[1], value, n0,
+                      kappa_rollout, kappa_verify, kappa_update, kappa_scale)
     if posterior is None:
         informative, gain = informative_prob(p, n), expected_group_gain(p, n, value, n0)
     else:
@@ -266,7 +277,8 @@ def max_variance_keep(rewards: np.ndarray, group: np.ndarray, keep: np.ndarray) 
 
 
 def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_n: int, max_n: int, *,
-                    max_samples: float | None = None, max_tokens: float | None = None) -> np.ndarray:
+                    max_samples: float | None = None, max_tokens: float | None = None,
+                    compiled: bool | None = None) -> np.ndarray:
     """Greedy allocation of samples to P prompts, next sample to the highest price per token.
 
     gain, cost, tokens: (P, max_n + 1) totals G(n), C(n), T(n) for n = 0..max_n. A prompt enters with a block of
@@ -274,7 +286,10 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     smaller than min_n cannot be trained on), then grows one sample at a time. Stops when the best price is not
     positive or nothing fits the limits: at most `max_samples` samples and `max_tokens` expected tokens (None or
     inf: no such limit). An entry block that does not fit is replaced by the best block that does, and an increment
-    that does not fit is dropped, so the limits are spent exactly wherever the prices allow it."""
+    that does not fit is dropped, so the limits are spent exactly wherever the prices allow it.
+
+    `compiled`: run budget/kernels.py's numba kernel (the default when numba is installed: the `fast` extra) or the
+    Python loop below; the allocation is the same bit for bit."""
     num = gain.shape[0]
     if num == 0 or max_n < min_n or min_n < 1:
         return np.zeros(num, dtype=np.int64)
@@ -283,6 +298,12 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     by_tokens = math.isfinite(left_tokens)  # else tokens cannot fail to fit: their arithmetic is skipped
     gain, cost = gain[:, :max_n + 1], cost[:, :max_n + 1]
     tokens = np.ascontiguousarray(tokens[:, :max_n + 1], dtype=float)
+    kernel = kernels.greedy() if compiled is not False else None
+    if compiled and kernel is None:
+        raise RuntimeError("allocate_greedy(compiled=True) needs numba: pip install -e '.[fast]'")
+    if kernel is not None:
+        return kernel(np.ascontiguousarray(gain, dtype=float), np.ascontiguousarray(cost, dtype=float), tokens, min_n,
+                      max_n, left_samples, left_tokens, by_tokens)
     block_tokens = tokens[:, min_n:]  # (P, K) entry blocks of n = min_n..max_n
     block_ppt = (gain[:, min_n:] - cost[:, min_n:]) / np.maximum(block_tokens, 1e-12)  # per token
     entry = np.argmax(block_ppt, axis=1)
@@ -292,7 +313,9 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     step_ppt = memoryview((gain[:, 1:] - gain[:, :-1] - cost[:, 1:] + cost[:, :-1])
                           / np.maximum(tokens[:, 1:] - tokens[:, :-1], 1e-12))
     tok = memoryview(tokens)
-    smallest_block = block_tokens.min(axis=1).tolist() if by_tokens else [0.0] * num
+    # what an entry block adds to the prompt's T(0) (= its tokens, for any planner's table: T(0) = 0), its cheapest
+    block_need = block_tokens - tokens[:, :1]
+    smallest_block = block_need.min(axis=1).tolist() if by_tokens else [0.0] * num
     alloc = [0] * num
     # Plain Python from here (memoryviews index to Python floats): a few hundred heap operations, where numpy
     # scalars would dominate. Each prompt has at most one option in the heap, so the pop order is that of the keys
@@ -311,7 +334,7 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
             # an entry re-enters with the best block that still fits, if one may
             if frm == 0 and min_n <= left_samples + 1e-9 and smallest_block[c] <= left_tokens + 1e-9:
                 best, best_ppt = -1, 0.0
-                for k, (ppt, need) in enumerate(zip(block_ppt[c].tolist(), block_tokens[c].tolist(), strict=True)):
+                for k, (ppt, need) in enumerate(zip(block_ppt[c].tolist(), block_need[c].tolist(), strict=True)):
                     if ppt > best_ppt and need <= left_tokens + 1e-9 and min_n + k <= left_samples + 1e-9:
                         best, best_ppt = k, ppt
                 if best >= 0:
@@ -332,12 +355,11 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
 
 
 def fewest_tokens(tokens: np.ndarray, rows: np.ndarray, min_n: int) -> float:
-    """The fewest tokens any option of these prompts needs in allocate_greedy: an entry block (its tokens, and its
-    tokens over the prompt's T(0)) or a one-sample increment; `tokens` (P, max_n + 1), `rows` the prompts' indices."""
+    """The fewest tokens any option of these prompts needs in allocate_greedy: an entry block (its tokens over the
+    prompt's T(0)) or a one-sample increment; `tokens` (P, max_n + 1), `rows` the prompts' indices."""
     t = tokens[rows]
-    least = min(float(t[:, min_n:].min()), float((t[:, min_n:] - t[:, :1]).min()),
-                float((t[:, 1:] - t[:, :-1]).min(initial=math.inf)))
-    return -math.inf if math.isnan(least) else least  # a NaN compares false: never stop on it
+    parts = (float((t[:, min_n:] - t[:, :1]).min()), float((t[:, 1:] - t[:, :-1]).min(initial=math.inf)))
+    return -math.inf if any(map(math.isnan, parts)) else min(parts)  # a NaN need fits anything: never stop on it
 
 
 def controller_step(scale: float, spend: float, budget: float, rate: float, lo: float, hi: float) -> float:

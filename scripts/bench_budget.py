@@ -214,7 +214,10 @@ def main() -> None:
                        + (f" [{ms.min():.2f}-{ms.max():.2f}]" if len(ms) > 1 else ""))
         return ", ".join(out)
 
-    print(f"budget per quickstart step (median over {args.data_seeds} runs [their range]): " + per_arm())
+    from marginal_rl.budget import kernels
+
+    compiled = "numba kernels" if kernels.greedy() is not None else "no kernels (numba missing or MARGINAL_RL_KERNELS=0)"
+    print(f"budget per quickstart step ({compiled}; median over {args.data_seeds} runs [their range]): " + per_arm())
     if args.loop_shaped:
         import torch
 
