@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from marginal_rl.budget import kernels
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.ledger import Ledger
 from marginal_rl.budget.metrics import price_histograms, step_metrics
@@ -72,6 +73,8 @@ class Budget:
         self.buffer = ReuseBuffer(capacity) if capacity > 0 else None
         self._offered: tuple[tuple, Reuse] | None = None  # the last offer and what it was priced at
         self.seconds = 0.0
+        if cfg.policy == "marginal":  # the policy the compiled kernels serve: compile them before the first step
+            kernels.warm()
 
     @property
     def candidates_per_step(self) -> int:

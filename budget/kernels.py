@@ -133,11 +133,11 @@ def _posterior_tables(alpha: np.ndarray, beta: np.ndarray, tok_rollout: np.ndarr
                 k = float(n - 1)
                 stays_pass, stays_fail = stays_pass * ((a + k) / (a + b + k)), stays_fail * ((b + k) / (b + a + k))
             x = float(n)
-            inf = 1.0 - stays_pass - stays_fail if n >= 2 else 0.0
+            p_inf = 1.0 - stays_pass - stays_fail if n >= 2 else 0.0
             d = x + n0
             g = value * spread * (x - 1.0) / (1e-12 if d < 1e-12 else d) if n >= 2 else 0.0
-            tr, tv, tu = x * tok_rollout[c], x * tok_verify[c], inf * x * tok_update[c]
-            informative[c, n], gain[c, n] = inf, g
+            tr, tv, tu = x * tok_rollout[c], x * tok_verify[c], p_inf * x * tok_update[c]
+            informative[c, n], gain[c, n] = p_inf, g
             cost[c, n] = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * tu)
             tokens[c, n] = tr + tv + tu
     return informative, gain, cost, tokens
@@ -171,3 +171,21 @@ def greedy() -> Callable | None:
         return None
     _min_nan, _fewest = numba.njit(_min_nan), numba.njit(_fewest)  # what _greedy calls
     return numba.njit(_greedy)
+
+
+def plain(x) -> np.ndarray:
+    """x as a C-contiguous, writable float64 array (a copy only when it is not one): the one array type the kernels
+    are compiled for (a read-only or strided view would compile them again, ~2 s, in the middle of a step)."""
+    return np.require(x, dtype=np.float64, requirements=["C", "W"])
+
+
+def warm() -> None:
+    """Compile both kernels now (on tiny tables of the planner's types), so that their ~2 s of compiling is the run's
+    start-up, not its first step's budget time; nothing without numba."""
+    tables, allocate = posterior_tables(), greedy()
+    if tables is None or allocate is None:
+        return
+    one = np.ones(1)
+    tables(one, one, one, one, one, 3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    allocate(np.ones((1, 3)), np.zeros((1, 3)), np.arange(3.0)[None, :], 2, 2, 1.0, 1.0, True)
+

@@ -103,11 +103,11 @@ def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, 
     n = np.asarray(n, dtype=float)
     if posterior is not None and n.ndim == 2 and n.shape[0] == 1 and (kernel := kernels.posterior_tables()) is not None \
             and np.array_equal(n[0], np.arange(n.shape[1])):  # the planner's tables: compiled, the same bit for bit
-        alpha = np.ascontiguousarray(posterior[0], dtype=float)
-        lengths = (np.ascontiguousarray(np.broadcast_to(np.asarray(x, dtype=float).reshape(-1), alpha.shape))
+        alpha, beta = (kernels.plain(x) for x in posterior)
+        lengths = (kernels.plain(np.broadcast_to(np.asarray(x, dtype=float).reshape(-1), alpha.shape))
                    for x in (tok_rollout, tok_verify, tok_update))
-        return kernel(alpha, np.ascontiguousarray(posterior[1], dtype=float), *lengths, n.shape[1], value, n0,
-                      kappa_rollout, kappa_verify, kappa_update, kappa_scale)
+        return kernel(alpha, beta, *lengths, n.shape[1], float(value), float(n0), float(kappa_rollout),
+                      float(kappa_verify), float(kappa_update), float(kappa_scale))
     if posterior is None:
         informative, gain = informative_prob(p, n), expected_group_gain(p, n, value, n0)
     else:
@@ -302,8 +302,8 @@ def allocate_greedy(gain: np.ndarray, cost: np.ndarray, tokens: np.ndarray, min_
     if compiled and kernel is None:
         raise RuntimeError("allocate_greedy(compiled=True) needs numba: pip install -e '.[fast]'")
     if kernel is not None:
-        return kernel(np.ascontiguousarray(gain, dtype=float), np.ascontiguousarray(cost, dtype=float), tokens, min_n,
-                      max_n, left_samples, left_tokens, by_tokens)
+        return kernel(kernels.plain(gain), kernels.plain(cost), kernels.plain(tokens), int(min_n), int(max_n),
+                      left_samples, left_tokens, by_tokens)
     block_tokens = tokens[:, min_n:]  # (P, K) entry blocks of n = min_n..max_n
     block_ppt = (gain[:, min_n:] - cost[:, min_n:]) / np.maximum(block_tokens, 1e-12)  # per token
     entry = np.argmax(block_ppt, axis=1)
