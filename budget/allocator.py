@@ -167,7 +167,7 @@ class Budget:
                                 probed=0 if plan.probed is None else int(plan.probed.sum()))
         metrics = step_metrics(plan, prices, columns, self.state, cfg=self.cfg)
         if self.buffer is not None:
-            moved = self.buffer.refill(reuse, list(trajectories), prices)
+            moved = self.buffer.refill(reuse, list(trajectories), prices, columns)
             metrics.update(reuse_metrics(reuse, moved, len(self.buffer), reuse_tokens,
                                          reuse_drift(self.cfg, self.state)))
         histograms = {f"budget/hist_{k}": v for k, v in price_histograms(prices).items()}

@@ -59,24 +59,32 @@ class ReuseBuffer:
             self._columns = TrajectoryColumns.of(self.trajectories)
         return self._columns
 
-    def refill(self, offered: Reuse | None, fresh: list[Trajectory], fresh_prices: TrajectoryPrices) -> dict[str, int]:
+    def refill(self, offered: Reuse | None, fresh: list[Trajectory], fresh_prices: TrajectoryPrices,
+               fresh_columns: TrajectoryColumns | None = None) -> dict[str, int]:
         """After a step: the reused trajectories trained on again stay (one more use), the others leave (their price
         was not positive); the step's new trajectories that were trained on join with one use; then, over capacity,
         the lowest priced (this step's price) leave. Returns the counts {kept, dropped, added, dropped_capacity}
-        (dropped: not trained on again, its price not positive or its group left without a signal)."""
+        (dropped: not trained on again, its price not positive or its group left without a signal). With
+        `fresh_columns` (`fresh` as columns) the buffer's columns are taken from the offer's and the step's rows
+        instead of being read again from its records."""
         empty = np.zeros(0, dtype=np.int64)
         again = np.flatnonzero(offered.prices.trained) if offered is not None else empty
         new = np.flatnonzero(fresh_prices.trained)
         kept = [offered.trajectories[i] for i in again.tolist()] if offered is not None else []
         trajectories = kept + [fresh[i] for i in new.tolist()]
         uses = np.concatenate([offered.uses[again] + 1 if offered is not None else empty, np.ones(len(new), np.int64)])
+        columns = None
+        if fresh_columns is not None:
+            columns = TrajectoryColumns.take(([(offered.columns, again)] if offered is not None else [])
+                                             + [(fresh_columns, new)])
         over = len(trajectories) - self.capacity
         if over > 0:  # the highest priced stay, in their order (stable: ties keep the older)
             price = np.concatenate([offered.prices.price[again] if offered is not None else np.zeros(0),
                                     fresh_prices.price[new]])
             stay = np.sort(np.argsort(-price, kind="stable")[: self.capacity])
             trajectories, uses = [trajectories[i] for i in stay.tolist()], uses[stay]
-        self.trajectories, self.uses, self._columns = trajectories, uses.tolist(), None
+            columns = None if columns is None else TrajectoryColumns.take([(columns, stay)])
+        self.trajectories, self.uses, self._columns = trajectories, uses.tolist(), columns
         return {"kept": len(kept), "dropped": (len(offered) if offered is not None else 0) - len(kept),
                 "added": len(new), "dropped_capacity": max(over, 0)}
 

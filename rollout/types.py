@@ -102,6 +102,35 @@ class TrajectoryColumns:
                    tokens_verify=column([t.tokens_verify for t in trajectories]),
                    behavior_version=column([t.behavior_version for t in trajectories]))
 
+    @classmethod
+    def take(cls, parts: Sequence[tuple[TrajectoryColumns, np.ndarray]]) -> TrajectoryColumns:
+        """The rows `rows` (int indices) of each part's columns, in order: what `of` gives for the same trajectories,
+        without reading the records again (the trajectories of one group share its prompt, as rollout makes them)."""
+        if not parts:
+            return cls.of([])
+        ids: dict[str, int] = {}
+        prompt_ids: list[str] = []
+        groups = []
+        for cols, rows in parts:
+            local = cols.group[rows]
+            seen, first = np.unique(local, return_index=True)
+            lookup = np.zeros(max(cols.num_groups, 1), dtype=np.int64)
+            for g in seen[np.argsort(first)].tolist():  # the part's groups in first-seen order
+                gid = cols.group_ids[g]
+                if gid not in ids:
+                    ids[gid] = len(ids)
+                    prompt_ids.append(cols.group_prompt_ids[g])
+                lookup[g] = ids[gid]
+            groups.append(lookup[local])
+
+        def column(name: str) -> np.ndarray:
+            return _frozen(np.concatenate([getattr(cols, name)[rows] for cols, rows in parts]))
+
+        return cls(reward=column("reward"), group=_frozen(np.concatenate(groups)), group_ids=list(ids),
+                   group_prompt_ids=prompt_ids, tokens_prompt=column("tokens_prompt"),
+                   tokens_completion=column("tokens_completion"), tokens_policy=column("tokens_policy"),
+                   tokens_verify=column("tokens_verify"), behavior_version=column("behavior_version"))
+
     def __len__(self) -> int:
         return len(self.reward)
 

@@ -153,3 +153,30 @@ def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 decisions for 3 trajectories"):
         update_state(budget_config(), BudgetState(), cols, 0, 0,
                      prices=TrajectoryPrices.of([TrajectoryDecision("trained")] * 2))
+
+
+def _same_columns(a: TrajectoryColumns, b: TrajectoryColumns) -> None:
+    assert a.group_ids == b.group_ids and a.group_prompt_ids == b.group_prompt_ids
+    for name in ("reward", "group", "tokens_prompt", "tokens_completion", "tokens_policy", "tokens_verify",
+                 "behavior_version", "group_size", "group_flat", "tokens_rollout"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.tolist() == y.tolist() and not x.flags.writeable, name
+
+
+def test_taken_rows_are_the_columns_of_their_trajectories():
+    # rows of two or three steps' columns, in any order and with repeats, groups split across the parts and a group
+    # id that two parts share: take must give what `of` gives for the same trajectories
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        steps = []
+        for s in range(int(rng.integers(1, 4))):
+            groups = [f"g{s}-{k}" for k in range(int(rng.integers(1, 5)))] + ["shared"]  # "shared": in every step
+            steps.append([traj(g, "p" + g, float(rng.random() < 0.5), int(rng.integers(1, 9)),
+                               [int(m) for m in rng.integers(0, 2, int(rng.integers(0, 6)))],
+                               version=int(rng.integers(0, 4)), n_verify=int(rng.integers(0, 3)))
+                          for g in rng.choice(groups, size=int(rng.integers(0, 9)))])
+        parts = [(records, rng.integers(0, len(records), int(rng.integers(0, 7))) if records else
+                  np.zeros(0, dtype=np.int64)) for records in steps]
+        taken = TrajectoryColumns.take([(TrajectoryColumns.of(records), rows) for records, rows in parts])
+        _same_columns(taken, TrajectoryColumns.of([records[i] for records, rows in parts for i in rows.tolist()]))
+    _same_columns(TrajectoryColumns.take([]), TrajectoryColumns.of([]))

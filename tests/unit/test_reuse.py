@@ -118,6 +118,15 @@ def test_refill_keeps_what_trained_adds_the_new_and_drops_the_lowest_priced_over
     assert [t.traj_id for t in buffer.trajectories] == ["o0", "n0", "n3"] and buffer.uses == [2, 1, 1]
     assert counts == {"kept": 1, "dropped": 1, "added": 3, "dropped_capacity": 1}
     assert buffer.columns().reward.tolist() == [0.0, 0.0, 1.0]  # the columns follow the refill
+    # given the step's columns, the refill takes the buffer's from the offer's and the step's rows: the same columns
+    taken = ReuseBuffer(3, list(old), [1, 2])
+    taken.refill(offered, new, _prices(["trained", "trained", "dropped_price", "trained"], [0.5, 0.1, -0.3, 0.3]),
+                 TrajectoryColumns.of(new))
+    read = TrajectoryColumns.of(taken.trajectories)
+    assert taken.trajectories == buffer.trajectories and taken.columns() is not None
+    for name in ("reward", "group", "tokens_rollout", "tokens_policy", "behavior_version"):
+        assert getattr(taken.columns(), name).tolist() == getattr(read, name).tolist()
+    assert taken.columns().group_ids == read.group_ids == ["o", "n"]
 
 
 def test_the_buffer_survives_a_checkpoint_and_a_resume_may_shrink_it():
