@@ -1,15 +1,15 @@
 """Compiled kernels for the budget's hot loops (numba, the optional `fast` extra; `dev` includes it).
 
 `greedy()` is budget/pricing.py's allocate_greedy compiled: the same arithmetic on the same float64 values in the same
-order (numba compiles without fast-math: nothing is reassociated or fused), the same tie-breaks and the same heap
-pop order, so the allocation is the same bit for bit (tests/unit/test_budget_pricing.py checks both against a plain
+order (numba compiles without fast-math: nothing is reassociated or fused), the same tie-breaks and the same heap pop
+order, so the allocation is the same bit for bit (tests/unit/test_budget_pricing.py checks both against a plain
 reference, and against each other on tables with NaNs). It runs the whole allocation, its set-up included: at 128
 candidates the Python loop costs ~115 µs a call, half of it numpy's per-call overhead on (128, 17) arrays, the kernel
 ~20 µs; `posterior_tables()` likewise compiles group_economics' planner tables at the posterior's expectation (~110 µs
-of numpy calls, ~10 µs). Each is compiled on first use in each process (~2 s together) and not cached on disk: in
-development numba's cache once served a kernel compiled from an earlier version of this file, which would change
-results without a trace. None without numba, or with MARGINAL_RL_KERNELS=0: the callers then run their numpy/Python code (the plain functions below
-stay importable either way, uncompiled).
+of numpy calls, ~10 µs). Both are compiled once per process, when a `marginal` Budget is built (warm; ~2 s), and not cached on disk: in
+development numba's cache once served a kernel compiled from an earlier version of this file, which would change results
+without a trace. None without numba, or with MARGINAL_RL_KERNELS=0: the callers then run their numpy/Python code (the
+plain functions below stay importable either way, uncompiled).
 """
 
 from __future__ import annotations

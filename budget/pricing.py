@@ -101,8 +101,10 @@ def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, 
     `posterior` = (α, β): their expectations over p ~ Beta(α, β) instead (p unread), exact because G is linear in
     4p(1 − p) and T, C in P_inf(n)."""
     n = np.asarray(n, dtype=float)
-    if posterior is not None and n.ndim == 2 and n.shape[0] == 1 and (kernel := kernels.posterior_tables()) is not None \
-            and np.array_equal(n[0], np.arange(n.shape[1])):  # the planner's tables: compiled, the same bit for bit
+    # the planner's tables (every size 0..K − 1 in a row), compiled when numba is installed: the same bit for bit
+    planner_row = n.ndim == 2 and n.shape[0] == 1 and np.array_equal(n[0], np.arange(n.shape[1]))
+    kernel = kernels.posterior_tables() if posterior is not None and planner_row else None
+    if kernel is not None:
         alpha, beta = (kernels.plain(x) for x in posterior)
         lengths = (kernels.plain(np.broadcast_to(np.asarray(x, dtype=float).reshape(-1), alpha.shape))
                    for x in (tok_rollout, tok_verify, tok_update))

@@ -86,31 +86,23 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     evidence = alpha + beta - cfg.prior_alpha - cfg.prior_beta
     arrays = PromptArrays(alpha, beta, tr, tv, tu, streak, evidence, seen * factor)
     if pool_strength > 0:
-        arrays = pooled(cfg, state, arrays, family_rows(state, candidates) if families is None else families,
-                        pool_strength)
+        arrays = pool_prior(cfg, state, arrays, family_rows(state, candidates) if families is None else families,
+                            pool_strength)
     return arrays
 
 
-def pooled(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, families: FamilyRows,
-           m: float, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> PromptArrays:
-    """`arrays` (their own evidence on the global prior, as prompt_arrays gives them with pool_strength 0) with
-    each prompt's prior replaced by its family's (pool_prior; `groups`: its family_counts from state.families, when
-    the caller has them)."""
-    alpha, beta = pool_prior(cfg, state, families, arrays.alpha, arrays.beta, m, groups)
-    return arrays._replace(alpha=alpha, beta=beta)
-
-
-def pool_prior(cfg: BudgetConfig, state: BudgetState, families: FamilyRows, alpha: np.ndarray,
-               beta: np.ndarray, m: float, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Replace each candidate's prior Beta(prior_alpha, prior_beta) by its family's, Beta(m·μ, m·(1 − μ)), keeping
-    its own (faded) evidence. μ is the family's pass rate from the evidence of its other prompts (leave-one-out:
+def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, families: FamilyRows, m: float,
+               groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> PromptArrays:
+    """`arrays` (each prompt's own evidence on the global prior, as prompt_arrays gives them with pool_strength 0)
+    with each candidate's prior Beta(prior_alpha, prior_beta) replaced by its family's, Beta(m·μ, m·(1 − μ)),
+    keeping its own (faded) evidence. μ is the family's pass rate from the evidence of its other prompts (leave-one-out:
     the family's faded counts minus this prompt's own), shrunk to the global prior:
     μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
     global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried.
     With budget.pool_probes the family's counts include its likelihood probes' (state.family_probes); a prompt's own
     evidence includes its probe, so leave-one-out takes that out too. `families`: the candidates' family_rows;
     `groups`: their family_counts from state.families, when the caller has them."""
+    alpha, beta = arrays.alpha, arrays.beta
     own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
     pooled, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
     if getattr(cfg, "pool_probes", False):
@@ -118,7 +110,8 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, families: FamilyRows, alph
         pooled, fam_s, fam_f = pooled | probed, fam_s + probe_s, fam_f + probe_f
     others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
-    return (np.where(pooled, m * mu + own_s, alpha), np.where(pooled, m * (1 - mu) + own_f, beta))
+    return arrays._replace(alpha=np.where(pooled, m * mu + own_s, alpha),
+                           beta=np.where(pooled, m * (1 - mu) + own_f, beta))
 
 
 class FamilyRows(NamedTuple):

@@ -44,7 +44,7 @@ from marginal_rl.budget.policies.base import (
     family_weight,
     group_tables,
     make_plan,
-    pooled,
+    pool_prior,
     prompt_arrays,
     smallest_group,
 )
@@ -325,7 +325,7 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     own = prompt_arrays(cfg, state, candidates)  # each prompt's own evidence, on the global prior
 
     def pool(own: PromptArrays) -> PromptArrays:
-        return pooled(cfg, state, own, families, cfg.pool_strength, groups) if cfg.pool_strength > 0 else own
+        return pool_prior(cfg, state, own, families, cfg.pool_strength, groups) if cfg.pool_strength > 0 else own
 
     arrays = pool(own)
     samples, plan = allocate_marginal(cfg, state, candidates, rng, limits, arrays, weight)
