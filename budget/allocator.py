@@ -112,11 +112,11 @@ class Budget:
         and the step's limits are handed out again (policies.marginal.plan_top_up). Returns the plan with the groups'
         final sizes; the trainer samples the difference."""
         t0 = time.perf_counter()
-        index = {pid: i for i, pid in enumerate(plan.prompt_ids)}
+        index = dict(zip(plan.prompt_ids, range(len(plan)), strict=True))
         rows = np.array([index[pid] for pid in pilots.group_prompt_ids], dtype=np.int64)
-        count, total = np.zeros(len(plan)), np.zeros(len(plan))
-        np.add.at(count, rows, pilots.group_size)
-        np.add.at(total, rows, np.bincount(pilots.group, weights=pilots.reward, minlength=pilots.num_groups))
+        count = np.bincount(rows, weights=pilots.group_size, minlength=len(plan))
+        total = np.bincount(rows, weights=np.bincount(pilots.group, weights=pilots.reward, minlength=pilots.num_groups),
+                            minlength=len(plan))
         flat = np.zeros(len(plan), dtype=bool)
         flat[rows] = pilots.group_flat
         limits = self.limits

@@ -143,6 +143,140 @@ def _posterior_tables(alpha: np.ndarray, beta: np.ndarray, tok_rollout: np.ndarr
     return informative, gain, cost, tokens
 
 
+def _max(a: float, b: float) -> float:
+    """np.maximum of two floats: NaN if either is."""
+    return a if a >= b or a != a else b
+
+
+def _min(a: float, b: float) -> float:
+    """np.minimum of two floats: NaN if either is."""
+    return a if a <= b or a != a else b
+
+
+def _groups(group: np.ndarray) -> int:
+    """int(group.max()) + 1, 0 for no rows."""
+    out = 0
+    for g in group:
+        out = max(out, g + 1)
+    return out
+
+
+def _prices(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, dep: np.ndarray,
+            stale: bool, value: float, n0: float, kappa_update: float, risk_aversion: float, risk_k: float,
+            eps: float):
+    """pricing.price_arrays on (N,) float64 rewards and update tokens and int64 dense groups; `dep` (N,): the
+    depreciation D, computed by the caller (numpy's exp), read only when `stale`. Each group's sums run over its
+    members in index order, as np.bincount's. Returns (advantage, gain, cost, risk, risk_variance, risk_staleness,
+    depreciation, price, gain_fresh, zero_var)."""
+    num, num_groups = rewards.shape[0], _groups(group)
+    count, mean, var, mass = np.zeros(num_groups), np.zeros(num_groups), np.zeros(num_groups), np.zeros(num_groups)
+    for i in range(num):
+        count[group[i]] += 1.0
+        mean[group[i]] += rewards[i]
+    for g in range(num_groups):
+        mean[g] = mean[g] / _max(count[g], 1.0)
+    dev = np.empty(num)
+    for i in range(num):
+        dev[i] = rewards[i] - mean[group[i]]
+        var[group[i]] += dev[i] * dev[i]
+    std = np.empty(num_groups)
+    for g in range(num_groups):
+        var[g] = var[g] / _max(count[g], 1.0)
+        std[g] = math.sqrt(var[g])
+    adv, abs_adv, zero_var = np.empty(num), np.empty(num), np.empty(num, dtype=np.bool_)
+    for i in range(num):
+        g = group[i]
+        zero_var[i] = std[g] <= eps
+        adv[i] = 0.0 if zero_var[i] else dev[i] / _max(std[g], eps)
+        abs_adv[i] = abs(adv[i])
+        mass[g] += abs_adv[i]
+    gain, cost, risk, risk_variance, risk_staleness, depreciation, price, gain0 = (
+        np.empty(num), np.empty(num), np.empty(num), np.empty(num), np.empty(num), np.empty(num), np.empty(num),
+        np.empty(num))
+    for i in range(num):
+        g = group[i]
+        group_gain = value * 4.0 * var[g] * count[g] / (count[g] + n0)
+        gain0[i] = 0.0 if zero_var[i] else group_gain * (abs_adv[i] / _max(mass[g], eps))
+        rel_err = _min(1.0, 1.0 / _max(math.sqrt(count[g]) * abs_adv[i], eps))
+        at_risk = risk_aversion * risk_k * gain0[i]
+        risk_variance[i] = at_risk * rel_err
+        if stale:
+            depreciation[i], risk_staleness[i], gain[i] = dep[i], at_risk * (1.0 - dep[i]), gain0[i] * dep[i]
+        else:
+            depreciation[i], risk_staleness[i], gain[i] = 1.0, 0.0, gain0[i]
+        cost[i] = kappa_update * tokens_update[i]
+        risk[i] = risk_variance[i] + risk_staleness[i]
+        price[i] = gain[i] - cost[i] - risk[i]
+    return adv, gain, cost, risk, risk_variance, risk_staleness, depreciation, price, gain0, zero_var
+
+
+def _marginal_fates(price: np.ndarray, gain_fresh: np.ndarray, cost: np.ndarray, risk_variance: np.ndarray,
+                    rewards: np.ndarray, group: np.ndarray, zero_var: np.ndarray, eps: float, trained: int,
+                    zero_signal: int, dropped_price: int, dropped_stale: int) -> np.ndarray:
+    """policies.marginal.fates_marginal, with pricing.consistent_admission's group statistics over the admitted
+    members in index order (the fate codes passed in: records.FATES)."""
+    num, num_groups = price.shape[0], _groups(group)
+    count, mean, var = np.zeros(num_groups), np.zeros(num_groups), np.zeros(num_groups)
+    for i in range(num):
+        if price[i] > 0:
+            count[group[i]] += 1.0
+            mean[group[i]] += rewards[i]
+    for g in range(num_groups):
+        mean[g] = mean[g] / _max(count[g], 1.0)
+    for i in range(num):
+        if price[i] > 0:
+            d = rewards[i] - mean[group[i]]
+            var[group[i]] += d * d
+    fates = np.empty(num, dtype=np.int8)
+    for i in range(num):
+        g = group[i]
+        if zero_var[i]:
+            fates[i] = zero_signal
+        elif price[i] > 0 and count[g] >= 2 and var[g] / _max(count[g], 1.0) > eps * eps:
+            fates[i] = trained
+        elif price[i] > 0 or not gain_fresh[i] - cost[i] - risk_variance[i] > 0:
+            fates[i] = dropped_price
+        else:
+            fates[i] = dropped_stale
+    return fates
+
+
+def _pilot_tables(alpha: np.ndarray, beta: np.ndarray, k: np.ndarray, s: np.ndarray, flat: np.ndarray, width: int,
+                  tok_rollout: np.ndarray, tok_verify: np.ndarray, tok_update: np.ndarray, value: float, n0: float,
+                  kappa_rollout: float, kappa_verify: float, kappa_update: float, kappa_scale: float):
+    """pricing.pilot_group_economics at the posterior (not `exact`) on m = 0..width − 1: the (P, width) tables P_inf,
+    G, C, T, each cell's arithmetic in numpy's order (E[p^m] as beta_power_mean's running product)."""
+    num = alpha.shape[0]
+    informative, gain, cost, tokens = (np.empty((num, width)), np.empty((num, width)), np.empty((num, width)),
+                                       np.empty((num, width)))
+    for c in range(num):
+        a, b, kc, sc = alpha[c], beta[c], k[c], s[c]
+        conc, mu = a + b, a / (a + b)
+        stays_pass, stays_fail = 1.0, 1.0  # E[p^m] and E[(1 − p)^m]
+        first = 0.0  # P_inf at m = 0
+        for n in range(width):
+            if n > 0:
+                j = float(n - 1)
+                stays_pass, stays_fail = stays_pass * ((a + j) / (a + b + j)), stays_fail * ((b + j) / (b + a + j))
+            m = float(n)
+            widen = (conc + m) / (conc + 1.0)
+            mm = m * mu
+            x2 = m * mu * (1.0 - mu) * widen + mm * mm  # E[X²]
+            size = kc + m
+            spread = 4.0 * ((sc + m * mu) / size - (sc * sc + 2.0 * sc * m * mu + x2) / (size * size))
+            gain[c, n] = value * spread * size / (size + n0) if size >= 2 else 0.0
+            p_inf = (1.0 - (stays_pass if sc >= kc / 2 else stays_fail)) if flat[c] else 1.0
+            p_inf = p_inf if size >= 2 else 0.0
+            if n == 0:
+                first = p_inf
+            update = (p_inf * size - first * kc) * tok_update[c]
+            tr, tv = m * tok_rollout[c], m * tok_verify[c]
+            informative[c, n] = p_inf
+            cost[c, n] = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * update)
+            tokens[c, n] = tr + tv + update
+    return informative, gain, cost, tokens
+
+
 def _numba():
     """numba, imported on first use (~0.5 s); None when it is not installed (the `fast` extra) or when
     MARGINAL_RL_KERNELS=0 asks for the numpy/Python code."""
@@ -156,36 +290,59 @@ def _numba():
 
 
 @functools.cache
-def posterior_tables() -> Callable | None:
-    """The compiled _posterior_tables, or None (_numba)."""
-    numba = _numba()
-    return None if numba is None else numba.njit(_posterior_tables)
-
-
-@functools.cache
-def greedy() -> Callable | None:
-    """The compiled _greedy, or None (_numba)."""
-    global _min_nan, _fewest
+def _compiled() -> dict[str, Callable] | None:
+    """Every kernel, compiled on its first call, by name; None (_numba)."""
+    global _min_nan, _fewest, _max, _min, _groups
     numba = _numba()
     if numba is None:
         return None
-    _min_nan, _fewest = numba.njit(_min_nan), numba.njit(_fewest)  # what _greedy calls
-    return numba.njit(_greedy)
+    _min_nan, _fewest, _max, _min, _groups = (numba.njit(f) for f in (_min_nan, _fewest, _max, _min, _groups))
+    return {f.__name__.lstrip("_"): numba.njit(f) for f in (_greedy, _posterior_tables, _prices, _marginal_fates,
+                                                           _pilot_tables)}
 
 
-def plain(x) -> np.ndarray:
-    """x as a C-contiguous, writable float64 array (a copy only when it is not one): the one array type the kernels
-    are compiled for (a read-only or strided view would compile them again, ~2 s, in the middle of a step)."""
-    return np.require(x, dtype=np.float64, requirements=["C", "W"])
+def _kernel(name: str) -> Callable | None:
+    kernels = _compiled()
+    return None if kernels is None else kernels[name]
+
+
+def greedy() -> Callable | None:
+    """The compiled _greedy, or None (_numba); likewise each accessor below."""
+    return _kernel("greedy")
+
+
+def posterior_tables() -> Callable | None:
+    return _kernel("posterior_tables")
+
+
+def prices() -> Callable | None:
+    return _kernel("prices")
+
+
+def marginal_fates() -> Callable | None:
+    return _kernel("marginal_fates")
+
+
+def pilot_tables() -> Callable | None:
+    return _kernel("pilot_tables")
+
+
+def plain(x, dtype: type = np.float64) -> np.ndarray:
+    """x as a C-contiguous, writable array of `dtype` (a copy only when it is not one): the one array type the
+    kernels are compiled for (a read-only or strided view would compile them again, ~2 s, in the middle of a step)."""
+    if type(x) is np.ndarray and x.dtype == dtype and x.flags.c_contiguous and x.flags.writeable:
+        return x
+    return np.require(x, dtype=dtype, requirements=["C", "W"])
 
 
 def warm() -> None:
-    """Compile both kernels now (on tiny tables of the planner's types), so that their ~2 s of compiling is the run's
+    """Compile every kernel now (on tiny inputs of the callers' types), so that their ~3 s of compiling is the run's
     start-up, not its first step's budget time; nothing without numba."""
-    tables, allocate = posterior_tables(), greedy()
-    if tables is None or allocate is None:
+    if _compiled() is None:
         return
-    one = np.ones(1)
-    tables(one, one, one, one, one, 3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-    allocate(np.ones((1, 3)), np.zeros((1, 3)), np.arange(3.0)[None, :], 2, 2, 1.0, 1.0, True)
-
+    one, row, group = np.ones(1), np.ones((1, 3)), np.zeros(1, dtype=np.int64)
+    greedy()(row, np.zeros((1, 3)), np.arange(3.0)[None, :], 2, 2, 1.0, 1.0, True)
+    posterior_tables()(one, one, one, one, one, 3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    pilot_tables()(one, one, one, one, np.ones(1, dtype=np.bool_), 3, one, one, one, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    *_, zero_var = prices()(one, group, one, one, True, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-6)
+    marginal_fates()(one, one, one, one, one, group, zero_var, 1e-6, 0, 1, 2, 3)

@@ -1,6 +1,6 @@
 """The price formulas, as pure vectorised numpy functions: arrays in, arrays out, no state, no objects. (The greedy
-allocator and the planner's posterior tables run as budget/kernels.py's numba kernels when numba is installed: the
-same numbers, bit for bit.)
+allocator, the planner's and the pilot's posterior tables and the trajectory prices run as budget/kernels.py's numba
+kernels when numba is installed: the same numbers, bit for bit.)
 
     price_i = V·ΔQ_i − ΔC_i − ρ·ΔR_i                                   (seed paper, arXiv 2605.01214)
 
@@ -47,6 +47,8 @@ from typing import NamedTuple
 import numpy as np
 
 from marginal_rl.budget import kernels
+
+EPS = 1e-6  # a standard deviation (or a sum of |advantages|) at or below this is zero
 
 
 def informative_prob(p: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
@@ -101,15 +103,6 @@ def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, 
     `posterior` = (α, β): their expectations over p ~ Beta(α, β) instead (p unread), exact because G is linear in
     4p(1 − p) and T, C in P_inf(n)."""
     n = np.asarray(n, dtype=float)
-    # the planner's tables (every size 0..K − 1 in a row), compiled when numba is installed: the same bit for bit
-    planner_row = n.ndim == 2 and n.shape[0] == 1 and np.array_equal(n[0], np.arange(n.shape[1]))
-    kernel = kernels.posterior_tables() if posterior is not None and planner_row else None
-    if kernel is not None:
-        alpha, beta = (kernels.plain(x) for x in posterior)
-        lengths = (kernels.plain(np.broadcast_to(np.asarray(x, dtype=float).reshape(-1), alpha.shape))
-                   for x in (tok_rollout, tok_verify, tok_update))
-        return kernel(alpha, beta, *lengths, n.shape[1], float(value), float(n0), float(kappa_rollout),
-                      float(kappa_verify), float(kappa_update), float(kappa_scale))
     if posterior is None:
         informative, gain = informative_prob(p, n), expected_group_gain(p, n, value, n0)
     else:
@@ -121,17 +114,24 @@ def group_economics(p, n, tok_rollout, tok_verify, tok_update, *, value: float, 
     return informative, gain, cost, tr + tv + tu
 
 
-def pilot_group_economics(alpha, beta, k, s, flat, n, tok_rollout, tok_verify, tok_update, *, value: float,
+def pilot_group_economics(alpha, beta, k, s, flat, width: int, tok_rollout, tok_verify, tok_update, *, value: float,
                           n0: float, kappa_rollout: float, kappa_verify: float, kappa_update: float,
                           kappa_scale: float = 1.0, exact: bool = False):
-    """P piloted groups grown by m more samples, m the (1, M) row `n` (module docstring, "With a pilot"): (P, M)
+    """P piloted groups grown by m = 0..width − 1 more samples (module docstring, "With a pilot"): (P, width)
     tables of P_inf and G of the whole group of k + m, and C and T of the m more samples (the pilot's rollout is
     sunk; the group's update tokens count once it is informative, less the pilot's own where it already is; m = 0:
     C = T = 0). alpha, beta: the posterior after the pilot (with `exact`, p is its mean); k ≥ 1, s: the pilot's
-    samples and reward sum; flat: its rewards are all equal; token lengths per sample by use; (P,) each."""
+    samples and reward sum; flat: its rewards are all equal; token lengths per sample by use; (P,) each. At the
+    posterior (not `exact`) compiled when numba is installed (kernels.pilot_tables): the same bit for bit."""
+    kernel = kernels.pilot_tables() if not exact else None
+    if kernel is not None:
+        plain = kernels.plain
+        return kernel(plain(alpha), plain(beta), plain(k), plain(s), plain(flat, np.bool_), int(width),
+                      plain(tok_rollout), plain(tok_verify), plain(tok_update), float(value), float(n0),
+                      float(kappa_rollout), float(kappa_verify), float(kappa_update), float(kappa_scale))
     alpha, beta = np.asarray(alpha, dtype=float)[:, None], np.asarray(beta, dtype=float)[:, None]
     k, s = np.asarray(k, dtype=float)[:, None], np.asarray(s, dtype=float)[:, None]
-    m = np.asarray(n, dtype=float)
+    m = np.arange(width, dtype=float)[None, :]
     conc, mu = alpha + beta, alpha / (alpha + beta)
     widen = 1.0 if exact else (conc + m) / (conc + 1.0)
     x2 = m * mu * (1.0 - mu) * widen + (m * mu) ** 2  # E[X²]
@@ -141,7 +141,7 @@ def pilot_group_economics(alpha, beta, k, s, flat, n, tok_rollout, tok_verify, t
     if exact:
         stays_pass, stays_fail = mu**m, (1.0 - mu) ** m
     else:
-        ms = np.asarray(n, dtype=np.int64)
+        ms = np.arange(width)[None, :]
         a, b = alpha[:, 0], beta[:, 0]
         powers = beta_power_mean(np.concatenate([a, b]), np.concatenate([b, a]), ms)  # both in one pass
         stays_pass, stays_fail = powers[:len(a)], powers[len(a):]
@@ -202,11 +202,18 @@ class PriceComponents(NamedTuple):
 
 def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, staleness: np.ndarray, *,
                  value: float, n0: float, kappa_update: float, drift: float, drift_scale: float,
-                 risk_aversion: float, risk_k: float, eps: float = 1e-6) -> PriceComponents:
+                 risk_aversion: float, risk_k: float, eps: float = EPS) -> PriceComponents:
     """Price N trajectories at once (all arrays (N,))."""
     rewards = np.asarray(rewards, dtype=float)
     group = np.asarray(group, dtype=np.int64)
     staleness = np.asarray(staleness)
+    kernel = kernels.prices()
+    if kernel is not None:  # the same arithmetic compiled (budget/kernels.py), bit for bit
+        stale, rewards = np.count_nonzero(staleness) > 0, kernels.plain(rewards)
+        dep = kernels.plain(depreciation(staleness, drift, drift_scale)) if stale else rewards  # unread if fresh
+        return PriceComponents(*kernel(rewards, kernels.plain(group, np.int64), kernels.plain(tokens_update), dep,
+                                       stale, float(value), float(n0), float(kappa_update), float(risk_aversion),
+                                       float(risk_k), float(eps)))
     num_groups = int(group.max()) + 1 if group.size else 0
     count, _, var, dev = group_stats(rewards, group, num_groups)
     std = np.sqrt(var)
@@ -233,7 +240,7 @@ def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarr
                            zero_var=zero_var)
 
 
-def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def consistent_admission(admit: np.ndarray, rewards: np.ndarray, group: np.ndarray, eps: float = EPS) -> np.ndarray:
     """Drop the admitted members of any group whose admitted subset has fewer than 2 members or equal rewards: the
     trainer recomputes advantages over admitted members, so such a subset would carry no signal."""
     if not admit.any():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -155,10 +156,12 @@ class TrajectoryPrices(_Columnar):
     def fates(self) -> list[str]:
         return _FATE_NAMES[self.fate_code].tolist()
 
-    @property
+    @cached_property
     def trained(self) -> np.ndarray:
-        """(N,) bool: trained on."""
-        return self.fate_code == TRAINED
+        """(N,) bool, read-only: trained on."""
+        trained = self.fate_code == TRAINED
+        trained.flags.writeable = False
+        return trained
 
     @classmethod
     def of(cls, decisions: Sequence[TrajectoryDecision]) -> TrajectoryPrices:

@@ -17,6 +17,7 @@ Pure: Trajectory records and numbers in and out, no torch. The buffer is part of
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -38,7 +39,11 @@ class Reuse:
 
     def tokens(self, num_iterations: int) -> float:
         """Update tokens of the reused trajectories trained on this step (their rollout tokens are sunk)."""
-        return float((self.columns.tokens_rollout * self.prices.trained).sum() * num_iterations)
+        return float(self._trained_rollout_tokens * num_iterations)
+
+    @cached_property
+    def _trained_rollout_tokens(self) -> int:  # the plan, the top-up and the settle each ask for it
+        return int((self.columns.tokens_rollout * self.prices.trained).sum())
 
 
 @dataclass
@@ -68,8 +73,8 @@ class ReuseBuffer:
         `fresh_columns` (`fresh` as columns) the buffer's columns are taken from the offer's and the step's rows
         instead of being read again from its records."""
         empty = np.zeros(0, dtype=np.int64)
-        again = np.flatnonzero(offered.prices.trained) if offered is not None else empty
-        new = np.flatnonzero(fresh_prices.trained)
+        again = offered.prices.trained.nonzero()[0] if offered is not None else empty
+        new = fresh_prices.trained.nonzero()[0]
         kept = [offered.trajectories[i] for i in again.tolist()] if offered is not None else []
         trajectories = kept + [fresh[i] for i in new.tolist()]
         uses = np.concatenate([offered.uses[again] + 1 if offered is not None else empty, np.ones(len(new), np.int64)])
@@ -104,6 +109,6 @@ def reuse_metrics(reuse: Reuse | None, moved: dict[str, int], size: int, tokens:
     staleness = reuse.prices.staleness[trained] if reuse is not None else np.zeros(0)
     return {"budget/reuse_offered": float(len(trained)), "budget/reuse_trained": float(trained.sum()),
             "budget/reuse_tokens": float(tokens),
-            "budget/reuse_staleness": float(staleness.mean()) if len(staleness) else 0.0,
+            "budget/reuse_staleness": float(staleness.sum()) / len(staleness) if len(staleness) else 0.0,
             "budget/reuse_buffer": float(size), "budget/reuse_drift": float(drift),
             **{f"budget/reuse_{k}": float(v) for k, v in moved.items() if k != "kept"}}

@@ -19,6 +19,8 @@ from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.pricing import fade_posterior
 from marginal_rl.rollout.types import TrajectoryColumns
 
+_INT64_MIN = int(np.iinfo(np.int64).min)  # (np.iinfo is slow to build: a step's budget reads it once)
+
 
 @dataclass(slots=True)
 class PromptStats:
@@ -158,7 +160,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
     length_sum = np.bincount(group, weights=lengths, minlength=num_groups)
     verify_mean = np.bincount(group, weights=cols.tokens_verify, minlength=num_groups) / count
     successes = np.bincount(group, weights=np.clip(cols.reward, 0.0, 1.0), minlength=num_groups)
-    versions = np.full(num_groups, np.iinfo(np.int64).min)
+    versions = np.full(num_groups, _INT64_MIN)
     np.maximum.at(versions, group, cols.behavior_version)
     per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),
                     (length_sum / count - verify_mean).tolist(), verify_mean.tolist(),

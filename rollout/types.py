@@ -113,9 +113,8 @@ class TrajectoryColumns:
         groups = []
         for cols, rows in parts:
             local = cols.group[rows]
-            seen, first = np.unique(local, return_index=True)
             lookup = np.zeros(max(cols.num_groups, 1), dtype=np.int64)
-            for g in seen[np.argsort(first)].tolist():  # the part's groups in first-seen order
+            for g in dict.fromkeys(local.tolist()):  # the part's groups in first-seen order
                 gid = cols.group_ids[g]
                 if gid not in ids:
                     ids[gid] = len(ids)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from marginal_rl.budget import kernels
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.pricing import (
     PriceComponents,
@@ -79,7 +80,8 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     # an unseen prompt reads as the prior, gathered at the current version (so nothing fades), with the average lengths
     unseen = (cfg.prior_alpha, cfg.prior_beta, state.version, 0, *unseen_lengths(cfg, state), 0.0)
     rows = [unseen if s is None else _STATS(s) for s in map(state.prompts.get, candidates)]
-    table = np.fromiter(chain.from_iterable(rows), dtype=float, count=8 * num).reshape(num, 8).T  # (8, P): a row each
+    # (8, P), a contiguous row each (what the kernels read without a copy)
+    table = np.ascontiguousarray(np.fromiter(chain.from_iterable(rows), dtype=float, count=8 * num).reshape(num, 8).T)
     alpha, beta, version, streak, tr, tv, tu, seen = table
     factor = np.exp(-current_drift(cfg, state) * np.maximum(state.version - version, 0) / cfg.drift_scale)
     alpha, beta = fade_posterior(alpha, beta, cfg.prior_alpha, cfg.prior_beta, factor)
@@ -157,15 +159,23 @@ def family_weight(cfg: BudgetConfig, state: BudgetState, candidates: FamilyRows 
 
 
 def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: PromptArrays,
-                 n: np.ndarray, expected: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 n: np.ndarray | int, expected: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """P_inf(n), expected gain G(n), cost C(n) and tokens T(n) of groups of n samples, for pass rates p (P,), or with
-    `expected`, their expectations over each prompt's posterior (arrays.alpha, arrays.beta; p unread): (P, K) tables
-    when n is a (1, K) row (n = 0..K − 1), (P,) values when n is (P,)."""
+    `expected`, their expectations over each prompt's posterior (arrays.alpha, arrays.beta; p unread): the planner's
+    (P, n) tables of every size 0..n − 1 when n is an int (at the posterior's expectation compiled when numba is
+    installed, kernels.posterior_tables: the same bit for bit), (P,) values when n is (P,)."""
     lengths = arrays.tok_rollout, arrays.tok_verify, arrays.tok_update
-    if n.ndim == 2:
-        p, lengths = p[:, None], tuple(x[:, None] for x in lengths)
-    return group_economics(p, n, *lengths, value=cfg.value, n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout,
-                           kappa_verify=cfg.kappa_verify, kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale,
+    prices = (cfg.value, cfg.gain_half_samples, cfg.kappa_rollout, cfg.kappa_verify, cfg.kappa_update,
+              state.kappa_scale)
+    if isinstance(n, int):
+        kernel = kernels.posterior_tables() if expected else None
+        if kernel is not None:
+            return kernel(*(kernels.plain(x) for x in (arrays.alpha, arrays.beta, *lengths)), n,
+                          *(float(x) for x in prices))
+        p, n, lengths = p[:, None], np.arange(n)[None, :], tuple(x[:, None] for x in lengths)
+    value, n0, kappa_rollout, kappa_verify, kappa_update, kappa_scale = prices
+    return group_economics(p, n, *lengths, value=value, n0=n0, kappa_rollout=kappa_rollout, kappa_verify=kappa_verify,
+                           kappa_update=kappa_update, kappa_scale=kappa_scale,
                            posterior=(arrays.alpha, arrays.beta) if expected else None)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from marginal_rl.budget import kernels
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.policies.base import (
     Policy,
@@ -49,6 +50,7 @@ from marginal_rl.budget.policies.base import (
     smallest_group,
 )
 from marginal_rl.budget.pricing import (
+    EPS,
     PriceComponents,
     allocate_greedy,
     consistent_admission,
@@ -268,8 +270,7 @@ def allocate_marginal(cfg: MarginalConfig, state: BudgetState, candidates: Seque
     p_mean = arrays.mean
     p = rng.beta(arrays.alpha, arrays.beta) if cfg.posterior == "thompson" and len(candidates) else p_mean
     max_n = limits.max_group_size
-    informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, np.arange(max_n + 1)[None, :],
-                                                   expected=cfg.posterior == "expected")
+    informative, gain, cost, tokens = group_tables(cfg, state, p, arrays, max_n + 1, expected=cfg.posterior == "expected")
     if cfg.family_half_samples > 0:  # the same weight for every group size: it scales G(n), not its shape in n
         if weight is None:
             weight = family_weight(cfg, state, candidates, cfg.family_half_samples)
@@ -333,7 +334,7 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
                 else np.ones(len(candidates), bool))  # which candidates may be probed, once a step
     probed, spent, probe_s = np.zeros(len(candidates), dtype=bool), 0, 0.0
     for _ in range(cfg.probe_rounds):
-        ask = np.flatnonzero((samples > 0) & eligible & ~probed)
+        ask = ((samples > 0) & eligible & ~probed).nonzero()[0]
         if not len(ask):
             break
         ids = [candidates[i] for i in ask]
@@ -364,13 +365,16 @@ def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot
     pilots' own samples, are handed out again, one sample at a time to the highest price per token. Returns the plan
     with the groups' final sizes (`pilot` recorded), priced at them; candidates without a pilot are left as they
     were."""
-    rows = np.flatnonzero(pilot > 0)
+    rows = (pilot > 0).nonzero()[0]
     samples = np.asarray(plan.samples).copy()
     if not len(rows):
         return dataclasses.replace(plan, pilot=np.asarray(pilot, dtype=np.int64))
     ids = [plan.prompt_ids[i] for i in rows]
     families = family_rows(state, ids) if cfg.pool_strength > 0 or cfg.family_half_samples > 0 else None
-    arrays = prompt_arrays(cfg, state, ids, cfg.pool_strength, families)
+    groups = family_counts(cfg, state, families) if families is not None else None  # read once, for both below
+    arrays = prompt_arrays(cfg, state, ids)
+    if cfg.pool_strength > 0:
+        arrays = pool_prior(cfg, state, arrays, families, cfg.pool_strength, groups)
     k, s = pilot[rows].astype(float), reward_sum[rows].astype(float)
     alpha, beta = arrays.alpha + s, arrays.beta + k - s
     if cfg.posterior == "thompson":
@@ -379,12 +383,12 @@ def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot
     exact = cfg.posterior != "expected"
     extra = np.arange(limits.max_group_size)[None, :]  # m = 0..max_n − 1 more samples (a pilot has at least one)
     informative, gain, cost, tokens = pilot_group_economics(
-        alpha, beta, k, s, flat[rows], extra, arrays.tok_rollout, arrays.tok_verify, arrays.tok_update,
+        alpha, beta, k, s, flat[rows], limits.max_group_size, arrays.tok_rollout, arrays.tok_verify, arrays.tok_update,
         value=cfg.value, n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout, kappa_verify=cfg.kappa_verify,
         kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale, exact=exact)
     weight = np.ones(len(rows))
     if cfg.family_half_samples > 0:
-        weight = weight * family_weight(cfg, state, families, cfg.family_half_samples)
+        weight = weight * family_weight(cfg, state, families, cfg.family_half_samples, groups)
     if cfg.prompt_half_samples > 0:
         weight = weight * cfg.prompt_half_samples / (cfg.prompt_half_samples + arrays.seen)
     gain = gain * weight[:, None]
@@ -427,6 +431,15 @@ def clearing_scale(planned: Callable[[float], float], budget: float, lo: float, 
 
 
 def fates_marginal(cfg: MarginalConfig, arrays: TrajectoryArrays, comp: PriceComponents) -> np.ndarray:
+    """Trained when the price is positive and the group's admitted members still differ (consistent_admission);
+    else dropped for the price, or for staleness when the price before depreciation was positive; a zero-variance
+    group's are zero_signal. Compiled when numba is installed (kernels.marginal_fates): the same fates."""
+    kernel = kernels.marginal_fates()
+    if kernel is not None:
+        plain = kernels.plain
+        return kernel(plain(comp.price), plain(comp.gain_fresh), plain(comp.cost), plain(comp.risk_variance),
+                      plain(arrays.reward), plain(arrays.group, np.int64), plain(comp.zero_var, np.bool_), EPS,
+                      TRAINED, ZERO_SIGNAL, DROPPED_PRICE, DROPPED_STALE)
     fresh_price = comp.gain_fresh - comp.cost - comp.risk_variance
     admit = consistent_admission(comp.price > 0, arrays.reward, arrays.group)
     fates = np.where(fresh_price > 0, DROPPED_STALE, DROPPED_PRICE).astype(np.int8)

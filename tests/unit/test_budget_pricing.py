@@ -25,6 +25,7 @@ from marginal_rl.budget.pricing import (
     price_arrays,
     risk_factor,
 )
+from marginal_rl.budget.records import FATES
 
 
 def test_informative_prob():
@@ -357,21 +358,80 @@ def test_the_compiled_greedy_is_the_python_one_on_any_table():
             assert compiled.tolist() == python.tolist(), (trial, kw)
 
 
+def _same_bits(compiled, plain) -> None:
+    for a, b in zip(compiled, plain, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
 @NUMBA
-def test_the_compiled_posterior_tables_are_the_numpy_ones_bit_for_bit(monkeypatch):
+def test_the_compiled_posterior_tables_are_the_numpy_ones_bit_for_bit():
     rng = np.random.default_rng(2)
     n = np.arange(17)[None, :]
     kw = dict(value=1.5, n0=4.0, kappa_rollout=1e-3, kappa_verify=2e-3, kappa_update=3e-3, kappa_scale=0.7)
     alpha, beta = rng.uniform(0.05, 60, 200), rng.uniform(0.05, 60, 200)
     alpha[:3], beta[:3] = [1.0, 1e-9, 1e6], [1.0, 1e6, 1e-9]  # the flat prior and two all-but-certain posteriors
-    lengths = rng.uniform(5, 40, (200, 1)), rng.uniform(0, 5, (200, 1)), rng.uniform(5, 40, (200, 1))
-    for args in (lengths, (17.0, 3.0, 20.0)):  # per-prompt columns, and scalars
-        compiled = group_economics(None, n, *args, posterior=(alpha, beta), **kw)
+    lengths = rng.uniform(5, 40, 200), rng.uniform(0, 5, 200), rng.uniform(5, 40, 200)
+    compiled = kernels.posterior_tables()(alpha, beta, *lengths, 17, *kw.values())
+    _same_bits(compiled, group_economics(None, n, *(x[:, None] for x in lengths), posterior=(alpha, beta), **kw))
+
+
+def _groups(rng, sizes) -> np.ndarray:
+    """Dense group ids for groups of these sizes, their members interleaved (as a gathered step may have them)."""
+    return rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+
+
+@NUMBA
+def test_the_compiled_prices_and_fates_are_the_numpy_ones_bit_for_bit(monkeypatch):
+    from marginal_rl.budget.policies import base, marginal
+
+    rng = np.random.default_rng(3)
+    cfg, seen = marginal.MarginalConfig(risk_aversion=0.5), set()
+    for trial in range(200):
+        group = _groups(rng, rng.integers(1, 9, int(rng.integers(0, 20))))
+        num = len(group)
+        rewards = [(rng.random(num) < rng.random()).astype(float), np.round(rng.random(num), 1), rng.random(num)][trial % 3]
+        staleness = rng.integers(0, 4, num) * (trial % 3 == 0)  # fresh (D = 1 exactly) two trials in three
+        if trial % 7 == 6 and num:
+            rewards[rng.integers(num)] = np.nan  # a reward no reward function should give: the same NaNs
+        arrays = base.TrajectoryArrays(rewards, group, rng.integers(5, 60, num) * 1.0, staleness)
+        kw = dict(value=1.5, n0=8.0, kappa_update=float(rng.uniform(0, 0.02)), drift=float(rng.uniform(0, 0.5)),
+                  drift_scale=1.0, risk_aversion=float(rng.uniform(0, 2)), risk_k=1.3)
+        with np.errstate(invalid="ignore"):
+            compiled = price_arrays(*arrays, **kw)
+            fates = marginal.fates_marginal(cfg, arrays, compiled)
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "prices", lambda: None)
+                m.setattr(kernels, "marginal_fates", lambda: None)
+                plain = price_arrays(*arrays, **kw)
+                plain_fates = marginal.fates_marginal(cfg, arrays, plain)
+        for name, a, b in zip(plain._fields, compiled, plain, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (trial, name)
+            if not np.isnan(rewards).any():
+                assert a.tobytes() == b.tobytes(), (trial, name)
+        assert fates.dtype == plain_fates.dtype and fates.tolist() == plain_fates.tolist(), trial
+        seen.update(fates.tolist())
+    assert seen == set(range(len(FATES)))  # every fate came up
+
+
+@NUMBA
+def test_the_compiled_pilot_tables_are_the_numpy_ones_bit_for_bit(monkeypatch):
+    from marginal_rl.budget.pricing import pilot_group_economics
+
+    rng = np.random.default_rng(4)
+    num = 300
+    k = rng.integers(1, 5, num).astype(float)
+    s = np.where(rng.random(num) < 0.5, np.round(rng.random(num) * k), rng.choice([0.0, 1.0], num) * k)
+    alpha, beta = rng.uniform(0.05, 40, num) + s, rng.uniform(0.05, 40, num) + k - s
+    alpha[:2], beta[:2] = [1e-9, 1e6], [1e6, 1e-9]  # all-but-certain posteriors
+    flat = (s == 0) | (s == k)
+    lengths = rng.uniform(5, 40, num), rng.uniform(0, 5, num), rng.uniform(5, 40, num)
+    kw = dict(value=1.5, n0=4.0, kappa_rollout=1e-3, kappa_verify=2e-3, kappa_update=3e-3, kappa_scale=0.7)
+    for width in (1, 2, 16):
+        compiled = pilot_group_economics(alpha, beta, k, s, flat, width, *lengths, **kw)
         with monkeypatch.context() as m:
-            m.setattr(kernels, "posterior_tables", lambda: None)
-            plain = group_economics(None, n, *args, posterior=(alpha, beta), **kw)
-        for a, b in zip(compiled, plain, strict=True):
-            assert a.shape == b.shape and a.tobytes() == b.tobytes()
+            m.setattr(kernels, "pilot_tables", lambda: None)
+            _same_bits(compiled, pilot_group_economics(alpha, beta, k, s, flat, width, *lengths, **kw))
 
 
 def test_greedy_stops_when_no_price_is_positive():

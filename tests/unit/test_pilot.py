@@ -37,7 +37,7 @@ def _beta_binomial(x: int, m: int, a: float, b: float) -> float:
 def _economics(alpha, beta, k, s, flat, m_max, exact, lengths=(10.0, 0.0, 10.0), kappa=(1e-3, 1e-3, 1e-3)):
     one = np.ones(1)
     return pilot_group_economics(alpha * one, beta * one, k * one, s * one, np.array([flat]),
-                                 np.arange(m_max + 1)[None, :], *(x * one for x in lengths), value=1.0, n0=N0,
+                                 m_max + 1, *(x * one for x in lengths), value=1.0, n0=N0,
                                  kappa_rollout=kappa[0], kappa_verify=kappa[1], kappa_update=kappa[2], exact=exact)
 
 
