@@ -277,6 +277,25 @@ def _pilot_tables(alpha: np.ndarray, beta: np.ndarray, k: np.ndarray, s: np.ndar
     return informative, gain, cost, tokens
 
 
+def _pool_prior(alpha: np.ndarray, beta: np.ndarray, pooled: np.ndarray, fam_s: np.ndarray, fam_f: np.ndarray,
+                probed: np.ndarray, probe_s: np.ndarray, probe_f: np.ndarray, with_probes: bool, m: float,
+                prior_alpha: float, prior_beta: float):
+    """policies.base.pool_prior on (P,) arrays: the family's counts (and, `with_probes`, its probes' added) over
+    each prompt's own. Returns (alpha, beta)."""
+    num = alpha.shape[0]
+    out_alpha, out_beta = np.empty(num), np.empty(num)
+    for i in range(num):
+        pool, s, f = pooled[i], fam_s[i], fam_f[i]
+        if with_probes:
+            pool, s, f = pool or probed[i], s + probe_s[i], f + probe_f[i]
+        own_s, own_f = alpha[i] - prior_alpha, beta[i] - prior_beta
+        others_s, others_f = _max(s - own_s, 0.0), _max(f - own_f, 0.0)
+        mu = (others_s + prior_alpha) / (others_s + others_f + prior_alpha + prior_beta)
+        out_alpha[i] = m * mu + own_s if pool else alpha[i]
+        out_beta[i] = m * (1 - mu) + own_f if pool else beta[i]
+    return out_alpha, out_beta
+
+
 def _numba():
     """numba, imported on first use (~0.5 s); None when it is not installed (the `fast` extra) or when
     MARGINAL_RL_KERNELS=0 asks for the numpy/Python code."""
@@ -298,7 +317,7 @@ def _compiled() -> dict[str, Callable] | None:
         return None
     _min_nan, _fewest, _max, _min, _groups = (numba.njit(f) for f in (_min_nan, _fewest, _max, _min, _groups))
     return {f.__name__.lstrip("_"): numba.njit(f) for f in (_greedy, _posterior_tables, _prices, _marginal_fates,
-                                                           _pilot_tables)}
+                                                           _pilot_tables, _pool_prior)}
 
 
 def _kernel(name: str) -> Callable | None:
@@ -327,6 +346,10 @@ def pilot_tables() -> Callable | None:
     return _kernel("pilot_tables")
 
 
+def pool_prior() -> Callable | None:
+    return _kernel("pool_prior")
+
+
 def plain(x, dtype: type = np.float64) -> np.ndarray:
     """x as a C-contiguous, writable array of `dtype` (a copy only when it is not one): the one array type the
     kernels are compiled for (a read-only or strided view would compile them again, ~2 s, in the middle of a step)."""
@@ -346,3 +369,4 @@ def warm() -> None:
     pilot_tables()(one, one, one, one, np.ones(1, dtype=np.bool_), 3, one, one, one, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     *_, zero_var = prices()(one, group, one, one, True, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-6)
     marginal_fates()(one, one, one, one, one, group, zero_var, 1e-6, 0, 1, 2, 3)
+    pool_prior()(one, one, zero_var, one, one, zero_var, one, one, True, 1.0, 1.0, 1.0)

@@ -105,10 +105,19 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, fami
     evidence includes its probe, so leave-one-out takes that out too. `families`: the candidates' family_rows;
     `groups`: their family_counts from state.families, when the caller has them."""
     alpha, beta = arrays.alpha, arrays.beta
-    own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
     pooled, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
-    if getattr(cfg, "pool_probes", False):
-        probed, probe_s, probe_f = family_counts(cfg, state, families, state.family_probes)
+    with_probes = getattr(cfg, "pool_probes", False)
+    probes = family_counts(cfg, state, families, state.family_probes) if with_probes else (pooled, fam_s, fam_f)
+    kernel = kernels.pool_prior()
+    if kernel is not None:  # the same arithmetic compiled (budget/kernels.py), bit for bit
+        plain = kernels.plain
+        alpha, beta = kernel(plain(alpha), plain(beta), plain(pooled, np.bool_), plain(fam_s), plain(fam_f),
+                             plain(probes[0], np.bool_), plain(probes[1]), plain(probes[2]), with_probes, float(m),
+                             float(cfg.prior_alpha), float(cfg.prior_beta))
+        return arrays._replace(alpha=alpha, beta=beta)
+    own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
+    if with_probes:
+        probed, probe_s, probe_f = probes
         pooled, fam_s, fam_f = pooled | probed, fam_s + probe_s, fam_f + probe_f
     others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
@@ -122,13 +131,14 @@ class FamilyRows(NamedTuple):
     round), its candidates once."""
 
     names: list[str]
-    index: np.ndarray  # (P,) int64
+    index: np.ndarray  # (P,) int64; len(names): no family
 
 
 def family_rows(state: BudgetState, candidates: Sequence[str]) -> FamilyRows:
     positions: dict[str, int] = {}
     index = [positions.setdefault(f, len(positions)) if (f := state.family_of.get(pid)) else -1 for pid in candidates]
-    return FamilyRows(list(positions), np.array(index, dtype=np.int64))
+    index = np.array(index, dtype=np.int64)
+    return FamilyRows(list(positions), np.where(index >= 0, index, len(positions)))
 
 
 def family_counts(cfg: BudgetConfig, state: BudgetState, candidates: FamilyRows | Sequence[str],
@@ -139,13 +149,12 @@ def family_counts(cfg: BudgetConfig, state: BudgetState, candidates: FamilyRows 
     rows = candidates if isinstance(candidates, FamilyRows) else family_rows(state, candidates)
     book = state.families if book is None else book
     stats = [book.get(name) for name in rows.names]
-    # one row per family, and a last one (no evidence: zero counts, not faded) for index −1 and families not in the book
+    # one row per family, and a last one (no evidence: zero counts, not faded) for no family and families not in the book
     fam = np.array([*((0.0, 0.0, state.version) if st is None else st for st in stats), (0.0, 0.0, state.version)],
                    dtype=float).reshape(-1, 3)
     keep = depreciation(state.version - fam[:, 2], current_drift(cfg, state), cfg.drift_scale)
     has = np.array([*(st is not None for st in stats), False], dtype=bool)
-    at = np.where(rows.index >= 0, rows.index, len(stats))
-    return has[at], (fam[:, 0] * keep)[at], (fam[:, 1] * keep)[at]
+    return has[rows.index], (fam[:, 0] * keep)[rows.index], (fam[:, 1] * keep)[rows.index]
 
 
 def family_weight(cfg: BudgetConfig, state: BudgetState, candidates: FamilyRows | Sequence[str],

@@ -256,7 +256,7 @@ def test_family_rows_look_each_candidate_up_once_and_read_the_books_as_the_ids_d
     cfg = BudgetConfig("marginal", drift_prior=0.1, drift_scale=0.1)
     ids = ["b1", "a1", "x", "c1", "a2", "e"]  # x: not in family_of; c: a family with no evidence; e: "" (none)
     rows = policies.base.family_rows(state, ids)
-    assert rows.names == ["b", "a", "c"] and rows.index.tolist() == [0, 1, -1, 2, 1, -1]
+    assert rows.names == ["b", "a", "c"] and rows.index.tolist() == [0, 1, 3, 2, 1, 3]
     # faded to version 2 at drift 0.1, scale 0.1: a (version 0) keeps exp(−2), b (version 1) exp(−1)
     has, s, f = policies.base.family_counts(cfg, state, rows)
     assert has.tolist() == [True, True, False, False, True, False]

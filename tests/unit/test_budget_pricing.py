@@ -447,3 +447,26 @@ def test_controller_step():
     assert controller_step(2.0, 500, 1000, 0.5, 1e-3, 1e3) == pytest.approx(1.557602)
     assert controller_step(1.0, 1000, 1000, 0.5, 1e-3, 1e3) == 1.0  # on budget: fixed point
     assert controller_step(1.0, 1e9, 1000, 0.5, 1e-3, 10.0) == 10.0  # clipped
+
+
+@NUMBA
+def test_the_compiled_pooled_prior_is_the_numpy_one_bit_for_bit(monkeypatch):
+    from marginal_rl.budget.policies import base, budget_config
+    from marginal_rl.budget.state import BudgetState
+
+    rng = np.random.default_rng(5)
+    books = [{f"f{i}": [float(rng.uniform(0, 60)), float(rng.uniform(0, 60)), int(rng.integers(0, 3))] for i in names}
+             for names in ((0, 1, 2, 3, 4), (0, 2, 5, 6))]
+    # f5, f6: families with probes only, f7: without evidence; every fifth prompt has no family
+    state = BudgetState(families=books[0], family_probes=books[1], version=3,
+                        family_of={f"p{i}": f"f{i % 8}" if i % 5 else "" for i in range(200)})
+    rows = base.family_rows(state, [f"p{i}" for i in range(200)])
+    own = base.PromptArrays(rng.uniform(1, 8, 200), rng.uniform(1, 8, 200), *np.zeros((6, 200)))
+    for pool_probes in (False, True):
+        cfg = budget_config("marginal", pool_strength=4.0, probe_strength=16.0, pool_probes=pool_probes,
+                            drift_prior=0.01)
+        compiled = base.pool_prior(cfg, state, own, rows, 4.0)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "pool_prior", lambda: None)
+            _same_bits(compiled, base.pool_prior(cfg, state, own, rows, 4.0))
+        assert not np.array_equal(compiled.alpha, own.alpha)  # (the families moved the priors)
