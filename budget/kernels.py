@@ -1,15 +1,23 @@
 """Compiled kernels for the budget's hot loops (numba, the optional `fast` extra; `dev` includes it).
 
-`greedy()` is budget/pricing.py's allocate_greedy compiled: the same arithmetic on the same float64 values in the same
-order (numba compiles without fast-math: nothing is reassociated or fused), the same tie-breaks and the same heap pop
-order, so the allocation is the same bit for bit (tests/unit/test_budget_pricing.py checks both against a plain
-reference, and against each other on tables with NaNs). It runs the whole allocation, its set-up included: at 128
-candidates the Python loop costs ~115 µs a call, half of it numpy's per-call overhead on (128, 17) arrays, the kernel
-~20 µs; `posterior_tables()` likewise compiles group_economics' planner tables at the posterior's expectation (~110 µs
-of numpy calls, ~10 µs). Both are compiled once per process, when a `marginal` Budget is built (warm; ~2 s), and not cached on disk: in
-development numba's cache once served a kernel compiled from an earlier version of this file, which would change results
-without a trace. None without numba, or with MARGINAL_RL_KERNELS=0: the callers then run their numpy/Python code (the
-plain functions below stay importable either way, uncompiled).
+Each kernel is a pure function of this file compiled by numba and repeats its numpy/Python original's arithmetic on
+the same float64 values in the same order (numba compiles without fast-math: nothing is reassociated or fused; sums
+run over the rows in index order, as np.bincount's; exp stays in numpy, computed by the caller), so every result is
+the same bit for bit (tests/unit/test_budget_pricing.py checks each against its original, NaNs included):
+
+    greedy            pricing.allocate_greedy, its set-up included (the same tie-breaks and heap pop order)
+    posterior_tables  the planner's (P, K) tables at the posterior's expectation (policies.base.group_tables)
+    pilot_tables      pricing.pilot_group_economics at the posterior (not `exact`)
+    prices            pricing.price_arrays, every price component of every trajectory
+    marginal_fates    policies.marginal.fates_marginal, pricing.consistent_admission's check included
+    pool_prior        policies.base.pool_prior's arithmetic, after its family counts are read
+
+Each replaces tens of numpy calls on 128-256 element arrays, whose per-call overhead (1-3 µs hot, 3-16 µs right after
+the trainer's torch work has evicted the caches) was most of the budget's step. They are compiled once per process,
+when a `marginal` Budget is built (warm; ~3 s), and not cached on disk: in development numba's cache once served a
+kernel compiled from an earlier version of this file, which would change results without a trace. Each accessor
+returns None without numba, or with MARGINAL_RL_KERNELS=0: the callers then run their numpy/Python code (the plain
+functions below stay importable either way, uncompiled).
 """
 
 from __future__ import annotations
@@ -120,10 +128,11 @@ def _posterior_tables(alpha: np.ndarray, beta: np.ndarray, tok_rollout: np.ndarr
                       tok_update: np.ndarray, width: int, value: float, n0: float, kappa_rollout: float,
                       kappa_verify: float, kappa_update: float, kappa_scale: float):
     """pricing.group_economics with `posterior` on the row n = 0..width − 1: the (P, width) tables P_inf, G, C, T
-    at their expectation over each prompt's Beta(α, β) (E[pⁿ] as beta_power_mean's running product); (P,) inputs."""
+    at their expectation over each prompt's Beta(α, β) (E[pⁿ] as beta_power_mean's running product), as one
+    (4, P, width) array; (P,) inputs."""
     num = alpha.shape[0]
-    informative, gain, cost, tokens = (np.empty((num, width)), np.empty((num, width)), np.empty((num, width)),
-                                       np.empty((num, width)))
+    tables = np.empty((4, num, width))  # one array handed back, not four
+    informative, gain, cost, tokens = tables[0], tables[1], tables[2], tables[3]
     for c in range(num):
         a, b = alpha[c], beta[c]
         spread = 4.0 * a * b / ((a + b) * (a + b + 1.0))
@@ -140,7 +149,7 @@ def _posterior_tables(alpha: np.ndarray, beta: np.ndarray, tok_rollout: np.ndarr
             informative[c, n], gain[c, n] = p_inf, g
             cost[c, n] = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * tu)
             tokens[c, n] = tr + tv + tu
-    return informative, gain, cost, tokens
+    return tables
 
 
 def _max(a: float, b: float) -> float:
@@ -166,8 +175,9 @@ def _prices(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, d
             eps: float):
     """pricing.price_arrays on (N,) float64 rewards and update tokens and int64 dense groups; `dep` (N,): the
     depreciation D, computed by the caller (numpy's exp), read only when `stale`. Each group's sums run over its
-    members in index order, as np.bincount's. Returns (advantage, gain, cost, risk, risk_variance, risk_staleness,
-    depreciation, price, gain_fresh, zero_var)."""
+    members in index order, as np.bincount's. Returns the (9, N) rows advantage, gain, cost, risk, risk_variance,
+    risk_staleness, depreciation, price, gain_fresh, and zero_var (N,) (two arrays to hand back, not ten: each costs
+    the call ~1 µs)."""
     num, num_groups = rewards.shape[0], _groups(group)
     count, mean, var, mass = np.zeros(num_groups), np.zeros(num_groups), np.zeros(num_groups), np.zeros(num_groups)
     for i in range(num):
@@ -183,16 +193,16 @@ def _prices(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, d
     for g in range(num_groups):
         var[g] = var[g] / _max(count[g], 1.0)
         std[g] = math.sqrt(var[g])
-    adv, abs_adv, zero_var = np.empty(num), np.empty(num), np.empty(num, dtype=np.bool_)
+    rows = np.empty((9, num))
+    adv, gain, cost, risk, risk_variance, risk_staleness, depreciation, price, gain0 = (
+        rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7], rows[8])
+    abs_adv, zero_var = np.empty(num), np.empty(num, dtype=np.bool_)
     for i in range(num):
         g = group[i]
         zero_var[i] = std[g] <= eps
         adv[i] = 0.0 if zero_var[i] else dev[i] / _max(std[g], eps)
         abs_adv[i] = abs(adv[i])
         mass[g] += abs_adv[i]
-    gain, cost, risk, risk_variance, risk_staleness, depreciation, price, gain0 = (
-        np.empty(num), np.empty(num), np.empty(num), np.empty(num), np.empty(num), np.empty(num), np.empty(num),
-        np.empty(num))
     for i in range(num):
         g = group[i]
         group_gain = value * 4.0 * var[g] * count[g] / (count[g] + n0)
@@ -207,7 +217,7 @@ def _prices(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarray, d
         cost[i] = kappa_update * tokens_update[i]
         risk[i] = risk_variance[i] + risk_staleness[i]
         price[i] = gain[i] - cost[i] - risk[i]
-    return adv, gain, cost, risk, risk_variance, risk_staleness, depreciation, price, gain0, zero_var
+    return rows, zero_var
 
 
 def _marginal_fates(price: np.ndarray, gain_fresh: np.ndarray, cost: np.ndarray, risk_variance: np.ndarray,
@@ -245,10 +255,11 @@ def _pilot_tables(alpha: np.ndarray, beta: np.ndarray, k: np.ndarray, s: np.ndar
                   tok_rollout: np.ndarray, tok_verify: np.ndarray, tok_update: np.ndarray, value: float, n0: float,
                   kappa_rollout: float, kappa_verify: float, kappa_update: float, kappa_scale: float):
     """pricing.pilot_group_economics at the posterior (not `exact`) on m = 0..width − 1: the (P, width) tables P_inf,
-    G, C, T, each cell's arithmetic in numpy's order (E[p^m] as beta_power_mean's running product)."""
+    G, C, T as one (4, P, width) array, each cell's arithmetic in numpy's order (E[p^m] as beta_power_mean's running
+    product)."""
     num = alpha.shape[0]
-    informative, gain, cost, tokens = (np.empty((num, width)), np.empty((num, width)), np.empty((num, width)),
-                                       np.empty((num, width)))
+    tables = np.empty((4, num, width))  # one array handed back, not four
+    informative, gain, cost, tokens = tables[0], tables[1], tables[2], tables[3]
     for c in range(num):
         a, b, kc, sc = alpha[c], beta[c], k[c], s[c]
         conc, mu = a + b, a / (a + b)
@@ -274,7 +285,7 @@ def _pilot_tables(alpha: np.ndarray, beta: np.ndarray, k: np.ndarray, s: np.ndar
             informative[c, n] = p_inf
             cost[c, n] = kappa_scale * (kappa_rollout * tr + kappa_verify * tv + kappa_update * update)
             tokens[c, n] = tr + tv + update
-    return informative, gain, cost, tokens
+    return tables
 
 
 def _pool_prior(alpha: np.ndarray, beta: np.ndarray, pooled: np.ndarray, fam_s: np.ndarray, fam_f: np.ndarray,

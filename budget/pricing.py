@@ -126,9 +126,9 @@ def pilot_group_economics(alpha, beta, k, s, flat, width: int, tok_rollout, tok_
     kernel = kernels.pilot_tables() if not exact else None
     if kernel is not None:
         plain = kernels.plain
-        return kernel(plain(alpha), plain(beta), plain(k), plain(s), plain(flat, np.bool_), int(width),
-                      plain(tok_rollout), plain(tok_verify), plain(tok_update), float(value), float(n0),
-                      float(kappa_rollout), float(kappa_verify), float(kappa_update), float(kappa_scale))
+        return tuple(kernel(plain(alpha), plain(beta), plain(k), plain(s), plain(flat, np.bool_), int(width),
+                            plain(tok_rollout), plain(tok_verify), plain(tok_update), float(value), float(n0),
+                            float(kappa_rollout), float(kappa_verify), float(kappa_update), float(kappa_scale)))
     alpha, beta = np.asarray(alpha, dtype=float)[:, None], np.asarray(beta, dtype=float)[:, None]
     k, s = np.asarray(k, dtype=float)[:, None], np.asarray(s, dtype=float)[:, None]
     m = np.arange(width, dtype=float)[None, :]
@@ -211,9 +211,10 @@ def price_arrays(rewards: np.ndarray, group: np.ndarray, tokens_update: np.ndarr
     if kernel is not None:  # the same arithmetic compiled (budget/kernels.py), bit for bit
         stale, rewards = np.count_nonzero(staleness) > 0, kernels.plain(rewards)
         dep = kernels.plain(depreciation(staleness, drift, drift_scale)) if stale else rewards  # unread if fresh
-        return PriceComponents(*kernel(rewards, kernels.plain(group, np.int64), kernels.plain(tokens_update), dep,
-                                       stale, float(value), float(n0), float(kappa_update), float(risk_aversion),
-                                       float(risk_k), float(eps)))
+        rows, zero_var = kernel(rewards, kernels.plain(group, np.int64), kernels.plain(tokens_update), dep, stale,
+                                float(value), float(n0), float(kappa_update), float(risk_aversion), float(risk_k),
+                                float(eps))
+        return PriceComponents(*rows, zero_var=zero_var)
     num_groups = int(group.max()) + 1 if group.size else 0
     count, _, var, dev = group_stats(rewards, group, num_groups)
     std = np.sqrt(var)

@@ -159,7 +159,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
     count = cols.group_size
     length_sum = np.bincount(group, weights=lengths, minlength=num_groups)
     verify_mean = np.bincount(group, weights=cols.tokens_verify, minlength=num_groups) / count
-    successes = np.bincount(group, weights=np.clip(cols.reward, 0.0, 1.0), minlength=num_groups)
+    successes = np.bincount(group, weights=cols.reward.clip(0.0, 1.0), minlength=num_groups)
     versions = np.full(num_groups, _INT64_MIN)
     np.maximum.at(versions, group, cols.behavior_version)
     per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),

@@ -179,8 +179,8 @@ def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: P
     if isinstance(n, int):
         kernel = kernels.posterior_tables() if expected else None
         if kernel is not None:
-            return kernel(*(kernels.plain(x) for x in (arrays.alpha, arrays.beta, *lengths)), n,
-                          *(float(x) for x in prices))
+            return tuple(kernel(*(kernels.plain(x) for x in (arrays.alpha, arrays.beta, *lengths)), n,
+                                *(float(x) for x in prices)))
         p, n, lengths = p[:, None], np.arange(n)[None, :], tuple(x[:, None] for x in lengths)
     value, n0, kappa_rollout, kappa_verify, kappa_update, kappa_scale = prices
     return group_economics(p, n, *lengths, value=value, n0=n0, kappa_rollout=kappa_rollout, kappa_verify=kappa_verify,

@@ -342,9 +342,10 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
         rates, tokens = probe(ids)
         probe_s += time.perf_counter() - t0
         fold_probe(cfg, state, ids, rates, state.version, cfg.probe_strength, step, pool=cfg.pool_probes)
-        probed[ask], spent = True, spent + int(np.sum(tokens))
+        used = sum(tokens)  # the probes' token counts
+        probed[ask], spent = True, spent + int(used)
         if cfg.probe_charge:
-            limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(np.sum(tokens)))
+            limits = dataclasses.replace(limits, reserved_tokens=limits.reserved_tokens + float(used))
         # the probe replaced the probed prompts' own evidence, and nothing else of any prompt's; with pool_probes it
         # also moved their families' counts, which the pooling reads afresh for every row
         own = PromptArrays(*(a.copy() for a in own))
