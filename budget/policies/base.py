@@ -107,6 +107,7 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, fami
     alpha, beta = arrays.alpha, arrays.beta
     pooled, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
     with_probes = getattr(cfg, "pool_probes", False)
+    # the families' probe counts (pool_probes; without it the group counts stand in, unread)
     probes = family_counts(cfg, state, families, state.family_probes) if with_probes else (pooled, fam_s, fam_f)
     kernel = kernels.pool_prior()
     if kernel is not None:  # the same arithmetic compiled (budget/kernels.py), bit for bit
@@ -176,10 +177,10 @@ def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: P
     lengths = arrays.tok_rollout, arrays.tok_verify, arrays.tok_update
     prices = (cfg.value, cfg.gain_half_samples, cfg.kappa_rollout, cfg.kappa_verify, cfg.kappa_update,
               state.kappa_scale)
-    if isinstance(n, int):
+    if np.ndim(n) == 0:
         kernel = kernels.posterior_tables() if expected else None
         if kernel is not None:
-            return tuple(kernel(*(kernels.plain(x) for x in (arrays.alpha, arrays.beta, *lengths)), n,
+            return tuple(kernel(*(kernels.plain(x) for x in (arrays.alpha, arrays.beta, *lengths)), int(n),
                                 *(float(x) for x in prices)))
         p, n, lengths = p[:, None], np.arange(n)[None, :], tuple(x[:, None] for x in lengths)
     value, n0, kappa_rollout, kappa_verify, kappa_update, kappa_scale = prices
