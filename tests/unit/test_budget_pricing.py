@@ -470,3 +470,50 @@ def test_the_compiled_pooled_prior_is_the_numpy_one_bit_for_bit(monkeypatch):
             m.setattr(kernels, "pool_prior", lambda: None)
             _same_bits(compiled, base.pool_prior(cfg, state, own, rows, 4.0))
         assert not np.array_equal(compiled.alpha, own.alpha)  # (the families moved the priors)
+
+
+_ONE_TYPE_RUN = '''
+import numpy as np
+from marginal_rl.budget import kernels
+from marginal_rl.budget.allocator import Budget, Update
+from marginal_rl.budget.policies import SampleLimits, budget_config
+from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
+
+keys = dict(token_budget=2400, pool_strength=4.0, pace="run", reuse_buffer=256, discover_price=True,
+            probe_strength=16.0, probe_refresh="every", pool_probes=True, posterior="expected",
+            family_half_samples=256.0, prompt_half_samples=8.0, pilot_samples=2)
+rng = np.random.default_rng(0)
+rates = rng.random(300)
+budget = Budget(budget_config("marginal", **keys), SampleLimits(32, 8, 2, 16), families={f"p{i}": f"f{i % 5}" for i in range(300)})
+warmed = {name: len(kernels._compiled()[name].signatures) for name in kernels._compiled()}
+
+def sample(step, plan, counts, tag):
+    return [Trajectory(f"t{tag}{step}-{pid}-{k}", pid, f"g{step}-{pid}", step, step, [0] * 10, [0] * 4, [1] * 4,
+                       [0.0] * 4, float(rng.random() < rates[int(pid[1:])]), "eos")
+            for pid, n in zip(plan.prompt_ids, counts.tolist()) for k in range(n)]
+
+for step in range(8):
+    ids = [f"p{i}" for i in rng.choice(300, size=budget.candidates_per_step, replace=False)]
+    plan = budget.plan(ids, step, rng, lambda ps: ([float(rates[int(p[1:])]) for p in ps], [14] * len(ps)))
+    pilots = sample(step, plan, np.minimum(plan.samples, 2), "p")
+    grown = budget.top_up(plan, TrajectoryColumns.of(pilots), rng)
+    trajectories = pilots + sample(step, grown, grown.samples - np.minimum(plan.samples, 2), "u")
+    budget.settle(grown, TrajectoryColumns.of(trajectories), step, step,
+                  lambda prices, reuse: Update(step + 1, 0.01, 0.02), trajectories)
+    budget.ledger_metrics()
+print({name: (warmed[name], len(kernels._compiled()[name].signatures)) for name in warmed})
+'''
+
+
+@NUMBA
+def test_a_run_uses_the_kernels_warm_compiled_and_no_other():
+    # a kernel called with another argument type (a read-only or strided array, an int64 for a float) compiles a second
+    # copy, ~0.5-2 s in the middle of a step: every mechanism on, each kernel keeps the one signature warm() gave it
+    import ast
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ONE_TYPE_RUN], capture_output=True, text=True, check=True)
+    counts = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert set(counts) == {"greedy", "posterior_tables", "pilot_tables", "prices", "marginal_fates", "pool_prior"}
+    assert all(counts[name] == (1, 1) for name in counts), counts
