@@ -145,7 +145,9 @@ class TrajectoryColumns:
     @cached_property
     def group_flat(self) -> np.ndarray:
         """(G,) bool: every reward in the group is the same (its group-relative advantages are all zero)."""
-        lo, hi = np.full(self.num_groups, np.inf), np.full(self.num_groups, -np.inf)
+        lo, hi = np.empty(self.num_groups), np.empty(self.num_groups)
+        lo.fill(np.inf)  # (np.full takes twice as long at these sizes: it works out the fill value's dtype first)
+        hi.fill(-np.inf)
         np.minimum.at(lo, self.group, self.reward)
         np.maximum.at(hi, self.group, self.reward)
         return _frozen(lo == hi)
