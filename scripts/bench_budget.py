@@ -70,13 +70,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--real-budget", type=int, default=7307,
                    help="--real-config: budget.token_budget (default: the `none` arm's median tokens per step in "
                         "docs/fix_test.md's SmolLM2 run)")
-    return p.parse_args()
+    args = p.parse_args()
+    for name, least in (("repeats", 1), ("data_seeds", 1), ("steps", 11), ("real_steps", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+                    + (" (the first 10 steps are not timed)" if name == "steps" else ""))
+    return args
 
 
 def main() -> None:
     args = parse_args()
     import numpy as np
 
+    from marginal_rl.budget import kernels
     from marginal_rl.budget.allocator import Budget, Update
     from marginal_rl.budget.policies import (
         POLICIES,
@@ -213,8 +219,6 @@ def main() -> None:
             out.append(f"{label(policy, keys)} {np.median(ms):.2f} ms"
                        + (f" [{ms.min():.2f}-{ms.max():.2f}]" if len(ms) > 1 else ""))
         return ", ".join(out)
-
-    from marginal_rl.budget import kernels
 
     compiled = "numba kernels" if kernels.greedy() is not None else "no kernels (numba missing or MARGINAL_RL_KERNELS=0)"
     print(f"budget per quickstart step ({compiled}; median over {args.data_seeds} runs [their range]): " + per_arm())

@@ -175,18 +175,15 @@ def group_tables(cfg: BudgetConfig, state: BudgetState, p: np.ndarray, arrays: P
     (P, n) tables of every size 0..n − 1 when n is an int (at the posterior's expectation compiled when numba is
     installed, kernels.posterior_tables: the same bit for bit), (P,) values when n is (P,)."""
     lengths = arrays.tok_rollout, arrays.tok_verify, arrays.tok_update
-    prices = (cfg.value, cfg.gain_half_samples, cfg.kappa_rollout, cfg.kappa_verify, cfg.kappa_update,
-              state.kappa_scale)
+    prices = dict(value=cfg.value, n0=cfg.gain_half_samples, kappa_rollout=cfg.kappa_rollout,
+                  kappa_verify=cfg.kappa_verify, kappa_update=cfg.kappa_update, kappa_scale=state.kappa_scale)
     if np.ndim(n) == 0:
         kernel = kernels.posterior_tables() if expected else None
-        if kernel is not None:
+        if kernel is not None:  # its arguments in this order
             return tuple(kernel(*(kernels.plain(x) for x in (arrays.alpha, arrays.beta, *lengths)), int(n),
-                                *(float(x) for x in prices)))
+                                *(float(x) for x in prices.values())))
         p, n, lengths = p[:, None], np.arange(n)[None, :], tuple(x[:, None] for x in lengths)
-    value, n0, kappa_rollout, kappa_verify, kappa_update, kappa_scale = prices
-    return group_economics(p, n, *lengths, value=value, n0=n0, kappa_rollout=kappa_rollout, kappa_verify=kappa_verify,
-                           kappa_update=kappa_update, kappa_scale=kappa_scale,
-                           posterior=(arrays.alpha, arrays.beta) if expected else None)
+    return group_economics(p, n, *lengths, **prices, posterior=(arrays.alpha, arrays.beta) if expected else None)
 
 
 def make_plan(candidates: Sequence[str], samples: np.ndarray, p_mean: np.ndarray, p: np.ndarray,

@@ -36,6 +36,7 @@ import numpy as np
 from marginal_rl.budget import kernels
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.policies.base import (
+    FamilyRows,
     Policy,
     PromptArrays,
     SampleLimits,
@@ -308,6 +309,16 @@ Probe = Callable[[Sequence[str]], tuple[Sequence[float], Sequence[int]]]
 the tokens each probe processed)."""
 
 
+def _family_books(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str],
+                  ) -> tuple[FamilyRows | None, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """The candidates' family_rows and their family_counts from state.families, read once for both the pooled prior
+    (pool_strength) and the family weight (family_half_samples); (None, None) when neither is on."""
+    if cfg.pool_strength <= 0 and cfg.family_half_samples <= 0:
+        return None, None
+    families = family_rows(state, candidates)
+    return families, family_counts(cfg, state, families)
+
+
 def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[str], step: int,
                  rng: np.random.Generator, limits: SampleLimits, probe: Probe) -> tuple[PromptPlan, float]:
     """The likelihood probe's plan (probe_strength m > 0): plan, probe the candidates it samples whose own evidence
@@ -319,8 +330,7 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     family prior (pool_strength), which with pool_probes the probes move, is laid over every row afresh from the
     families' counts, and the candidates' families are looked up once."""
     # the probes change neither the candidates' families nor the families' group counts: both are read once
-    families = family_rows(state, candidates) if cfg.pool_strength > 0 or cfg.family_half_samples > 0 else None
-    groups = family_counts(cfg, state, families) if families is not None else None
+    families, groups = _family_books(cfg, state, candidates)
     weight = (family_weight(cfg, state, families, cfg.family_half_samples, groups) if cfg.family_half_samples > 0
               else None)
     own = prompt_arrays(cfg, state, candidates)  # each prompt's own evidence, on the global prior
@@ -371,8 +381,7 @@ def plan_top_up(cfg: MarginalConfig, state: BudgetState, plan: PromptPlan, pilot
     if not len(rows):
         return dataclasses.replace(plan, pilot=np.asarray(pilot, dtype=np.int64))
     ids = [plan.prompt_ids[i] for i in rows]
-    families = family_rows(state, ids) if cfg.pool_strength > 0 or cfg.family_half_samples > 0 else None
-    groups = family_counts(cfg, state, families) if families is not None else None  # read once, for both below
+    families, groups = _family_books(cfg, state, ids)
     arrays = prompt_arrays(cfg, state, ids)
     if cfg.pool_strength > 0:
         arrays = pool_prior(cfg, state, arrays, families, cfg.pool_strength, groups)
