@@ -289,10 +289,10 @@ def _pilot_tables(alpha: np.ndarray, beta: np.ndarray, k: np.ndarray, s: np.ndar
 
 
 def _pool_prior(alpha: np.ndarray, beta: np.ndarray, pooled: np.ndarray, fam_s: np.ndarray, fam_f: np.ndarray,
-                probed: np.ndarray, probe_s: np.ndarray, probe_f: np.ndarray, with_probes: bool, m: float,
+                probed: np.ndarray, probe_s: np.ndarray, probe_f: np.ndarray, with_probes: bool, m: np.ndarray,
                 prior_alpha: float, prior_beta: float):
     """policies.base.pool_prior on (P,) arrays: the family's counts (and, `with_probes`, its probes' added) over
-    each prompt's own. Returns (alpha, beta)."""
+    each prompt's own, at each one's strength m. Returns (alpha, beta)."""
     num = alpha.shape[0]
     out_alpha, out_beta = np.empty(num), np.empty(num)
     for i in range(num):
@@ -302,8 +302,8 @@ def _pool_prior(alpha: np.ndarray, beta: np.ndarray, pooled: np.ndarray, fam_s: 
         own_s, own_f = alpha[i] - prior_alpha, beta[i] - prior_beta
         others_s, others_f = _max(s - own_s, 0.0), _max(f - own_f, 0.0)
         mu = (others_s + prior_alpha) / (others_s + others_f + prior_alpha + prior_beta)
-        out_alpha[i] = m * mu + own_s if pool else alpha[i]
-        out_beta[i] = m * (1 - mu) + own_f if pool else beta[i]
+        out_alpha[i] = m[i] * mu + own_s if pool else alpha[i]
+        out_beta[i] = m[i] * (1 - mu) + own_f if pool else beta[i]
     return out_alpha, out_beta
 
 
@@ -380,4 +380,4 @@ def warm() -> None:
     pilot_tables()(one, one, one, one, np.ones(1, dtype=np.bool_), 3, one, one, one, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     *_, zero_var = prices()(one, group, one, one, True, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-6)
     marginal_fates()(one, one, one, one, one, group, zero_var, 1e-6, 0, 1, 2, 3)
-    pool_prior()(one, one, zero_var, one, one, zero_var, one, one, True, 1.0, 1.0, 1.0)
+    pool_prior()(one, one, zero_var, one, one, zero_var, one, one, True, one, 1.0, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from marginal_rl.budget.config import BudgetConfig
+from marginal_rl.budget.pricing import depreciation, family_strength
 from marginal_rl.budget.records import FATES, PromptPlan, TrajectoryPrices
 from marginal_rl.budget.state import BudgetState, current_drift
 from marginal_rl.rollout.types import TrajectoryColumns
@@ -75,6 +76,15 @@ def step_metrics(plan: PromptPlan, prices: TrajectoryPrices, cols: TrajectoryCol
         out["budget/controller_price"] = state.kappa_scale * cfg.kappa_rollout
         out["budget/kappa_verify_effective"] = state.kappa_scale * cfg.kappa_verify
         out["budget/kappa_update_effective"] = state.kappa_scale * cfg.kappa_update
+        if getattr(cfg, "pool_dispersion", False) and state.family_pairs:  # each family's estimated prior strength
+            books = np.array([state.families[f] + state.family_pairs[f] for f in state.family_pairs])  # (F, 6)
+            drift = current_drift(cfg, state)
+            counts = [books[:, [i, i + 1]] * depreciation(state.version - books[:, i + 2], drift, cfg.drift_scale)[:, None]
+                      for i in (0, 3)]
+            strength = family_strength(*counts[0].T, *counts[1].T, cfg.pool_strength)
+            out["budget/family_strength_min"] = float(strength.min())
+            out["budget/family_strength_median"] = float(np.median(strength))
+            out["budget/family_strength_max"] = float(strength.max())
         if getattr(cfg, "pace", "step") == "run":
             out["budget/spend_total"] = float(state.spent_total)
             out["budget/spend_target"] = float(cfg.token_budget * state.step)

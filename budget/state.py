@@ -4,7 +4,8 @@ restored with the checkpoint.
 Posteriors: each group adds Σr pseudo-successes and Σ(1 − r) pseudo-failures (rewards clipped to [0, 1]: the exact
 Beta update for 0/1 rewards, its mean-matching analogue for graded ones), after the prompt's old evidence has faded
 by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered. The same counts are summed per task family
-(pooled evidence, read by the marginal policy with `budget.pool_strength > 0`; docs/budget.md).
+(pooled evidence, read by the marginal policy with `budget.pool_strength > 0`; docs/budget.md), and with
+`budget.pool_dispersion` each group's passing pairs too (how much the family's prompts differ).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class BudgetState:
     families: dict[str, list[float]] = field(default_factory=dict)
     # ... and the likelihood probe's pseudo-counts, the same way (budget.pool_probes)
     family_probes: dict[str, list[float]] = field(default_factory=dict)
+    # ... and family -> [passing ordered pairs within a group, pairs, version] (budget.pool_dispersion: how much the
+    # family's prompts differ, pricing.family_strength), faded the same way
+    family_pairs: dict[str, list[float]] = field(default_factory=dict)
     family_of: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra: dict = field(default_factory=dict)
 
@@ -67,7 +71,8 @@ class BudgetState:
                 "last_spend": self.last_spend, "spent_total": self.spent_total, "tok_rollout": self.tok_rollout,
                 "tok_verify": self.tok_verify, "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
                 "families": {k: list(v) for k, v in self.families.items()},
-                "family_probes": {k: list(v) for k, v in self.family_probes.items()}, "extra": self.extra}
+                "family_probes": {k: list(v) for k, v in self.family_probes.items()},
+                "family_pairs": {k: list(v) for k, v in self.family_pairs.items()}, "extra": self.extra}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> BudgetState:
@@ -77,7 +82,8 @@ class BudgetState:
                    tok_rollout=d.get("tok_rollout"), tok_verify=d.get("tok_verify"), tok_update=d.get("tok_update"),
                    prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()},
                    families={k: list(v) for k, v in d.get("families", {}).items()},
-                   family_probes={k: list(v) for k, v in d.get("family_probes", {}).items()}, extra=d.get("extra", {}))
+                   family_probes={k: list(v) for k, v in d.get("family_probes", {}).items()},
+                   family_pairs={k: list(v) for k, v in d.get("family_pairs", {}).items()}, extra=d.get("extra", {}))
 
 
 def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
@@ -159,7 +165,11 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
     count = cols.group_size
     length_sum = np.bincount(group, weights=lengths, minlength=num_groups)
     verify_mean = np.bincount(group, weights=cols.tokens_verify, minlength=num_groups) / count
-    successes = np.bincount(group, weights=cols.reward.clip(0.0, 1.0), minlength=num_groups)
+    clipped = cols.reward.clip(0.0, 1.0)
+    successes = np.bincount(group, weights=clipped, minlength=num_groups)
+    # pool_dispersion: each group's passing ordered pairs, s² − Σr² (s(s − 1) for 0/1 rewards), for family_pairs
+    pairs = (successes * successes - np.bincount(group, weights=clipped * clipped, minlength=num_groups)).tolist() \
+        if getattr(cfg, "pool_dispersion", False) else None
     versions = np.full(num_groups, _INT64_MIN)
     np.maximum.at(versions, group, cols.behavior_version)
     per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),
@@ -167,7 +177,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
                     (length_sum * num_iterations / count).tolist(), versions.tolist(), cols.group_flat.tolist(),
                     strict=True)
     w, prior_a, prior_b, prompts = cfg.ema, cfg.prior_alpha, cfg.prior_beta, state.prompts
-    for pid, n, succ, tok_r, tok_v, tok_u, version, flat in per_group:  # EMAs as _ema, written out: a hot loop
+    for g, (pid, n, succ, tok_r, tok_v, tok_u, version, flat) in enumerate(per_group):  # EMAs as _ema, written out
         s = prompts.get(pid)
         if s is None:
             s = prompts[pid] = PromptStats(prior_a, prior_b, version, step, 0, 0, tok_r, tok_v, tok_u)
@@ -179,6 +189,8 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
         family = state.family_of.get(pid)
         if family:
             add_family_counts(state.families, family, succ, n - succ, version, drift, cfg.drift_scale)
+            if pairs is not None:
+                add_family_counts(state.family_pairs, family, pairs[g], n * (n - 1), version, drift, cfg.drift_scale)
         if s.groups > 1:
             s.tok_rollout = w * s.tok_rollout + (1.0 - w) * tok_r
             s.tok_verify = w * s.tok_verify + (1.0 - w) * tok_v

@@ -34,13 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
 
-# marginal with every issue-15 mechanism on: token budget, pooled evidence, one price for the run, priced reuse, price
-# discovery on an empty plan, the likelihood probe and its pass rates pooled by family, pricing at the posterior's
-# expectation, family and revisit balance, pilot then commit (budget.pool_clusters is left out: the quickstart's
-# prompts all have a family, and clustering runs once, before the first step)
-EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pace": "run", "reuse_buffer": 256,
-                   "discover_price": True, "probe_strength": 16.0, "probe_refresh": "every", "pool_probes": True,
-                   "posterior": "expected", "family_half_samples": 256.0, "prompt_half_samples": 8.0,
+# marginal with every issue-15 mechanism on: token budget, pooled evidence (its strength per family), one price for the
+# run, priced reuse, price discovery on an empty plan, the likelihood probe and its pass rates pooled by family,
+# pricing at the posterior's expectation, family and revisit balance, pilot then commit (budget.pool_clusters is left
+# out: the quickstart's prompts all have a family, and clustering runs once, before the first step)
+EVERY_MECHANISM = {"token_budget": 2400, "pool_strength": 4.0, "pool_dispersion": True, "pace": "run",
+                   "reuse_buffer": 256, "discover_price": True, "probe_strength": 16.0, "probe_refresh": "every",
+                   "pool_probes": True, "posterior": "expected", "family_half_samples": 256.0, "prompt_half_samples": 8.0,
                    "pilot_samples": 2}
 
 

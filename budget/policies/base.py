@@ -22,6 +22,7 @@ from marginal_rl.budget.pricing import (
     PriceComponents,
     depreciation,
     fade_posterior,
+    family_strength,
     group_economics,
     price_arrays,
     risk_factor,
@@ -102,18 +103,25 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, fami
     μ = (S − s + prior_alpha) / (S − s + F − f + prior_alpha + prior_beta). A prompt without a family keeps the
     global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried.
     With budget.pool_probes the family's counts include its likelihood probes' (state.family_probes); a prompt's own
-    evidence includes its probe, so leave-one-out takes that out too. `families`: the candidates' family_rows;
-    `groups`: their family_counts from state.families, when the caller has them."""
+    evidence includes its probe, so leave-one-out takes that out too. With budget.pool_dispersion the strength is each
+    family's own, estimated from how much its groups agree (pricing.family_strength, m the guess), in place of m.
+    `families`: the candidates' family_rows; `groups`: their family_counts from state.families, when the caller has
+    them."""
     alpha, beta = arrays.alpha, arrays.beta
     pooled, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
     with_probes = getattr(cfg, "pool_probes", False)
     # the families' probe counts (pool_probes; without it the group counts stand in, unread)
     probes = family_counts(cfg, state, families, state.family_probes) if with_probes else (pooled, fam_s, fam_f)
+    if getattr(cfg, "pool_dispersion", False):
+        _, pair_s, pairs = family_counts(cfg, state, families, state.family_pairs)
+        strength = family_strength(fam_s, fam_f, pair_s, pairs, m)  # from the groups' counts alone
+    else:
+        strength = np.full(len(alpha), float(m))
     kernel = kernels.pool_prior()
     if kernel is not None:  # the same arithmetic compiled (budget/kernels.py), bit for bit
         plain = kernels.plain
         alpha, beta = kernel(plain(alpha), plain(beta), plain(pooled, np.bool_), plain(fam_s), plain(fam_f),
-                             plain(probes[0], np.bool_), plain(probes[1]), plain(probes[2]), with_probes, float(m),
+                             plain(probes[0], np.bool_), plain(probes[1]), plain(probes[2]), with_probes, strength,
                              float(cfg.prior_alpha), float(cfg.prior_beta))
         return arrays._replace(alpha=alpha, beta=beta)
     own_s, own_f = alpha - cfg.prior_alpha, beta - cfg.prior_beta
@@ -122,8 +130,8 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, fami
         pooled, fam_s, fam_f = pooled | probed, fam_s + probe_s, fam_f + probe_f
     others_s, others_f = np.maximum(fam_s - own_s, 0.0), np.maximum(fam_f - own_f, 0.0)
     mu = (others_s + cfg.prior_alpha) / (others_s + others_f + cfg.prior_alpha + cfg.prior_beta)
-    return arrays._replace(alpha=np.where(pooled, m * mu + own_s, alpha),
-                           beta=np.where(pooled, m * (1 - mu) + own_f, beta))
+    return arrays._replace(alpha=np.where(pooled, strength * mu + own_s, alpha),
+                           beta=np.where(pooled, strength * (1 - mu) + own_f, beta))
 
 
 class FamilyRows(NamedTuple):

@@ -100,6 +100,13 @@ class MarginalConfig(BudgetConfig):
                                          "hopeless) stops being probed prompt by prompt (docs/budget.md, \"Pooled "
                                          "probes\")"},
     )
+    pool_dispersion: bool = field(
+        default=False, metadata={"help": "with pool_strength: empirical Bayes, each family's prior strength is "
+                                         "estimated from how much its groups agree (the intra-class correlation of "
+                                         "their rewards), pool_strength only the guess it starts from: a family "
+                                         "whose prompts are each solved or not gets a weak prior, one whose prompts "
+                                         "all sit near its rate a strong one (docs/budget.md, \"Family dispersion\")"},
+    )
     family_half_samples: float = field(
         default=0.0, metadata={"help": "family balance: a sample of a family already sampled N_f times (faded by the "
                                        "drift) is worth N0/(N0 + N_f) of its gain before rollout, N0 this value (a log "
@@ -194,6 +201,9 @@ class MarginalConfig(BudgetConfig):
         if self.pool_clusters and not (self.pool_strength > 0 or self.family_half_samples > 0):
             raise ValueError("pool_clusters: the clusters stand in for task families, which only the pooled evidence "
                              "and family balance read; set budget.pool_strength or budget.family_half_samples > 0")
+        if self.pool_dispersion and not self.pool_strength > 0:
+            raise ValueError("pool_dispersion: estimates the strength of the family prior, which is off; set "
+                             "budget.pool_strength > 0 (its guess)")
         if not self.family_half_samples >= 0:
             raise ValueError(f"family_half_samples: expected a number >= 0 (samples; 0 = off), got "
                              f"{self.family_half_samples}")

@@ -213,6 +213,39 @@ def test_a_never_solved_family_stops_being_sampled_before_each_prompt_is_tried()
         assert sum(d.samples for d in plan if d.prompt_id.startswith("new")) > 0
 
 
+def test_family_pairs_are_folded_with_pool_dispersion_only():
+    # a group's passing ordered pairs s² − Σr²: [1, 1, 1, 0] -> 9 − 3 = 6 = 3·2 of 4·3 = 12; graded [0.5, 0.5] ->
+    # 1 − 0.5 = 0.5 of 2 (E[r_i·r_j] = 0.25 each); faded as the family's counts (exp(−1) a version here)
+    cfg = BudgetConfig("marginal", pool_strength=4.0, pool_dispersion=True, drift_prior=0.1, drift_scale=0.1)
+    state = BudgetState(family_of={"a": "f", "b": "f"})
+    update_state(cfg, state, group("a", [1, 1, 1, 0]), step=0, current_version=0)
+    assert state.family_pairs == {"f": [6.0, 12.0, 0]} and state.families == {"f": [3.0, 1.0, 0]}
+    update_state(cfg, state, group("b", [0.5, 0.5], version=1), step=1, current_version=1)
+    assert state.family_pairs["f"] == pytest.approx([6 * math.exp(-1) + 0.5, 12 * math.exp(-1) + 2, 1])
+    restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert restored.family_pairs == state.family_pairs
+    off = BudgetState(family_of={"a": "f"})
+    update_state(BudgetConfig("marginal", pool_strength=4.0), off, group("a", [1, 1, 1, 0]), step=0,
+                 current_version=0)
+    assert off.family_pairs == {} and off.families == {"f": [3.0, 1.0, 0]}
+
+
+def test_dispersion_pooled_prior_by_hand():
+    # family f: 20 successes, 20 failures in 10 groups of 4, its prompts each solved or not (60 passing pairs of 120):
+    # strength 0.5 (pricing.family_strength). Family g: 20/20 again, every group mixed 2-of-4 (Q = 10·2 = 20, Q/M =
+    # 1/6 < μ² = 1/4: no spread): strength 176/11.2 − 1 = 14.714. Unseen prompts: Beta(k·μ, k·(1 − μ)), μ = 21/42
+    cfg = BudgetConfig("marginal", pool_strength=4.0, pool_dispersion=True)
+    state = BudgetState(families={"f": [20.0, 20.0, 0], "g": [20.0, 20.0, 0]},
+                        family_pairs={"f": [60.0, 120.0, 0], "g": [20.0, 120.0, 0]}, family_of={"a": "f", "b": "g"})
+    arrays = policies.base.prompt_arrays(cfg, state, ["a", "b", "c"], pool_strength=4.0)
+    k = 176 / 11.2 - 1
+    assert arrays.alpha == pytest.approx([0.25, k / 2, 1.0]) and arrays.beta == pytest.approx([0.25, k / 2, 1.0])
+    # the same prompts after a 2-of-2 pilot: f's reads as nearly solved, (2.25, 0.25) mean 0.9; g's barely moves
+    assert (arrays.alpha[:2] + 2) / (arrays.alpha[:2] + 2 + arrays.beta[:2]) == pytest.approx([0.9, (k / 2 + 2) / (k + 2)])
+    with pytest.raises(ValueError, match="pool_dispersion: estimates the strength of the family prior"):
+        BudgetConfig("marginal", pool_dispersion=True)
+
+
 def test_expected_posterior_prices_a_wide_posterior_at_its_expectation_not_its_luckiest_draw():
     # one group's worth of samples (4) and 32 candidates: `known` had 1 success and 1 failure (Beta(2, 2), E[4p(1−p)]
     # = 16/20 = 0.8), 31 are unseen (Beta(1, 1): 2/3 each). Priced at the expectation, `known` always wins the group;

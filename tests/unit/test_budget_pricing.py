@@ -17,6 +17,7 @@ from marginal_rl.budget.pricing import (
     depreciation,
     expected_group_gain,
     fade_posterior,
+    family_strength,
     group_economics,
     informative_prob,
     max_variance_keep,
@@ -449,6 +450,21 @@ def test_controller_step():
     assert controller_step(1.0, 1e9, 1000, 0.5, 1e-3, 10.0) == 10.0  # clipped
 
 
+def test_family_strength_by_hand():
+    # guess 4: ρ₀ = 1/5, worth 56 pairs. No evidence: the guess. 10 groups of 4 from prompts solved (5) or not (5):
+    # S = F = 20, Q = 5·12 = 60 of M = 120 pairs, Q/M = 0.5 = μ² + σ², ρ̂ = 0.25/0.25 = 1; ρ = (120 + 11.2)/176, k =
+    # 1/ρ − 1 = 0.3415 -> 0.5 (the floor). Prompts all at the family's rate (ρ̂ = 0; μ = 0 or 1 is no spread too):
+    # ρ = 11.2/176, k = 14.714. Prompts at 0.25 and 0.75 (μ = 0.5, E[p²] = 0.3125, ρ̂ = 0.0625/0.25 = 0.25), 1000
+    # pairs: ρ = (250 + 11.2)/1056 = 0.247348, k = 3.042879. Pairs that agree less than the mean's square (ρ̂ < 0:
+    # Q/M = 0.2) count as no spread, and at 1000 pairs k = 1056/11.2 − 1 = 93.3 is capped at 64
+    assert family_strength(0.0, 0.0, 0.0, 0.0, 4.0) == pytest.approx(4.0)
+    assert family_strength(20.0, 20.0, 60.0, 120.0, 4.0) == 0.5
+    k = family_strength(np.array([0.0, 40.0, 20.0, 50.0, 50.0]), np.array([40.0, 0.0, 20.0, 50.0, 50.0]),
+                        np.array([0.0, 120.0, 30.0, 312.5, 200.0]), np.array([120.0, 120.0, 120.0, 1000.0, 1000.0]),
+                        4.0)
+    assert k == pytest.approx([176 / 11.2 - 1, 176 / 11.2 - 1, 176 / 11.2 - 1, 1056 / 261.2 - 1, 64.0])
+
+
 @NUMBA
 def test_the_compiled_pooled_prior_is_the_numpy_one_bit_for_bit(monkeypatch):
     from marginal_rl.budget.policies import base, budget_config
@@ -458,13 +474,15 @@ def test_the_compiled_pooled_prior_is_the_numpy_one_bit_for_bit(monkeypatch):
     books = [{f"f{i}": [float(rng.uniform(0, 60)), float(rng.uniform(0, 60)), int(rng.integers(0, 3))] for i in names}
              for names in ((0, 1, 2, 3, 4), (0, 2, 5, 6))]
     # f5, f6: families with probes only, f7: without evidence; every fifth prompt has no family
-    state = BudgetState(families=books[0], family_probes=books[1], version=3,
+    # pool_dispersion's pairs: a family's passing pairs Q <= its pairs M (f0-f4, as the groups' books)
+    pairs = {f: [float(rng.uniform(0, 1)) * 200.0, 200.0, v] for f, (_, _, v) in books[0].items()}
+    state = BudgetState(families=books[0], family_probes=books[1], family_pairs=pairs, version=3,
                         family_of={f"p{i}": f"f{i % 8}" if i % 5 else "" for i in range(200)})
     rows = base.family_rows(state, [f"p{i}" for i in range(200)])
     own = base.PromptArrays(rng.uniform(1, 8, 200), rng.uniform(1, 8, 200), *np.zeros((6, 200)))
-    for pool_probes in (False, True):
+    for pool_probes, dispersion in ((False, False), (True, False), (False, True), (True, True)):
         cfg = budget_config("marginal", pool_strength=4.0, probe_strength=16.0, pool_probes=pool_probes,
-                            drift_prior=0.01)
+                            pool_dispersion=dispersion, drift_prior=0.01)
         compiled = base.pool_prior(cfg, state, own, rows, 4.0)
         with monkeypatch.context() as m:
             m.setattr(kernels, "pool_prior", lambda: None)
@@ -479,8 +497,8 @@ from marginal_rl.budget.allocator import Budget, Update
 from marginal_rl.budget.policies import SampleLimits, budget_config
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
-keys = dict(token_budget=2400, pool_strength=4.0, pace="run", reuse_buffer=256, discover_price=True,
-            probe_strength=16.0, probe_refresh="every", pool_probes=True, posterior="expected",
+keys = dict(token_budget=2400, pool_strength=4.0, pool_dispersion=True, pace="run", reuse_buffer=256,
+            discover_price=True, probe_strength=16.0, probe_refresh="every", pool_probes=True, posterior="expected",
             family_half_samples=256.0, prompt_half_samples=8.0, pilot_samples=2)
 rng = np.random.default_rng(0)
 rates = rng.random(300)
