@@ -173,7 +173,6 @@ def fade_posterior(alpha, beta, prior_alpha: float, prior_beta: float, factor):
     return prior_alpha + (alpha - prior_alpha) * factor, prior_beta + (beta - prior_beta) * factor  # scalars or arrays
 
 
-
 DISPERSION_GUESS_PAIRS = 56.0  # the guess 1/(m + 1) weighs as the 8·7 ordered pairs of one group of eight
 STRENGTH_MIN, STRENGTH_MAX = 0.5, 64.0  # the family prior's strength k is kept within these (docs/budget.md)
 
@@ -199,6 +198,7 @@ def family_strength(successes, failures, pair_successes, pairs, guess: float):
     rho_hat = np.clip(np.divide(agree, spread, out=np.zeros_like(spread), where=spread > 0), 0.0, 1.0)
     rho = (m * rho_hat + DISPERSION_GUESS_PAIRS / (guess + 1.0)) / (m + DISPERSION_GUESS_PAIRS)
     return np.clip(1.0 / rho - 1.0, STRENGTH_MIN, STRENGTH_MAX)
+
 
 def group_stats(rewards: np.ndarray, group: np.ndarray,
                 num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

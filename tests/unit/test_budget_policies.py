@@ -242,6 +242,13 @@ def test_dispersion_pooled_prior_by_hand():
     assert arrays.alpha == pytest.approx([0.25, k / 2, 1.0]) and arrays.beta == pytest.approx([0.25, k / 2, 1.0])
     # the same prompts after a 2-of-2 pilot: f's reads as nearly solved, (2.25, 0.25) mean 0.9; g's barely moves
     assert (arrays.alpha[:2] + 2) / (arrays.alpha[:2] + 2 + arrays.beta[:2]) == pytest.approx([0.9, (k / 2 + 2) / (k + 2)])
+    # logged each step: the families' strengths (not faded here: every book is at the current version)
+    metrics = step_metrics(PromptPlan.of([]), TrajectoryPrices.of([]), TrajectoryColumns.of([]), state, cfg=cfg)
+    assert [metrics[f"budget/family_strength_{s}"] for s in ("min", "median", "max")] == pytest.approx(
+        [0.5, (0.5 + k) / 2, k])
+    assert "budget/family_strength_min" not in step_metrics(
+        PromptPlan.of([]), TrajectoryPrices.of([]), TrajectoryColumns.of([]), state,
+        cfg=BudgetConfig("marginal", pool_strength=4.0))
     with pytest.raises(ValueError, match="pool_dispersion: estimates the strength of the family prior"):
         BudgetConfig("marginal", pool_dispersion=True)
 
