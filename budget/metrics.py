@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from marginal_rl.budget.config import BudgetConfig
-from marginal_rl.budget.policies.base import FamilyRows, family_counts
-from marginal_rl.budget.pricing import family_strength
+from marginal_rl.budget.policies.base import FamilyRows, prior_strength
 from marginal_rl.budget.records import FATES, PromptPlan, TrajectoryPrices
 from marginal_rl.budget.state import BudgetState, current_drift
 from marginal_rl.rollout.types import TrajectoryColumns
@@ -79,9 +78,7 @@ def step_metrics(plan: PromptPlan, prices: TrajectoryPrices, cols: TrajectoryCol
         out["budget/kappa_update_effective"] = state.kappa_scale * cfg.kappa_update
         if getattr(cfg, "pool_dispersion", False) and state.family_pairs:  # each family's estimated prior strength
             rows = FamilyRows(list(state.family_pairs), np.arange(len(state.family_pairs)))
-            _, successes, failures = family_counts(cfg, state, rows)
-            _, pair_successes, pairs = family_counts(cfg, state, rows, state.family_pairs)
-            strength = family_strength(successes, failures, pair_successes, pairs, cfg.pool_strength)
+            strength = prior_strength(cfg, state, rows, cfg.pool_strength)
             out["budget/family_strength_min"] = float(strength.min())
             out["budget/family_strength_median"] = float(np.median(strength))
             out["budget/family_strength_max"] = float(strength.max())

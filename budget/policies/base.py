@@ -94,8 +94,21 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
     return arrays
 
 
+def prior_strength(cfg: BudgetConfig, state: BudgetState, families: FamilyRows, m: float,
+                   groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(P,) the strength of each candidate's family prior: m, or with budget.pool_dispersion its family's own,
+    estimated from how much its groups agree (pricing.family_strength, m the guess). `groups`: the candidates'
+    family_counts from state.families, when the caller has them."""
+    if not getattr(cfg, "pool_dispersion", False):
+        return np.full(len(families.index), float(m))
+    _, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
+    _, pair_s, pairs = family_counts(cfg, state, families, state.family_pairs)
+    return family_strength(fam_s, fam_f, pair_s, pairs, m)  # from the groups' counts alone (no probe gives pairs)
+
+
 def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, families: FamilyRows, m: float,
-               groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> PromptArrays:
+               groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               strength: np.ndarray | None = None) -> PromptArrays:
     """`arrays` (each prompt's own evidence on the global prior, as prompt_arrays gives them with pool_strength 0)
     with each candidate's prior Beta(prior_alpha, prior_beta) replaced by its family's, Beta(m·μ, m·(1 − μ)),
     keeping its own (faded) evidence. μ is the family's pass rate from the evidence of its other prompts (leave-one-out:
@@ -104,19 +117,15 @@ def pool_prior(cfg: BudgetConfig, state: BudgetState, arrays: PromptArrays, fami
     global prior. So a family that is never (or always) solved prices its unseen prompts out before each is tried.
     With budget.pool_probes the family's counts include its likelihood probes' (state.family_probes); a prompt's own
     evidence includes its probe, so leave-one-out takes that out too. With budget.pool_dispersion the strength is each
-    family's own, estimated from how much its groups agree (pricing.family_strength, m the guess), in place of m.
-    `families`: the candidates' family_rows; `groups`: their family_counts from state.families, when the caller has
-    them."""
+    family's own (prior_strength), in place of m. `families`: the candidates' family_rows; `groups`: their
+    family_counts from state.families, and `strength` their prior_strength, when the caller has them."""
     alpha, beta = arrays.alpha, arrays.beta
     pooled, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
     with_probes = getattr(cfg, "pool_probes", False)
     # the families' probe counts (pool_probes; without it the group counts stand in, unread)
     probes = family_counts(cfg, state, families, state.family_probes) if with_probes else (pooled, fam_s, fam_f)
-    if getattr(cfg, "pool_dispersion", False):
-        _, pair_s, pairs = family_counts(cfg, state, families, state.family_pairs)
-        strength = family_strength(fam_s, fam_f, pair_s, pairs, m)  # from the groups' counts alone
-    else:
-        strength = np.full(len(alpha), float(m))
+    if strength is None:
+        strength = prior_strength(cfg, state, families, m, (pooled, fam_s, fam_f))
     kernel = kernels.pool_prior()
     if kernel is not None:  # the same arithmetic compiled (budget/kernels.py), bit for bit
         plain = kernels.plain

@@ -47,6 +47,7 @@ from marginal_rl.budget.policies.base import (
     group_tables,
     make_plan,
     pool_prior,
+    prior_strength,
     prompt_arrays,
     smallest_group,
 )
@@ -344,9 +345,12 @@ def plan_probing(cfg: MarginalConfig, state: BudgetState, candidates: Sequence[s
     weight = (family_weight(cfg, state, families, cfg.family_half_samples, groups) if cfg.family_half_samples > 0
               else None)
     own = prompt_arrays(cfg, state, candidates)  # each prompt's own evidence, on the global prior
+    # the families' prior strengths read the group books alone, which the probes leave as they are: read once too
+    strength = prior_strength(cfg, state, families, cfg.pool_strength, groups) if cfg.pool_strength > 0 else None
 
     def pool(own: PromptArrays) -> PromptArrays:
-        return pool_prior(cfg, state, own, families, cfg.pool_strength, groups) if cfg.pool_strength > 0 else own
+        return (pool_prior(cfg, state, own, families, cfg.pool_strength, groups, strength) if cfg.pool_strength > 0
+                else own)
 
     arrays = pool(own)
     samples, plan = allocate_marginal(cfg, state, candidates, rng, limits, arrays, weight)
