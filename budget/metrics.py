@@ -7,7 +7,7 @@ import numpy as np
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.policies.base import FamilyRows, prior_strength
 from marginal_rl.budget.records import FATES, PromptPlan, TrajectoryPrices
-from marginal_rl.budget.state import BudgetState, current_drift
+from marginal_rl.budget.state import BudgetState, current_drift, dispersion_source
 from marginal_rl.rollout.types import TrajectoryColumns
 
 COMPONENTS = ("gain", "cost", "risk", "price", "advantage", "depreciation", "risk_variance", "risk_staleness")
@@ -76,8 +76,9 @@ def step_metrics(plan: PromptPlan, prices: TrajectoryPrices, cols: TrajectoryCol
         out["budget/controller_price"] = state.kappa_scale * cfg.kappa_rollout
         out["budget/kappa_verify_effective"] = state.kappa_scale * cfg.kappa_verify
         out["budget/kappa_update_effective"] = state.kappa_scale * cfg.kappa_update
-        if getattr(cfg, "pool_dispersion", False) and state.family_pairs:  # each family's estimated prior strength
-            rows = FamilyRows(list(state.family_pairs), np.arange(len(state.family_pairs)))
+        book = {"groups": state.family_pairs, "probes": state.family_probe_squares}.get(dispersion_source(cfg))
+        if book:  # budget.pool_dispersion: each family's estimated prior strength
+            rows = FamilyRows(list(book), np.arange(len(book)))
             strength = prior_strength(cfg, state, rows, cfg.pool_strength)
             out["budget/family_strength_min"] = float(strength.min())
             out["budget/family_strength_median"] = float(np.median(strength))

@@ -174,10 +174,12 @@ def fade_posterior(alpha, beta, prior_alpha: float, prior_beta: float, factor):
 
 
 DISPERSION_GUESS_PAIRS = 56.0  # the guess 1/(m + 1) weighs as the 8·7 ordered pairs of one group of eight
+DISPERSION_GUESS_PROBES = 8.0  # ... or, from the probe's rates, as 8 probes (the plug-in spread of n is low by 1/n)
 STRENGTH_MIN, STRENGTH_MAX = 0.5, 64.0  # the family prior's strength k is kept within these (docs/budget.md)
 
 
-def family_strength(successes, failures, pair_successes, pairs, guess: float):
+def family_strength(successes, failures, pair_successes, pairs, guess: float,
+                    guess_weight: float = DISPERSION_GUESS_PAIRS):
     """Empirical Bayes (budget.pool_dispersion): each family's prior strength k in Beta(k·μ, k·(1 − μ)), estimated
     from how much its groups agree. A family's prompts have pass rates p of mean μ and variance σ²; within a group of
     n samples of one prompt, any two different samples both pass with probability E[p²] = μ² + σ², so over the
@@ -186,17 +188,22 @@ def family_strength(successes, failures, pair_successes, pairs, guess: float):
         ρ̂ = (Q/M − μ²) / (μ(1 − μ)),   μ = S/(S + F)
     is the intra-class correlation of its rewards, clipped to [0, 1] (0 where μ(1 − μ) = 0: no spread seen). A Beta
     prior of strength k has ρ = 1/(k + 1); the estimate is shrunk to the guess ρ₀ = 1/(guess + 1) (pool_strength),
-    which counts as DISPERSION_GUESS_PAIRS pairs: ρ = (M·ρ̂ + M₀·ρ₀)/(M + M₀), and k = 1/ρ − 1 within [STRENGTH_MIN,
+    which counts as M₀ = `guess_weight` pairs: ρ = (M·ρ̂ + M₀·ρ₀)/(M + M₀), and k = 1/ρ − 1 within [STRENGTH_MIN,
     STRENGTH_MAX]. A family whose prompts are each solved or not (ρ → 1) gets a weak prior, so one prompt's own
     samples decide it; one whose prompts all sit at its rate (ρ → 0), a strong one. Arrays (P,) or scalars, faded
-    counts; the pairs' counts fade as the family's do."""
+    counts; the pairs' counts fade as the family's do.
+
+    The same formula reads the likelihood probe's pass rates (budget.dispersion_source: probes): with S = Σ r,
+    F = Σ (1 − r), Q = Σ r² and M the number of probes, Q/M − μ² is the plug-in variance of the probed prompts' rates,
+    which the plan's choice of groups does not bias (a family's unseen prompts share one price, so those it probes are
+    a draw of them); M₀ = DISPERSION_GUESS_PROBES there."""
     s, f, q, m = (np.asarray(x, dtype=float) for x in (successes, failures, pair_successes, pairs))
     total = s + f
     mu = np.divide(s, total, out=np.zeros_like(total), where=total > 0)
     spread = mu * (1.0 - mu)
     agree = np.divide(q, m, out=np.zeros_like(m), where=m > 0) - mu * mu
     rho_hat = np.clip(np.divide(agree, spread, out=np.zeros_like(spread), where=spread > 0), 0.0, 1.0)
-    rho = (m * rho_hat + DISPERSION_GUESS_PAIRS / (guess + 1.0)) / (m + DISPERSION_GUESS_PAIRS)
+    rho = (m * rho_hat + guess_weight / (guess + 1.0)) / (m + guess_weight)
     return np.clip(1.0 / rho - 1.0, STRENGTH_MIN, STRENGTH_MAX)
 
 

@@ -5,7 +5,8 @@ Posteriors: each group adds Σr pseudo-successes and Σ(1 − r) pseudo-failures
 Beta update for 0/1 rewards, its mean-matching analogue for graded ones), after the prompt's old evidence has faded
 by exp(−δ·Δv/drift_scale) for the Δv versions since it was gathered. The same counts are summed per task family
 (pooled evidence, read by the marginal policy with `budget.pool_strength > 0`; docs/budget.md), and with
-`budget.pool_dispersion` each group's passing pairs too (how much the family's prompts differ).
+`budget.pool_dispersion` each group's passing pairs too (how much the family's prompts differ), or with
+`budget.dispersion_source: probes` the likelihood probe's pass rates and their squares.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class BudgetState:
     # ... and family -> [passing ordered pairs within a group, pairs, version] (budget.pool_dispersion: how much the
     # family's prompts differ, pricing.family_strength), faded the same way
     family_pairs: dict[str, list[float]] = field(default_factory=dict)
+    # ... or, with budget.dispersion_source: probes, from the probe's pass rates r: family -> [Σ r, Σ (1 − r),
+    # version] and family -> [Σ r², probes, version], faded the same way
+    family_probe_rates: dict[str, list[float]] = field(default_factory=dict)
+    family_probe_squares: dict[str, list[float]] = field(default_factory=dict)
     family_of: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra: dict = field(default_factory=dict)
 
@@ -72,7 +77,9 @@ class BudgetState:
                 "tok_verify": self.tok_verify, "tok_update": self.tok_update, "prompts": {k: asdict(v) for k, v in self.prompts.items()},
                 "families": {k: list(v) for k, v in self.families.items()},
                 "family_probes": {k: list(v) for k, v in self.family_probes.items()},
-                "family_pairs": {k: list(v) for k, v in self.family_pairs.items()}, "extra": self.extra}
+                "family_pairs": {k: list(v) for k, v in self.family_pairs.items()},
+                "family_probe_rates": {k: list(v) for k, v in self.family_probe_rates.items()},
+                "family_probe_squares": {k: list(v) for k, v in self.family_probe_squares.items()}, "extra": self.extra}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> BudgetState:
@@ -83,7 +90,15 @@ class BudgetState:
                    prompts={k: PromptStats(**v) for k, v in d.get("prompts", {}).items()},
                    families={k: list(v) for k, v in d.get("families", {}).items()},
                    family_probes={k: list(v) for k, v in d.get("family_probes", {}).items()},
-                   family_pairs={k: list(v) for k, v in d.get("family_pairs", {}).items()}, extra=d.get("extra", {}))
+                   family_pairs={k: list(v) for k, v in d.get("family_pairs", {}).items()},
+                   family_probe_rates={k: list(v) for k, v in d.get("family_probe_rates", {}).items()},
+                   family_probe_squares={k: list(v) for k, v in d.get("family_probe_squares", {}).items()},
+                   extra=d.get("extra", {}))
+
+
+def dispersion_source(cfg: BudgetConfig) -> str | None:
+    """Where the families' spread is measured (budget.pool_dispersion): "groups", "probes", or None when off."""
+    return getattr(cfg, "dispersion_source", "groups") if getattr(cfg, "pool_dispersion", False) else None
 
 
 def current_drift(cfg: BudgetConfig, state: BudgetState) -> float:
@@ -129,7 +144,10 @@ def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str],
     prompt's own faded evidence, which was older (and, unless probe_refresh=every, weaker: PromptArrays.evidence);
     group evidence then adds to it and both fade with the drift as before. With `pool` (budget.pool_probes) the same
     pseudo-counts are added to the prompt's family's probe counts (state.family_probes), which the pooled prior reads
-    next to its groups'."""
+    next to its groups'. With budget.dispersion_source: probes each rate r and r² are added to its family's
+    state.family_probe_rates ([r, 1 − r]) and state.family_probe_squares ([r², 1]), from which the family's spread is
+    estimated (policies/base.py: prior_strength)."""
+    moments = dispersion_source(cfg) == "probes"
     drift = current_drift(cfg, state)
     for pid, rate in zip(prompt_ids, rates, strict=True):
         r = min(max(float(rate), 0.0), 1.0)
@@ -139,10 +157,13 @@ def fold_probe(cfg: BudgetConfig, state: BudgetState, prompt_ids: Sequence[str],
         s.alpha, s.beta = cfg.prior_alpha + strength * r, cfg.prior_beta + strength * (1.0 - r)
         s.seen *= math.exp(-drift * max(version - s.version, 0) / cfg.drift_scale)  # to `version`
         s.version = max(version, s.version)
-        family = state.family_of.get(pid) if pool else None
-        if family:
+        family = state.family_of.get(pid) if pool or moments else None
+        if family and pool:
             add_family_counts(state.family_probes, family, strength * r, strength * (1.0 - r), version, drift,
                               cfg.drift_scale)
+        if family and moments:
+            add_family_counts(state.family_probe_rates, family, r, 1.0 - r, version, drift, cfg.drift_scale)
+            add_family_counts(state.family_probe_squares, family, r * r, 1.0, version, drift, cfg.drift_scale)
 
 
 def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns, trained: np.ndarray, step: int,
@@ -169,7 +190,7 @@ def fold_evidence(cfg: BudgetConfig, state: BudgetState, cols: TrajectoryColumns
     successes = np.bincount(group, weights=clipped, minlength=num_groups)
     # pool_dispersion: each group's passing ordered pairs, s² − Σr² (s(s − 1) for 0/1 rewards), for family_pairs
     pairs = (successes * successes - np.bincount(group, weights=clipped * clipped, minlength=num_groups)).tolist() \
-        if getattr(cfg, "pool_dispersion", False) else None
+        if dispersion_source(cfg) == "groups" else None
     versions = np.full(num_groups, _INT64_MIN)
     np.maximum.at(versions, group, cols.behavior_version)
     per_group = zip(cols.group_prompt_ids, count.tolist(), successes.tolist(),

@@ -19,6 +19,7 @@ import numpy as np
 from marginal_rl.budget import kernels
 from marginal_rl.budget.config import BudgetConfig
 from marginal_rl.budget.pricing import (
+    DISPERSION_GUESS_PROBES,
     PriceComponents,
     depreciation,
     fade_posterior,
@@ -28,7 +29,7 @@ from marginal_rl.budget.pricing import (
     risk_factor,
 )
 from marginal_rl.budget.records import POOL_FULL, SAMPLED, PromptPlan
-from marginal_rl.budget.state import BudgetState, current_drift, unseen_lengths
+from marginal_rl.budget.state import BudgetState, current_drift, dispersion_source, unseen_lengths
 from marginal_rl.rollout.types import TrajectoryColumns
 
 
@@ -96,11 +97,17 @@ def prompt_arrays(cfg: BudgetConfig, state: BudgetState, candidates: Sequence[st
 
 def prior_strength(cfg: BudgetConfig, state: BudgetState, families: FamilyRows, m: float,
                    groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """(P,) the strength of each candidate's family prior: m, or with budget.pool_dispersion its family's own,
-    estimated from how much its groups agree (pricing.family_strength, m the guess). `groups`: the candidates'
-    family_counts from state.families, when the caller has them."""
-    if not getattr(cfg, "pool_dispersion", False):
+    """(P,) the strength of each candidate's family prior: m, or with budget.pool_dispersion its family's own
+    (pricing.family_strength, m the guess), estimated from how much its groups agree (dispersion_source: groups) or
+    from the spread of its likelihood probes' pass rates (probes). `groups`: the candidates' family_counts from
+    state.families, when the caller has them."""
+    source = dispersion_source(cfg)
+    if source is None:
         return np.full(len(families.index), float(m))
+    if source == "probes":
+        _, rate_s, rate_f = family_counts(cfg, state, families, state.family_probe_rates)
+        _, squares, probes = family_counts(cfg, state, families, state.family_probe_squares)
+        return family_strength(rate_s, rate_f, squares, probes, m, DISPERSION_GUESS_PROBES)
     _, fam_s, fam_f = family_counts(cfg, state, families) if groups is None else groups
     _, pair_s, pairs = family_counts(cfg, state, families, state.family_pairs)
     return family_strength(fam_s, fam_f, pair_s, pairs, m)  # from the groups' counts alone (no probe gives pairs)

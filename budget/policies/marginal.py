@@ -72,6 +72,7 @@ from marginal_rl.budget.state import BudgetState, fold_probe
 
 POSTERIORS = ("thompson", "mean", "expected")
 PROBE_REFRESH = ("weak", "every")
+DISPERSION_SOURCES = ("groups", "probes")
 
 
 @dataclass
@@ -107,6 +108,13 @@ class MarginalConfig(BudgetConfig):
                                          "their rewards), pool_strength only the guess it starts from: a family "
                                          "whose prompts are each solved or not gets a weak prior, one whose prompts "
                                          "all sit near its rate a strong one (docs/budget.md, \"Family dispersion\")"},
+    )
+    dispersion_source: str = field(
+        default="groups", metadata={"help": f"with pool_dispersion: where each family's spread is measured: "
+                                            f"{' | '.join(DISPERSION_SOURCES)} (the agreement within the groups the "
+                                            f"plan sampled, which its choice of prompts biases; the spread of the "
+                                            f"likelihood probe's pass rates, which needs probe_strength) "
+                                            f"(docs/budget.md, \"Family dispersion\")"},
     )
     family_half_samples: float = field(
         default=0.0, metadata={"help": "family balance: a sample of a family already sampled N_f times (faded by the "
@@ -205,6 +213,14 @@ class MarginalConfig(BudgetConfig):
         if self.pool_dispersion and not self.pool_strength > 0:
             raise ValueError("pool_dispersion: estimates the strength of the family prior, which is off; set "
                              "budget.pool_strength > 0 (its guess)")
+        if self.dispersion_source not in DISPERSION_SOURCES:
+            raise ValueError(f"dispersion_source: expected one of {list(DISPERSION_SOURCES)}, got "
+                             f"{self.dispersion_source!r}")
+        if self.dispersion_source != "groups" and not self.pool_dispersion:
+            raise ValueError("dispersion_source: read only with budget.pool_dispersion: true")
+        if self.dispersion_source == "probes" and not self.probe_strength > 0:
+            raise ValueError("dispersion_source: probes measures each family's spread from the likelihood probe's pass "
+                             "rates, which is off; set budget.probe_strength > 0")
         if not self.family_half_samples >= 0:
             raise ValueError(f"family_half_samples: expected a number >= 0 (samples; 0 = off), got "
                              f"{self.family_half_samples}")

@@ -16,7 +16,7 @@ from marginal_rl.budget.policies import POLICIES, SampleLimits, plan_prompts
 from marginal_rl.budget.policies import budget_config as BudgetConfig
 from marginal_rl.budget.policies.marginal import clearing_scale, planner_limits
 from marginal_rl.budget.records import PromptPlan, TrajectoryPrices
-from marginal_rl.budget.state import BudgetState, PromptStats
+from marginal_rl.budget.state import BudgetState, PromptStats, fold_probe
 from marginal_rl.rollout.types import Trajectory, TrajectoryColumns
 
 LIMITS = SampleLimits(prompts_per_step=4, group_size=8, min_group_size=2, max_group_size=16)
@@ -251,6 +251,45 @@ def test_dispersion_pooled_prior_by_hand():
         cfg=BudgetConfig("marginal", pool_strength=4.0))
     with pytest.raises(ValueError, match="pool_dispersion: estimates the strength of the family prior"):
         BudgetConfig("marginal", pool_dispersion=True)
+
+
+def test_dispersion_from_the_probes_by_hand():
+    # dispersion_source: probes. Family f's two probes read 0 and 1 (each prompt solved or not): rates [1, 1],
+    # squares [1, 2]; μ = 0.5, Q/M = 0.5, ρ̂ = (0.5 − 0.25)/0.25 = 1, shrunk to 1/(4 + 1) worth 8 probes:
+    # ρ = (2·1 + 8/5)/10 = 0.36, k = 1/0.36 − 1. Family g's read 0.5 and 0.5 (no spread): ρ = 1.6/10, k = 5.25
+    cfg = BudgetConfig("marginal", pool_strength=4.0, pool_dispersion=True, dispersion_source="probes",
+                       probe_strength=16.0, drift_prior=0.1, drift_scale=0.1)
+    state = BudgetState(families={"f": [10.0, 10.0, 0], "g": [10.0, 10.0, 0]},
+                        family_of={"a1": "f", "a2": "f", "a3": "f", "b1": "g", "b2": "g", "b3": "g"})
+    fold_probe(cfg, state, ["a1", "a2", "b1", "b2"], [0.0, 1.0, 0.5, 0.5], 0, 16.0, step=0)
+    assert state.family_probe_rates == {"f": [1.0, 1.0, 0], "g": [1.0, 1.0, 0]}
+    assert state.family_probe_squares == {"f": [1.0, 2.0, 0], "g": [0.5, 2.0, 0]}
+    assert state.family_probes == {}  # (pool_probes is off: the family's pass rate still counts the groups only)
+    kf, kg = 1 / 0.36 - 1, 1 / 0.16 - 1
+    # the unseen siblings: Beta(k·μ, k·(1 − μ)), μ = (10 + 1)/(20 + 2) from the groups' counts
+    arrays = policies.base.prompt_arrays(cfg, state, ["a3", "b3"], pool_strength=4.0)
+    assert arrays.alpha == pytest.approx([kf / 2, kg / 2]) and arrays.beta == pytest.approx([kf / 2, kg / 2])
+    metrics = step_metrics(PromptPlan.of([]), TrajectoryPrices.of([]), TrajectoryColumns.of([]), state, cfg=cfg)
+    assert [metrics[f"budget/family_strength_{s}"] for s in ("min", "median", "max")] == pytest.approx(
+        [kf, (kf + kg) / 2, kg])
+    # the groups add no pairs under this source; a probe one version later finds the books faded by exp(−1)
+    update_state(cfg, state, group("a1", [1, 1, 1, 0]), step=0, current_version=0)
+    assert state.family_pairs == {}
+    fold_probe(cfg, state, ["a3"], [0.25], 1, 16.0, step=1)
+    assert state.family_probe_rates["f"] == pytest.approx([math.exp(-1) + 0.25, math.exp(-1) + 0.75, 1])
+    assert state.family_probe_squares["f"] == pytest.approx([math.exp(-1) + 0.0625, 2 * math.exp(-1) + 1, 1])
+    restored = BudgetState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert (restored.family_probe_rates, restored.family_probe_squares) == (state.family_probe_rates,
+                                                                             state.family_probe_squares)
+    # with the groups' source (the default) the probe books stay empty
+    groups = BudgetState(family_of={"a1": "f"})
+    fold_probe(BudgetConfig("marginal", pool_strength=4.0, pool_dispersion=True, probe_strength=16.0), groups,
+               ["a1"], [0.5], 0, 16.0, step=0)
+    assert groups.family_probe_rates == {} and groups.family_probe_squares == {}
+    with pytest.raises(ValueError, match="dispersion_source: probes measures each family's spread"):
+        BudgetConfig("marginal", pool_strength=4.0, pool_dispersion=True, dispersion_source="probes")
+    with pytest.raises(ValueError, match="dispersion_source: read only with budget.pool_dispersion"):
+        BudgetConfig("marginal", pool_strength=4.0, probe_strength=16.0, dispersion_source="probes")
 
 
 def test_expected_posterior_prices_a_wide_posterior_at_its_expectation_not_its_luckiest_draw():

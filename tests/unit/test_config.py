@@ -83,6 +83,8 @@ def test_bad_config_names_key(override, needle):
         (["budget.policy=marginal", "budget.explore_prob=0.3"], "budget.explore_prob: read only by budget.policy=prior"),
         (["budget.policy=prior", "budget.pool_dispersion=true"],
          "budget.pool_dispersion: read only by budget.policy=marginal"),
+        (["budget.policy=none", "budget.dispersion_source=probes"],
+         "budget.dispersion_source: read only by budget.policy=marginal"),
         (["algo.vf_coef=1.0"], "algo.vf_coef: read only by algo.name=ppo; this run has algo.name=grpo"),
     ],
 )
